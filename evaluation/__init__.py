@@ -1,0 +1,1 @@
+"""Measuring a (pruned) model: perplexity, latency, size."""

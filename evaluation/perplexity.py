@@ -1,0 +1,134 @@
+"""Sliding-window perplexity, as in the transformers perplexity guide.
+
+Windows of ``max_length`` tokens start every ``stride`` tokens. Each window
+scores only the tokens no earlier window scored, using the window's earlier
+tokens as context; the first position of a window has no context and is never
+a target. With stride < max_length every token but the stream's first is
+scored exactly once. PPL = exp(total NLL / scored tokens), summed in float64.
+
+The LM head runs only on the positions that are scored, in chunks, so a
+window batch never materializes logits for its context-only positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+# Rows of hidden states sent through the LM head at once: bounds the logits
+# tensor to LOGIT_ROWS x vocab floats (about 200 MB for GPT-2's vocabulary).
+LOGIT_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class Window:
+    begin: int  # first token fed to the model
+    end: int  # one past the last token fed
+    first_target: int  # tokens [first_target, end) are scored
+
+    @property
+    def length(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll_sum: float
+    tokens: int
+
+
+def sliding_windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
+    if n_tokens < 2:
+        raise ValueError("need at least two tokens to score one")
+    windows, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + max_length, n_tokens)
+        first = max(prev_end, begin + 1)
+        if first < end:
+            windows.append(Window(begin, end, first))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+def window_batches(windows: Sequence[Window], batch_size: int) -> Iterator[list[Window]]:
+    """Consecutive windows of equal length, at most batch_size at a time."""
+    batch: list[Window] = []
+    for w in windows:
+        if batch and (len(batch) == batch_size or w.length != batch[0].length):
+            yield batch
+            batch = []
+        batch.append(w)
+    if batch:
+        yield batch
+
+
+def batch_inputs(ids: torch.Tensor, batch: Sequence[Window]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input ids (B, T), the (row, position) of every scored prediction, and its target id."""
+    inputs = torch.stack([ids[w.begin : w.end] for w in batch])
+    rows, positions, targets = [], [], []
+    for row, w in enumerate(batch):
+        n = w.end - w.first_target
+        rows.append(torch.full((n,), row, dtype=torch.long))
+        # the hidden state at position p predicts token p + 1
+        positions.append(torch.arange(w.first_target - 1 - w.begin, w.end - 1 - w.begin))
+        targets.append(ids[w.first_target : w.end])
+    return inputs, torch.cat(rows), torch.cat(positions), torch.cat(targets)
+
+
+def scored_nll(head: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+               targets: torch.Tensor) -> float:
+    """Sum of next-token NLL at the scored positions of final hidden states.
+
+    ``hidden`` is (B, T, D) after the final layer norm; ``head`` maps it to
+    logits. Cross-entropy runs in float32 even for half-precision models.
+    """
+    device = hidden.device
+    picked = hidden[rows.to(device), positions.to(device)]
+    targets = targets.to(device)
+    total = 0.0
+    for start in range(0, picked.shape[0], LOGIT_ROWS):
+        logits = head(picked[start : start + LOGIT_ROWS]).float()
+        nll = F.cross_entropy(logits, targets[start : start + LOGIT_ROWS], reduction="none")
+        total += nll.double().sum().item()
+    return total
+
+
+def to_perplexity(nll_sum: float, tokens: int) -> float:
+    """exp(mean NLL); a model so damaged that it overflows gets inf."""
+    try:
+        return math.exp(nll_sum / tokens)
+    except OverflowError:
+        return math.inf
+
+
+def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The base model (ids -> final hidden states) and the LM head."""
+    return model.base_model, model.get_output_embeddings()
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: torch.Tensor, max_length: int, stride: int, batch_size: int = 1,
+               progress: bool = True, desc: str = "windows") -> PerplexityResult:
+    """Perplexity of ``model`` on the token stream ``ids`` (1-D, on CPU)."""
+    base, head = lm_parts(model)
+    device = next(model.parameters()).device
+    windows = sliding_windows(len(ids), max_length, stride)
+    nll_sum, tokens = 0.0, 0
+    bar = tqdm(total=len(windows), desc=desc, unit="win", leave=False, disable=not progress)
+    for batch in window_batches(windows, batch_size):
+        inputs, rows, positions, targets = batch_inputs(ids, batch)
+        hidden = base(input_ids=inputs.to(device), use_cache=False).last_hidden_state
+        nll_sum += scored_nll(head, hidden, rows, positions, targets)
+        tokens += len(targets)
+        bar.update(len(batch))
+    bar.close()
+    return PerplexityResult(to_perplexity(nll_sum, tokens), nll_sum, tokens)

@@ -1,0 +1,119 @@
+"""gpt2-pruning-kit command line: parse, validate, dispatch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pruning.strategies import PLANNERS
+
+
+class Parser(argparse.ArgumentParser):
+    """Bad arguments give one line and exit status 2, like every other input error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
+def removal_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices such as 1,3, got '{text}'")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="main.py", description="Remove transformer blocks from a GPT-2 model and measure "
+               "perplexity, latency and size.")
+    p.add_argument("--mode", required=True, choices=sorted(PLANNERS), help="what to evaluate")
+
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="distilgpt2", help="Hub id or local directory (default: distilgpt2)")
+    g.add_argument("--dataset", default="wikitext-2-raw-v1",
+                   help="Hub dataset (wikitext-2-raw-v1, or ID[:CONFIG]) or a local .txt/.json/.jsonl/.csv/.parquet file")
+    g.add_argument("--split", default="test", help="Hub dataset split (default: test)")
+    g.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="auto: float32 on CPU, the checkpoint's dtype elsewhere")
+    g.add_argument("--seed", type=int, default=42)
+
+    g = p.add_argument_group("perplexity")
+    g.add_argument("--max-length", type=positive_int, help="window length (default: the model's context size)")
+    g.add_argument("--stride", type=positive_int, help="window step (default: 512, or half of --max-length if smaller)")
+    g.add_argument("--max-tokens", type=positive_int, help="evaluate only the first N tokens (default: all)")
+    g.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (default: 1)")
+
+    g = p.add_argument_group("which blocks")
+    g.add_argument("--remove", type=removal_list, help="custom mode: blocks to remove, e.g. 1,3")
+    g.add_argument("--min-remove", type=positive_int, default=2, help="combinatorial: fewest blocks removed (default 2)")
+    g.add_argument("--max-remove", type=positive_int, help="combinatorial: most blocks removed (default: L-1)")
+    g.add_argument("--ratio", type=float, default=0.5, help="random: fraction of blocks to remove (default 0.5)")
+    g.add_argument("--num-remove", type=positive_int, help="random: number of blocks to remove (overrides --ratio)")
+
+    g = p.add_argument_group("speed")
+    g.add_argument("--no-speed", action="store_true", help="skip the latency measurement")
+    g.add_argument("--speed-runs", type=positive_int, default=10, help="timed generate() runs (default 10)")
+    g.add_argument("--speed-warmup", type=non_negative_int, default=2, help="untimed warm-up runs (default 2)")
+    g.add_argument("--gen-tokens", type=positive_int, default=64, help="tokens generated per run (default 64)")
+    g.add_argument("--prompt", default="The future of artificial intelligence is", help="prompt for the speed test")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--save_results", "--save-results", dest="save_results", action="store_true",
+                   help="write a CSV row per configuration to --output-dir")
+    g.add_argument("--output-dir", default="results", help="folder for results files (default: results/)")
+    g.add_argument("--resume", metavar="FILE", help="continue a results CSV, skipping configurations it holds")
+    g.add_argument("--save-model", metavar="DIR", help="custom/random: write the pruned model and tokenizer to DIR")
+    g.add_argument("--quiet", action="store_true", help="print only errors and output paths")
+    return p
+
+
+def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Checks that need no model; those that need its depth run after loading it."""
+    if not 0.0 < args.ratio < 1.0:
+        parser.error(f"--ratio must be strictly between 0 and 1, got {args.ratio}")
+    if args.max_length and args.stride and args.stride > args.max_length:
+        parser.error(f"--stride {args.stride} is larger than --max-length {args.max_length}")
+    if args.max_remove is not None and args.max_remove < args.min_remove:
+        parser.error(f"--max-remove ({args.max_remove}) is smaller than --min-remove ({args.min_remove})")
+    if args.remove is not None and args.mode != "custom":
+        parser.error(f"--remove is only used by --mode custom, not {args.mode}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate(args, parser)
+
+    from utils.errors import KitError
+    from utils.log import setup_logging
+    from utils.pipeline import run
+
+    setup_logging(args.quiet)
+    try:
+        return run(args)
+    except KitError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

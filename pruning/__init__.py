@@ -1,0 +1,1 @@
+"""Finding, removing and choosing transformer blocks."""

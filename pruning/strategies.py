@@ -1,0 +1,75 @@
+"""Which blocks to remove: each mode turns the model depth and the options
+into the list of removal sets to evaluate (the baseline is always added by the
+caller). Add a mode by adding a function to PLANNERS."""
+
+from __future__ import annotations
+
+import math
+import random
+from argparse import Namespace
+from itertools import combinations
+from typing import Callable
+
+from pruning.blocks import validate_removal
+from utils.errors import KitError
+
+Removal = tuple[int, ...]
+
+
+def baseline(args: Namespace, n_blocks: int) -> list[Removal]:
+    return []
+
+
+def sequential(args: Namespace, n_blocks: int) -> list[Removal]:
+    return [(i,) for i in range(n_blocks)]
+
+
+def combinatorial(args: Namespace, n_blocks: int) -> list[Removal]:
+    low = args.min_remove
+    high = n_blocks - 1 if args.max_remove is None else args.max_remove
+    if low < 1:
+        raise KitError(f"--min-remove must be at least 1 (got {low})")
+    if high >= n_blocks:
+        raise KitError(f"--max-remove must be less than the model's {n_blocks} blocks (got {high}); "
+                       f"valid: {low}..{n_blocks - 1}")
+    if high < low:
+        raise KitError(f"--max-remove ({high}) is smaller than --min-remove ({low})")
+    return [c for k in range(low, high + 1) for c in combinations(range(n_blocks), k)]
+
+
+def combinatorial_count(n_blocks: int, low: int, high: int) -> int:
+    return sum(math.comb(n_blocks, k) for k in range(low, high + 1))
+
+
+def removal_count(args: Namespace, n_blocks: int) -> int:
+    """--num-remove, or --ratio x depth rounded half up (0.5 x 3 blocks -> 2)."""
+    if args.num_remove is not None:
+        k = args.num_remove
+        if not 1 <= k < n_blocks:
+            raise KitError(f"--num-remove must be between 1 and {n_blocks - 1} for a {n_blocks}-block model (got {k})")
+        return k
+    k = math.floor(args.ratio * n_blocks + 0.5)
+    if k == 0 or k == n_blocks:
+        raise KitError(f"--ratio {args.ratio} removes {k} of {n_blocks} blocks; choose a ratio that removes "
+                       f"between 1 and {n_blocks - 1}, or use --num-remove")
+    return k
+
+
+def random_removal(args: Namespace, n_blocks: int) -> list[Removal]:
+    k = removal_count(args, n_blocks)
+    return [tuple(sorted(random.Random(args.seed).sample(range(n_blocks), k)))]
+
+
+def custom(args: Namespace, n_blocks: int) -> list[Removal]:
+    if not args.remove:
+        raise KitError("--mode custom needs --remove, e.g. --remove 1,3")
+    return [validate_removal(args.remove, n_blocks)]
+
+
+PLANNERS: dict[str, Callable[[Namespace, int], list[Removal]]] = {
+    "baseline": baseline,
+    "sequential": sequential,
+    "combinatorial": combinatorial,
+    "random": random_removal,
+    "custom": custom,
+}

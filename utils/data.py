@@ -1,0 +1,83 @@
+"""Evaluation text: the Hub's WikiText-2 by default, or a local file."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import torch
+
+from utils.errors import KitError, first_line
+from utils.models import OFFLINE_HINT
+
+# Short names for the configurations of the Hub's "wikitext" dataset.
+WIKITEXT_CONFIGS = ("wikitext-2-raw-v1", "wikitext-2-v1", "wikitext-103-raw-v1", "wikitext-103-v1")
+TABLE_READERS = {
+    ".csv": pd.read_csv,
+    ".json": pd.read_json,
+    ".jsonl": lambda path: pd.read_json(path, lines=True),
+    ".parquet": pd.read_parquet,
+}
+LOCAL_SUFFIXES = (".txt", *TABLE_READERS)
+
+
+def is_local_dataset(name: str) -> bool:
+    return os.path.exists(name) or name.lower().endswith(LOCAL_SUFFIXES)
+
+
+def _local_texts(path: str, text_column: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise KitError(f"dataset file '{path}' does not exist")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".txt":
+        with open(path, encoding="utf-8") as f:
+            return [f.read()]
+    if suffix not in TABLE_READERS:
+        raise KitError(f"dataset file '{path}' has an unknown type (choices: {', '.join(LOCAL_SUFFIXES)})")
+    try:
+        table = TABLE_READERS[suffix](path)
+    except Exception as exc:  # malformed files raise many different errors
+        raise KitError(f"cannot read dataset file '{path}': {first_line(exc)}") from None
+    if text_column not in table.columns:
+        raise KitError(f"dataset file '{path}' has no column '{text_column}' "
+                       f"(columns: {', '.join(map(str, table.columns))}); choose one with --text-column")
+    return [str(t) for t in table[text_column].dropna()]
+
+
+def _hub_texts(name: str, split: str, text_column: str) -> list[str]:
+    import datasets
+
+    path, config = ("wikitext", name) if name in WIKITEXT_CONFIGS else (name.partition(":")[0], name.partition(":")[2] or None)
+    try:
+        data = datasets.load_dataset(path, config, split=split)
+    except ValueError as exc:
+        if "split" in str(exc).lower():
+            raise KitError(f"dataset '{name}' has no split '{split}': {first_line(exc)}") from None
+        raise KitError(f"cannot load dataset '{name}': {first_line(exc)}; {OFFLINE_HINT}") from None
+    except Exception as exc:  # connection, missing-dataset and cache errors
+        raise KitError(f"cannot load dataset '{name}': {first_line(exc)}; {OFFLINE_HINT}") from None
+    if text_column not in data.column_names:
+        raise KitError(f"dataset '{name}' has no column '{text_column}' "
+                       f"(columns: {', '.join(data.column_names)}); choose one with --text-column")
+    return list(data[text_column])
+
+
+def load_text(name: str, split: str = "test", text_column: str = "text") -> str:
+    """The evaluation text as one string.
+
+    Records are joined with blank lines, as the transformers perplexity guide
+    does for WikiText, so that the model sees paragraph breaks between them.
+    """
+    texts = _local_texts(name, text_column) if is_local_dataset(name) else _hub_texts(name, split, text_column)
+    text = "\n\n".join(texts)
+    if not text.strip():
+        raise KitError(f"dataset '{name}' contains no text")
+    return text
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one 1-D stream of token ids."""
+    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
+    if len(ids) < 2:
+        raise KitError("the evaluation text is shorter than two tokens; nothing to score")
+    return torch.tensor(ids, dtype=torch.long)

@@ -1,0 +1,19 @@
+"""Logging set-up for the command line: messages go to stderr, results to stdout."""
+
+import logging
+import os
+import warnings
+
+
+def setup_logging(quiet: bool = False) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", force=True)
+    # transformers and datasets are chatty about things the kit handles itself
+    # (long token streams, generation flags); keep their errors only.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+    import datasets
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")

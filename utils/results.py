@@ -1,0 +1,169 @@
+"""Result rows: the CSV file (written row by row), resuming it, and the
+console tables in the shape the seed README made familiar."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+from datetime import datetime
+from typing import Iterable, Sequence
+
+from utils.errors import KitError
+
+COLUMNS = [
+    "mode", "model", "dataset", "removed_layers", "num_removed", "num_layers", "perplexity", "ppl_change_pct",
+    "params", "params_m", "params_change_pct", "latency_ms", "latency_iqr_ms", "prefill_ms", "tokens_per_s",
+    "speed_change_pct", "eval_tokens", "device", "dtype", "timestamp",
+]
+
+
+def change_pct(value: float | None, reference: float | None) -> float | None:
+    if value is None or reference is None or reference == 0 or math.isnan(reference):
+        return None
+    if math.isinf(value) or math.isinf(reference):
+        return math.inf if value > reference else (0.0 if value == reference else -100.0)
+    return (value - reference) / reference * 100.0
+
+
+def removal_key(removed: Sequence[int]) -> str:
+    return json.dumps(sorted(int(i) for i in removed))
+
+
+def results_path(output_dir: str, model: str, mode: str, now: datetime | None = None) -> str:
+    """A fresh file name from model, mode and time; never an existing file."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.strip("/\\")).strip("-.") or "model"
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    base = os.path.join(output_dir, f"{slug}_{mode}_{stamp}")
+    path, n = base + ".csv", 1
+    while os.path.exists(path):
+        path, n = f"{base}-{n}.csv", n + 1
+    return path
+
+
+class ResultsFile:
+    """Appends rows to a CSV, flushing each one to disk as it is written.
+
+    The file is created only when the first row arrives, so a run that fails
+    on bad input leaves nothing behind; a crash loses at most the row being
+    evaluated.
+    """
+
+    def __init__(self, path: str, exclusive: bool = True):
+        self.path = path
+        self.exclusive = exclusive
+
+    def write(self, row: dict) -> None:
+        new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+        if new:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path, "x" if new and self.exclusive else "a", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({k: _csv_value(row.get(k)) for k in COLUMNS})
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _csv_value(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else ("-inf" if value < 0 else "nan"))
+    return value
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of a results CSV, with numbers parsed back (empty cells -> None)."""
+    if not os.path.isfile(path):
+        raise KitError(f"results file '{path}' does not exist")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "removed_layers" not in reader.fieldnames:
+            raise KitError(f"'{path}' is not a results file of this kit (no removed_layers column)")
+        rows = []
+        for raw in reader:
+            row = {k: _parse(v) for k, v in raw.items()}
+            try:
+                row["removed_layers"] = [int(i) for i in json.loads(raw["removed_layers"])]
+            except (ValueError, TypeError):
+                raise KitError(f"'{path}' has a malformed removed_layers value: {raw['removed_layers']!r}") from None
+            rows.append(row)
+    return rows
+
+
+def _parse(value: str | None):
+    if value is None or value == "":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+# ---- console output -------------------------------------------------------------------------
+
+def _num(value: float | None, digits: int = 2, sign: bool = False) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "+inf" if sign and value > 0 else ("inf" if value > 0 else "-inf")
+    return f"{value:+,.{digits}f}" if sign else f"{value:,.{digits}f}"
+
+
+def _removed_label(removed: Sequence[int]) -> str:
+    return ", ".join(map(str, removed)) if removed else "None"
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    rows = [list(r) for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def sweep_table(rows: Sequence[dict]) -> str:
+    headers = ["Layers Removed", "Layers", "Perplexity", "Speed (ms)", "Params (M)", "PPL Chg (%)", "Speed Chg (%)"]
+    return format_table(headers, ([
+        _removed_label(r["removed_layers"]), str(r["num_layers"]), _num(r["perplexity"]), _num(r["latency_ms"]),
+        _num(r["params_m"]), _num(r["ppl_change_pct"], sign=True), _num(r["speed_change_pct"], sign=True),
+    ] for r in rows))
+
+
+def comparison_table(original: dict, pruned: dict) -> str:
+    """Original against one pruned model, metric by metric (the seed's 'Random Layer Removal')."""
+    metrics = [("Perplexity", "perplexity"), ("Inference Speed (ms)", "latency_ms"),
+               ("Parameters (M)", "params_m"), ("Layers", "num_layers")]
+    body = []
+    for label, key in metrics:
+        a, b = original.get(key), pruned.get(key)
+        digits = 0 if key == "num_layers" else 2
+        body.append([label, _num(a, digits), _num(b, digits), _num(change_pct(b, a), sign=True)])
+    return format_table(["Metric", "Original Model", "Pruned Model", "Change (%)"], body)
+
+
+def observations(rows: Sequence[dict]) -> list[str]:
+    """A few sentences a reader would otherwise work out from the table."""
+    pruned = [r for r in rows if r["removed_layers"]]
+    if not pruned:
+        return []
+    label = lambda r: ("block " if len(r["removed_layers"]) == 1 else "blocks ") + _removed_label(r["removed_layers"])
+    worst = max(pruned, key=lambda r: r["perplexity"])
+    best = min(pruned, key=lambda r: r["perplexity"])
+    notes = []
+    if len(pruned) > 1:
+        notes.append(f"Most harmful: removing {label(worst)} (PPL {_num(worst['perplexity'])}, "
+                     f"{_num(worst['ppl_change_pct'], sign=True)}%)")
+    notes.append(f"Least harmful: removing {label(best)} (PPL {_num(best['perplexity'])}, "
+                 f"{_num(best['ppl_change_pct'], sign=True)}%)")
+    timed = [r for r in pruned if r.get("latency_ms") is not None]
+    if timed:
+        fast = min(timed, key=lambda r: r["latency_ms"])
+        notes.append(f"Fastest: removing {label(fast)} ({_num(fast['latency_ms'])} ms, "
+                     f"{_num(fast['speed_change_pct'], sign=True)}%)")
+    return notes
