@@ -11,7 +11,7 @@ from datetime import datetime
 import torch
 
 from evaluation.perplexity import sliding_windows
-from evaluation.sweep import EvalSettings, Measurement, measure
+from evaluation.sweep import EvalSettings, Measurement, measure_all
 from pruning.blocks import num_blocks, removed_blocks
 from pruning.strategies import PLANNERS
 from utils.data import load_text, tokenize
@@ -128,26 +128,29 @@ def run(args: Namespace) -> int:
                "dtype": dtype_name(model)}
     done = {removal_key(r["removed_layers"]): r for r in resumed}
 
-    def evaluate(removed, base):
-        key = removal_key(removed)
-        if key in done:
-            return done[key]
-        row = to_row(measure(model, ids, prompt_ids, removed, settings), base, context)
-        if out:
-            out.write(row)
-        return row
+    def evaluate(removals, base):
+        """Rows for ``removals``, taking those already in a resumed file from it."""
+        rows = {removal_key(r): done[removal_key(r)] for r in removals if removal_key(r) in done}
+        todo = [r for r in removals if removal_key(r) not in done]
+        bar = tqdm(total=len(todo), desc="configurations", unit="cfg", disable=args.quiet or len(todo) < 2)
+        for m in measure_all(model, ids, prompt_ids, todo, settings):
+            row = to_row(m, base, context)
+            rows[removal_key(m.removed)] = row
+            if out:
+                out.write(row)
+            bar.update()
+        bar.close()
+        return [rows[removal_key(r)] for r in removals]
 
     start = time.perf_counter()
-    base = evaluate((), None)
+    base = evaluate([()], None)[0]
     base_seconds = time.perf_counter() - start
     if removals:
-        todo = [r for r in removals if removal_key(r) not in done]
-        skipped = f" ({len(removals) - len(todo)} already in {args.resume})" if args.resume else ""
+        todo = sum(removal_key(r) not in done for r in removals)
+        skipped = f" ({len(removals) - todo} already in {args.resume})" if args.resume else ""
         log.info(f"{len(removals)} configurations to evaluate{skipped}; estimated at most "
-                 f"{base_seconds * len(todo) / 60:.1f} min (the baseline took {base_seconds:.1f} s)")
-    rows = [base]
-    for removed in tqdm(removals, desc="configurations", unit="cfg", disable=args.quiet or len(removals) < 2):
-        rows.append(with_changes(evaluate(removed, base), base))
+                 f"{base_seconds * todo / 60:.1f} min (the baseline took {base_seconds:.1f} s)")
+    rows = [base] + [with_changes(r, base) for r in evaluate(removals, base)]
 
     report(args, rows)
     if args.save_model:
