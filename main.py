@@ -81,8 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a CSV row per configuration to --output-dir")
     g.add_argument("--output-dir", default="results", help="folder for results files (default: results/)")
     g.add_argument("--resume", metavar="FILE", help="continue a results CSV, skipping configurations it holds")
-    g.add_argument("--save-model", metavar="DIR", help="custom/random: write the pruned model and tokenizer to DIR")
+    g.add_argument("--save-model", metavar="DIR", help="custom/random/importance/greedy/beam: write the pruned "
+                   "(and healed) model, tokenizer and a model card to DIR")
     g.add_argument("--quiet", action="store_true", help="print only errors and output paths")
+
+    g = p.add_argument_group("healing (fine-tune the pruned model; custom/random/importance/greedy/beam)")
+    g.add_argument("--heal-steps", type=non_negative_int, default=0, help="training steps (default 0: no healing)")
+    g.add_argument("--heal-mode", default="lora", choices=["lora", "full"],
+                   help="lora: adapters merged into the weights (default); full: train every weight")
+    g.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank (default 8; alpha = 2 x rank)")
+    g.add_argument("--heal-kd", action="store_true",
+                   help="distil from the unpruned model's logits (KL) instead of next-token loss")
+    g.add_argument("--heal-lr", type=float, help="learning rate (default: 2e-4 for lora, 2e-5 for full)")
+    g.add_argument("--heal-batch-size", type=positive_int, default=4, help="windows per step (default 4)")
+    g.add_argument("--heal-seq-len", type=positive_int, help="tokens per window (default: 256 or the context size)")
+    g.add_argument("--train-dataset", help="training text, Hub dataset or local file like --dataset "
+                   "(default: the train split of --dataset; required when --dataset is a local file)")
     return p
 
 
@@ -96,12 +110,15 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--max-remove ({args.max_remove}) is smaller than --min-remove ({args.min_remove})")
     if args.remove is not None and args.mode != "custom":
         parser.error(f"--remove is only used by --mode custom, not {args.mode}")
+    if not args.heal_steps and (args.heal_kd or args.train_dataset or args.heal_lr is not None):
+        parser.error("--heal-kd, --heal-lr and --train-dataset need --heal-steps N (N > 0)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(args, parser)
+    args.command_line = ["python", "main.py", *(sys.argv[1:] if argv is None else argv)]
 
     from utils.errors import KitError
     from utils.log import setup_logging

@@ -12,10 +12,12 @@ import torch
 
 from evaluation.perplexity import sliding_windows
 from evaluation.sweep import EvalSettings, Measurement, measure_all
-from pruning.blocks import num_blocks, removed_blocks
+from pruning.blocks import num_blocks
+from pruning.heal import healing_inputs
 from pruning.strategies import PLANNERS
 from utils.data import load_text, tokenize
 from utils.errors import KitError
+from utils.export import deliver
 from utils.models import dtype_name, load_model, resolve_device
 from utils.results import (ResultsFile, change_pct, comparison_table, observations, read_rows, removal_key,
                            results_path, sweep_table)
@@ -23,7 +25,8 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger("gpt2-pruning-kit")
 
-SAVE_MODEL_MODES = ("custom", "random")
+# Modes that end in one chosen configuration (the last row), which can be healed and saved.
+SAVE_MODEL_MODES = ("custom", "random", "importance", "greedy", "beam")
 # Beyond this many tokens a CPU evaluation takes minutes per configuration.
 CPU_SLOW_TOKENS = 50_000
 
@@ -43,11 +46,13 @@ def window_settings(args: Namespace, model) -> tuple[int, int]:
     return max_length, stride
 
 
-def check_save_dir(path: str | None, mode: str) -> None:
+def check_save_dir(path: str | None, mode: str, heal_steps: int = 0) -> None:
+    if heal_steps and mode not in SAVE_MODEL_MODES:
+        raise KitError(f"--heal-steps works with --mode {', '.join(SAVE_MODEL_MODES)}, not {mode}")
     if path is None:
         return
     if mode not in SAVE_MODEL_MODES:
-        raise KitError(f"--save-model works with --mode {' or '.join(SAVE_MODEL_MODES)}, not {mode}")
+        raise KitError(f"--save-model works with --mode {', '.join(SAVE_MODEL_MODES)}, not {mode}")
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise KitError(f"--save-model directory '{path}' exists and is not empty; choose a new one")
 
@@ -92,7 +97,7 @@ def with_changes(row: dict, base: dict) -> dict:
 
 
 def run(args: Namespace) -> int:
-    check_save_dir(args.save_model, args.mode)
+    check_save_dir(args.save_model, args.mode, args.heal_steps)
     resumed = resumed_rows(args)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
@@ -110,6 +115,7 @@ def run(args: Namespace) -> int:
     prompt_ids = tokenize(tokenizer, args.prompt) if args.prompt.strip() else None
     if not args.no_speed and prompt_ids is None:
         raise KitError("--prompt is empty")
+    heal_settings, train_ids = healing_inputs(args, model, tokenizer, ids, context_size(model))
 
     settings = EvalSettings(max_length, stride, args.batch_size, not args.no_speed, args.speed_runs,
                             args.speed_warmup, args.gen_tokens, progress=not args.quiet)
@@ -153,11 +159,7 @@ def run(args: Namespace) -> int:
     rows = [base] + [with_changes(r, base) for r in evaluate(removals, base)]
 
     report(args, rows)
-    if args.save_model:
-        with removed_blocks(model, rows[-1]["removed_layers"]) as pruned:
-            pruned.save_pretrained(args.save_model)
-        tokenizer.save_pretrained(args.save_model)
-        log.info(f"Pruned model written to {args.save_model}")
+    deliver(args, model, tokenizer, rows, ids, settings, heal_settings, train_ids)
     if out:
         log.warning(f"Results written to {out.path}")
     return 0

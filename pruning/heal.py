@@ -1,0 +1,222 @@
+"""Healing a pruned model with a short fine-tune.
+
+Gromov et al. (2024, "The Unreasonable Ineffectiveness of the Deeper Layers")
+recover much of the quality lost to block removal with a brief parameter-
+efficient fine-tune; this module does that for the kit's pruned GPT-2 models.
+
+Design, and why:
+
+- The pruned model of the sweep shares its tensors with the original
+  (pruning.blocks.removed_blocks prunes in place), so training it would change
+  the original model too, and with it the teacher and any later measurement.
+  The student is therefore a deep copy of the pruned model, taken once when
+  healing starts; the original model is never written to and is the teacher.
+- LoRA (Hu et al. 2021, via peft) is the default: adapters on every block's
+  attention and MLP projections (c_attn, c_proj, c_fc), alpha = 2 x rank, the
+  base weights frozen. The adapters are merged into the weights afterwards
+  (merge_and_unload), so the healed model is a plain GPT-2 that needs no peft.
+  --heal-mode full trains every weight of the copy instead.
+- With distillation (Hinton et al. 2015; used for depth-pruned LLMs by
+  Kim et al. 2024, "Shortened LLaMA") the loss is KL(teacher || student) of
+  the next-token distributions at every position, the teacher being the
+  unpruned model, frozen and in eval mode. Without it, the loss is the usual
+  next-token cross-entropy.
+- Training windows are --heal-seq-len tokens at random offsets of the training
+  token stream (drawn with --seed), never from the evaluation text, so the
+  perplexity reported after healing is measured on tokens the student never saw.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from argparse import Namespace
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from pruning.blocks import removed_blocks
+from utils.data import is_local_dataset, load_text, tokenize
+from utils.errors import KitError
+
+log = logging.getLogger("gpt2-pruning-kit")
+
+HEAL_MODES = ("lora", "full")
+# Every projection inside a GPT-2 block (attention qkv and output, MLP in and out).
+LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]
+# Learning rates that suit a short heal: adapters tolerate a larger step than full weights.
+DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
+DEFAULT_SEQ_LEN = 256
+MAX_GRAD_NORM = 1.0
+
+
+@dataclass(frozen=True)
+class HealSettings:
+    steps: int
+    mode: str = "lora"
+    lr: float | None = None  # None: DEFAULT_LR[mode]
+    batch_size: int = 4
+    seq_len: int = DEFAULT_SEQ_LEN
+    lora_rank: int = 8
+    kd: bool = False
+    seed: int = 42
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
+
+    def describe(self) -> dict:
+        """The settings as they went into training, for the model card."""
+        out = {"mode": self.mode, "steps": self.steps, "lr": self.learning_rate, "batch_size": self.batch_size,
+               "seq_len": self.seq_len, "loss": "KL to the unpruned model (distillation)" if self.kd
+               else "next-token cross-entropy", "seed": self.seed}
+        if self.mode == "lora":
+            out.update(lora_rank=self.lora_rank, lora_alpha=2 * self.lora_rank, lora_targets=LORA_TARGETS)
+        return out
+
+
+@dataclass
+class HealResult:
+    model: nn.Module  # standalone healed pruned model (eval mode, no peft)
+    losses: list[float]  # training loss of every step
+
+
+def settings_from_args(args: Namespace, context_size: int) -> HealSettings:
+    seq_len = args.heal_seq_len or min(DEFAULT_SEQ_LEN, context_size)
+    if seq_len > context_size:
+        raise KitError(f"--heal-seq-len {seq_len} exceeds the model's context size of {context_size} tokens")
+    if args.heal_lr is not None and not args.heal_lr > 0:
+        raise KitError(f"--heal-lr must be positive, got {args.heal_lr}")
+    return HealSettings(steps=args.heal_steps, mode=args.heal_mode, lr=args.heal_lr, batch_size=args.heal_batch_size,
+                        seq_len=seq_len, lora_rank=args.lora_rank, kd=args.heal_kd, seed=args.seed)
+
+
+def training_text(train_dataset: str | None, dataset: str, text_column: str = "text") -> str:
+    """The healing text: --train-dataset, or else the train split of --dataset.
+
+    A local --dataset file has no train split, and training on the evaluation
+    file would make the healed perplexity meaningless, so it needs an explicit
+    --train-dataset.
+    """
+    if train_dataset is None:
+        if is_local_dataset(dataset):
+            raise KitError(f"healing needs training text: --dataset '{dataset}' is a local file with no train split; "
+                           "pass --train-dataset (a Hub dataset or a local .txt/.json/.jsonl/.csv/.parquet file)")
+        return load_text(dataset, "train", text_column)
+    return load_text(train_dataset, "train", text_column)
+
+
+def check_disjoint(train_ids: torch.Tensor, eval_ids: torch.Tensor) -> None:
+    """Catch the one overlap a user can cause by hand: the evaluation file passed as training text.
+
+    (Hub datasets' train and test splits are disjoint by construction.) The
+    evaluation ids may be the first --max-tokens of the text, hence the prefix test.
+    """
+    if torch.equal(train_ids[: len(eval_ids)], eval_ids):
+        raise KitError("the training text is the evaluation text; healing on it would make the reported perplexity "
+                       "meaningless: pass a different --train-dataset")
+
+
+def check_trainable(model: nn.Module, train_ids: torch.Tensor, settings: HealSettings) -> None:
+    if next(model.parameters()).dtype == torch.float16:
+        raise KitError("healing needs float32 or bfloat16 weights (float16 training without loss scaling diverges); "
+                       "pass --dtype float32 or --dtype bfloat16")
+    if len(train_ids) < settings.seq_len + 1:
+        raise KitError(f"the training text has {len(train_ids)} tokens, fewer than --heal-seq-len "
+                       f"{settings.seq_len} + 1; pass more text or a smaller --heal-seq-len")
+
+
+def healing_inputs(args: Namespace, model: nn.Module, tokenizer, eval_ids: torch.Tensor,
+                   context_size: int) -> tuple[HealSettings | None, torch.Tensor | None]:
+    """Settings and training ids for --heal-steps, checked before any measurement starts (None, None without it)."""
+    if not args.heal_steps:
+        return None, None
+    settings = settings_from_args(args, context_size)
+    train_ids = tokenize(tokenizer, training_text(args.train_dataset, args.dataset, args.text_column))
+    check_disjoint(train_ids, eval_ids)
+    check_trainable(model, train_ids, settings)
+    return settings, train_ids
+
+
+def random_windows(ids: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A (batch_size, seq_len) batch of windows at random offsets of ``ids``."""
+    starts = torch.randint(0, len(ids) - seq_len + 1, (batch_size,), generator=generator)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def student_copy(model: nn.Module, removed: Sequence[int]) -> nn.Module:
+    """An independent copy of the pruned model: training it leaves ``model`` untouched."""
+    with removed_blocks(model, removed) as pruned:
+        return copy.deepcopy(pruned)
+
+
+def with_lora(model: nn.Module, rank: int) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, lora_dropout=0.0,
+                        fan_in_fan_out=True, task_type="CAUSAL_LM")  # GPT-2's Conv1D stores weights transposed
+    with warnings.catch_warnings():  # peft calls a transformers property deprecated in 5.x
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over token positions of KL(teacher || student), in float32."""
+    s = F.log_softmax(student_logits.float(), dim=-1).flatten(0, 1)
+    t = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, 1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def heal(model: nn.Module, removed: Sequence[int], train_ids: torch.Tensor, settings: HealSettings,
+         progress: bool = True) -> HealResult:
+    """Fine-tune a copy of ``model`` with blocks ``removed`` on ``train_ids`` (1-D).
+
+    ``model`` is the unpruned model; it is only read (as the teacher with
+    distillation) and is unchanged afterwards.
+    """
+    if settings.mode not in HEAL_MODES:
+        raise KitError(f"unknown heal mode '{settings.mode}' (choices: {', '.join(HEAL_MODES)})")
+    check_trainable(model, train_ids, settings)
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    device = next(model.parameters()).device
+
+    student = student_copy(model, removed)
+    if settings.mode == "lora":
+        student = with_lora(student, settings.lora_rank)
+    else:
+        student.requires_grad_(True)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
+    log.info(f"Healing ({settings.mode}{', distillation' if settings.kd else ''}): {settings.steps} steps of "
+             f"{settings.batch_size} x {settings.seq_len} tokens, lr {settings.learning_rate:g}, "
+             f"{sum(p.numel() for p in trainable):,} trainable parameters")
+
+    student.train()
+    losses = []
+    bar = tqdm(range(settings.steps), desc="healing", unit="step", disable=not progress)
+    for _ in bar:
+        batch = random_windows(train_ids, settings.seq_len, settings.batch_size, generator).to(device)
+        if settings.kd:
+            with torch.no_grad():
+                teacher_logits = model(input_ids=batch, use_cache=False).logits
+            loss = kd_loss(student(input_ids=batch, use_cache=False).logits, teacher_logits)
+        else:
+            loss = student(input_ids=batch, labels=batch, use_cache=False).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    bar.close()
+
+    if settings.mode == "lora":
+        student = student.merge_and_unload()
+    student.requires_grad_(False)
+    return HealResult(student.eval(), losses)
