@@ -112,6 +112,10 @@ def test_resume_completes_an_interrupted_file(model_dir, text_file, tmp_path):
     resumed, complete = pd.read_csv(partial), pd.read_csv(full)
     assert resumed.removed_layers.tolist() == complete.removed_layers.tolist()
     assert resumed.perplexity.tolist() == complete.perplexity.tolist()
+    # a file evaluated on other tokens cannot be continued: its rows would not be comparable
+    assert run(model_dir, text_file, "--mode", "sequential", "--resume", str(partial), "--no-speed",
+               "--max-tokens", "1000") == 2
+    assert pd.read_csv(partial).removed_layers.tolist() == complete.removed_layers.tolist()
 
 
 def test_results_files_are_never_overwritten(model_dir, text_file, tmp_path):
