@@ -13,7 +13,7 @@ import main
 from evaluation.perplexity import perplexity
 from pruning.blocks import removed_blocks
 from pruning.heal import HealSettings, heal, kd_loss
-from tests.tiny import make_model, make_text, make_tokenizer, save_model_dir
+from tiny import make_model, make_text, make_tokenizer, save_model_dir
 from utils.data import tokenize
 
 

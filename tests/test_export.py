@@ -1,0 +1,109 @@
+"""--save-model: a standard checkpoint with a model card, which reloads
+anywhere (a fresh process, plain transformers) to the model that was measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import main
+from pruning.blocks import removed_blocks
+from tiny import make_model, make_text, make_tokenizer, save_model_dir
+from utils.export import REPORT_FILE
+from utils.results import read_rows
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    train_text = make_text(600, seed=0)
+    save_model_dir(root / "model", make_model(), make_tokenizer(train_text))
+    (root / "train.txt").write_text(train_text, encoding="utf-8")
+    (root / "eval.txt").write_text(make_text(120, seed=1), encoding="utf-8")
+    return root
+
+
+def run_kit(files: Path, out: str, *extra: str) -> tuple[Path, dict]:
+    """One kit run that saves a model; its output folder and the CSV row of the chosen configuration."""
+    argv = ["--model", str(files / "model"), "--dataset", str(files / "eval.txt"), "--max-length", "64",
+            "--save-results", "--output-dir", str(files / out / "results"), "--save-model", str(files / out / "model"),
+            "--quiet", *extra]
+    assert main.main(argv) == 0
+    (csv_file,) = (files / out / "results").iterdir()
+    return files / out / "model", read_rows(str(csv_file))[-1]
+
+
+@pytest.fixture(scope="module")
+def healed(files):
+    return run_kit(files, "healed", "--mode", "custom", "--remove", "1,2", "--heal-steps", "8", "--heal-lr", "1e-2",
+                   "--heal-seq-len", "64", "--train-dataset", str(files / "train.txt"), "--speed-runs", "1",
+                   "--speed-warmup", "0", "--gen-tokens", "4")
+
+
+def test_healed_export_reloads_in_a_fresh_process_to_the_reported_perplexity(healed, files):
+    model_dir, pruned_row = healed
+    report = json.loads((model_dir / REPORT_FILE).read_text())
+    assert report["healing"]["perplexity"] == report["checkpoint_perplexity"] != pruned_row["perplexity"]
+
+    # exactly the command the model card gives, in a new interpreter
+    command = shlex.split(report["reproduce"])[1:] + ["--save-results", "--output-dir", str(files / "again")]
+    done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (csv_file,) = (files / "again").iterdir()
+    (row,) = read_rows(str(csv_file))
+    assert row["num_layers"] == 2
+    assert row["perplexity"] == report["checkpoint_perplexity"]
+
+
+def test_healed_export_is_a_plain_safetensors_gpt2_without_peft(healed):
+    model_dir, _ = healed
+    names = set(os.listdir(model_dir))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= names
+    assert not any(name.startswith("adapter_") for name in names)
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert not any("lora" in key or "base_model" in key for key in keys)
+    assert {key.split(".")[2] for key in keys if key.startswith("transformer.h.")} == {"0", "1"}
+    assert json.loads((model_dir / "config.json").read_text())["n_layer"] == 2
+
+
+def test_model_card_states_removed_blocks_numbers_before_and_after_and_the_command(healed):
+    model_dir, pruned_row = healed
+    card = (model_dir / "README.md").read_text()
+    report = json.loads((model_dir / REPORT_FILE).read_text())
+    assert report["removed_blocks"] == [1, 2] and report["kept_blocks"] == [0, 3]
+    assert "## Removed blocks\n\n`[1, 2]`" in card
+    assert "| Transformer blocks | 4 | 2 | -50.00% |" in card
+    assert f"{pruned_row['perplexity']:,.2f}" in card  # pruned, before healing
+    assert f"{report['healing']['perplexity']:,.2f}" in card  # after healing
+    assert f"{report['original']['latency_ms']:,.2f}" in card and f"{pruned_row['latency_ms']:,.2f}" in card
+    assert "--heal-steps 8" in card and "--remove 1,2" in card
+    assert report["reproduce"] in card
+
+
+def test_export_without_healing_is_the_measured_pruned_model(files):
+    model_dir, pruned_row = run_kit(files, "plain", "--mode", "custom", "--remove", "0,3", "--no-speed")
+    report = json.loads((model_dir / REPORT_FILE).read_text())
+    assert report["healing"] is None and report["checkpoint_perplexity"] == pruned_row["perplexity"]
+
+    original = AutoModelForCausalLM.from_pretrained(files / "model").eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer("The old bridge crossed the valley", return_tensors="pt").input_ids
+    settings = dict(max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0,
+                    attention_mask=torch.ones_like(ids))
+    with torch.no_grad(), removed_blocks(original, [0, 3]) as pruned:
+        assert torch.equal(reloaded(ids).logits, pruned(ids).logits)
+        assert torch.equal(reloaded.generate(ids, **settings), pruned.generate(ids, **settings))
+    assert "`[0, 3]`" in (model_dir / "README.md").read_text()
