@@ -24,6 +24,7 @@ import torch
 import transformers
 from torch import nn
 
+from evaluation.latency import PREFILL_TOKENS
 from evaluation.perplexity import perplexity
 from evaluation.sweep import EvalSettings
 from pruning.blocks import kept_blocks, removed_blocks
@@ -71,7 +72,8 @@ def build_report(args: Namespace, rows: Sequence[dict], settings: EvalSettings, 
         "evaluation": {"dataset": args.dataset, "split": args.split, "text_column": args.text_column,
                        "scored_tokens": pruned["eval_tokens"], "max_length": settings.max_length,
                        "stride": settings.stride, "batch_size": settings.batch_size, "device": device,
-                       "dtype": dtype},
+                       "dtype": dtype, "speed_runs": settings.speed_runs if settings.speed else None,
+                       "gen_tokens": settings.gen_tokens if settings.speed else None},
         "original": measured(original),
         "pruned": measured(pruned),
         "healing": healing,
@@ -114,12 +116,17 @@ def model_card(report: dict) -> str:
     for label, a, b, digits in metrics:
         table.append(f"| {label} | {_fmt(a, digits)} | {_fmt(b, digits)} | {_pct(b, a)} |")
 
-    lines = [*front, "", f"# {source}, depth-pruned to {p['num_layers']} of {o['num_layers']} blocks", "",
+    name = os.path.basename(source.rstrip("/\\")) or source
+    speed = (f"Latency is the median of {ev['speed_runs']} greedy generations of exactly {ev['gen_tokens']} tokens "
+             f"with the KV cache, prefill one forward pass over {PREFILL_TOKENS} tokens (or the "
+             f"context size if smaller), on {ev['device']} in {ev['dtype']}."
+             if ev["speed_runs"] else "Speed was not measured (--no-speed).")
+    lines = [*front, "", f"# {name}, depth-pruned to {p['num_layers']} of {o['num_layers']} blocks", "",
              f"Made with gpt2-pruning-kit (mode `{report['mode']}`) from `{source}` by removing transformer blocks "
              f"{', '.join(map(str, report['removed_blocks']))} (0-based) and keeping blocks "
              f"{', '.join(map(str, report['kept_blocks']))}, which are renumbered 0..{p['num_layers'] - 1} here.", "",
              "## Removed blocks", "", f"`{json.dumps(report['removed_blocks'])}`", "",
-             "## Before and after", "", *table, ""]
+             "## Before and after", "", *table, "", speed, ""]
     if h:
         lines += ["## Healing", "",
                   f"After pruning, the model was fine-tuned for {h['steps']} steps ({h['mode']}"
