@@ -12,7 +12,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import main
 from evaluation.perplexity import perplexity
 from pruning.blocks import removed_blocks
-from pruning.heal import HealSettings, heal, kd_loss
+import pruning.heal
+from pruning.heal import HealSettings, heal, kd_loss, training_text
 from tiny import make_model, make_text, make_tokenizer, save_model_dir
 from utils.data import tokenize
 
@@ -134,3 +135,11 @@ def test_healing_options_need_heal_steps_and_a_mode_with_one_chosen_configuratio
     assert main.main(["--mode", "sequential", "--heal-steps", "2", "--train-dataset", str(files / "train.txt"),
                       *common]) == 2
     assert "--heal-steps works with --mode custom" in capsys.readouterr().err
+
+
+def test_training_text_defaults_to_the_train_split_of_a_hub_dataset(monkeypatch):
+    asked = []
+    monkeypatch.setattr(pruning.heal, "load_text", lambda name, split, column: asked.append((name, split)) or "text")
+    assert training_text(None, "wikitext-2-raw-v1") == "text"
+    assert training_text("my/corpus", "wikitext-2-raw-v1") == "text"
+    assert asked == [("wikitext-2-raw-v1", "train"), ("my/corpus", "train")]
