@@ -7,6 +7,9 @@ import sys
 
 from pruning.strategies import PLANNERS
 
+# Modes that read a results CSV instead of evaluating a model.
+CSV_MODES = ("report",)
+
 
 class Parser(argparse.ArgumentParser):
     """Bad arguments give one line and exit status 2, like every other input error."""
@@ -43,7 +46,8 @@ def non_negative_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="main.py", description="Remove transformer blocks from a GPT-2 model and measure "
                "perplexity, latency and size.")
-    p.add_argument("--mode", required=True, choices=sorted(PLANNERS), help="what to evaluate")
+    p.add_argument("--mode", required=True, choices=sorted([*PLANNERS, *CSV_MODES]),
+                   help="what to evaluate; report: figures and report.md again from --input")
 
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="distilgpt2", help="Hub id or local directory (default: distilgpt2)")
@@ -82,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", default="results", help="folder for results files (default: results/)")
     g.add_argument("--resume", metavar="FILE", help="continue a results CSV, skipping configurations it holds")
     g.add_argument("--save-model", metavar="DIR", help="custom/random: write the pruned model and tokenizer to DIR")
+    g.add_argument("--plot", action="store_true",
+                   help="also write PNG figures beside the CSV (implies --save_results)")
+    g.add_argument("--input", metavar="CSV", help="--mode report: the results CSV to report on")
     g.add_argument("--quiet", action="store_true", help="print only errors and output paths")
     return p
 
@@ -96,6 +103,10 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--max-remove ({args.max_remove}) is smaller than --min-remove ({args.min_remove})")
     if args.remove is not None and args.mode != "custom":
         parser.error(f"--remove is only used by --mode custom, not {args.mode}")
+    if args.mode == "report" and not args.input:
+        parser.error("--mode report needs --input RESULTS.csv (a CSV written with --save_results)")
+    if args.input and args.mode != "report":
+        parser.error(f"--input is only used by --mode report, not {args.mode}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,10 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     from utils.errors import KitError
     from utils.log import setup_logging
     from utils.pipeline import run
+    from utils.report import report_from_csv
 
     setup_logging(args.quiet)
     try:
-        return run(args)
+        return report_from_csv(args) if args.mode in CSV_MODES else run(args)
     except KitError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

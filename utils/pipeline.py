@@ -16,7 +16,9 @@ from pruning.blocks import num_blocks, removed_blocks
 from pruning.strategies import PLANNERS
 from utils.data import load_text, tokenize
 from utils.errors import KitError
+from utils.metadata import device_name, now, write_sidecar
 from utils.models import dtype_name, load_model, resolve_device
+from utils.report import write_outputs
 from utils.results import (ResultsFile, change_pct, comparison_table, observations, read_rows, removal_key,
                            results_path, sweep_table)
 from tqdm.auto import tqdm
@@ -92,6 +94,7 @@ def with_changes(row: dict, base: dict) -> dict:
 
 
 def run(args: Namespace) -> int:
+    started = now()
     check_save_dir(args.save_model, args.mode)
     resumed = resumed_rows(args)
     device = resolve_device(args.device)
@@ -122,11 +125,17 @@ def run(args: Namespace) -> int:
         log.info("On a CPU this is slow: the full WikiText-2 test split takes distilgpt2 about half an hour per "
                  "configuration. Use --max-tokens (e.g. --max-tokens 20000) for a quick estimate.")
 
-    out_path = args.resume or (results_path(args.output_dir, args.model, args.mode) if args.save_results else None)
+    # --plot draws from the CSV, so it writes one too (see README, "Figures and reports").
+    save = args.save_results or args.plot
+    out_path = args.resume or (results_path(args.output_dir, args.model, args.mode) if save else None)
     out = ResultsFile(out_path, exclusive=not args.resume) if out_path else None
     context = {"mode": args.mode, "model": args.model, "dataset": args.dataset, "device": device.type,
                "dtype": dtype_name(model)}
     done = {removal_key(r["removed_layers"]): r for r in resumed}
+    # The sidecar's record of this run; other parts of the run add to it (e.g. "work").
+    run_info = {"started": started, "finished": None, "device": device.type, "device_name": device_name(device),
+                "dtype": dtype_name(model), "stream_tokens": len(ids), "max_length": max_length, "stride": stride,
+                "configurations_evaluated": 0, "tokens_evaluated": 0}
 
     def evaluate(removals, base):
         """Rows for ``removals``, taking those already in a resumed file from it."""
@@ -136,6 +145,8 @@ def run(args: Namespace) -> int:
         for m in measure_all(model, ids, prompt_ids, todo, settings):
             row = to_row(m, base, context)
             rows[removal_key(m.removed)] = row
+            run_info["configurations_evaluated"] += 1
+            run_info["tokens_evaluated"] += m.ppl.tokens
             if out:
                 out.write(row)
             bar.update()
@@ -145,6 +156,8 @@ def run(args: Namespace) -> int:
     start = time.perf_counter()
     base = evaluate([()], None)[0]
     base_seconds = time.perf_counter() - start
+    if out and os.path.exists(out.path):  # a crashed sweep's CSV still has its sidecar
+        write_sidecar(out.path, args, run_info)
     if removals:
         todo = sum(removal_key(r) not in done for r in removals)
         skipped = f" ({len(removals) - todo} already in {args.resume})" if args.resume else ""
@@ -159,11 +172,16 @@ def run(args: Namespace) -> int:
         tokenizer.save_pretrained(args.save_model)
         log.info(f"Pruned model written to {args.save_model}")
     if out:
+        run_info["finished"] = now()
         log.warning(f"Results written to {out.path}")
+        log.warning(f"Run metadata written to {write_sidecar(out.path, args, run_info)}")
+        write_outputs(read_rows(out.path), out.path, plot=args.plot)
     return 0
 
 
 def report(args: Namespace, rows: list[dict]) -> None:
+    if args.quiet:
+        return
     if args.mode == "random" and len(rows) == 2:
         print(f"\nRandom Layer Removal (seed {args.seed}, removed blocks {rows[1]['removed_layers']})\n")
         print(comparison_table(rows[0], rows[1]))
