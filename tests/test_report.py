@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 import main
-from tiny import make_model, make_text, make_tokenizer, save_model_dir
 from utils import metadata
 from utils.plots import importance_figure, pair_heatmap, pareto_front, per_block_figure, tradeoff_figure
 from utils.report import report_markdown
@@ -222,15 +221,11 @@ def test_console_sequential_table_keeps_the_seed_numbers(sequential_rows):
 
 # ---- end to end on a tiny model -----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    text = make_text(120)
-    tokenizer = make_tokenizer(text)
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "text.txt").write_text(text, encoding="utf-8")
-    save_model_dir(root / "model", make_model(n_layer=4, vocab_size=len(tokenizer)), tokenizer)
-    return ["--model", str(root / "model"), "--dataset", str(root / "text.txt"), "--max-tokens", "160",
-            "--max-length", "64", "--stride", "32"]
+@pytest.fixture
+def tiny(model_dir, text_file):
+    """The shared tiny model and text, on few tokens: these tests are about the outputs."""
+    return ["--model", str(model_dir), "--dataset", str(text_file), "--max-tokens", "160", "--max-length", "64",
+            "--stride", "32"]
 
 
 SPEED = ["--speed-runs", "1", "--speed-warmup", "0", "--gen-tokens", "2"]
