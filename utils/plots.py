@@ -43,7 +43,12 @@ def _ratio_text(ratio: float, _pos=None) -> str:
 
 
 def _value_text(value: float, _pos=None) -> str:
-    return f"{value:,.0f}" if value >= 1000 else (f"{value:.1f}" if value >= 100 else f"{value:.3g}")
+    """A perplexity as a tick label: thousands separated, at most 4 significant digits below 1,000."""
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.4g}"
+
+
+def _cell_text(value: float) -> str:
+    return "inf" if math.isinf(value) else (f"{value:,.0f}" if value >= 1000 else f"{value:.1f}")
 
 
 def _log_ticks(axis, low: float, high: float, text=_value_text) -> None:
@@ -185,6 +190,8 @@ def pair_heatmap(rows: Sequence[dict]) -> Figure | None:
     matrix = pair_matrix(rows)
     shown = np.ma.masked_invalid(matrix)
     finite = matrix[np.isfinite(matrix)]
+    if not finite.size:  # every pair overflowed: nothing to colour
+        return None
     low, high = float(finite.min()), float(finite.max())
     n = len(matrix)
     fig = Figure(figsize=(max(5.5, 0.45 * n + 3), max(4.5, 0.45 * n + 2)), layout="constrained")
@@ -199,8 +206,7 @@ def pair_heatmap(rows: Sequence[dict]) -> Figure | None:
                 v = matrix[i, j]
                 if np.isnan(v):
                     continue
-                text = "inf" if np.isinf(v) else _value_text(v)
-                ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                ax.text(j, i, _cell_text(v), ha="center", va="center", fontsize=7,
                         color="white" if np.isfinite(v) and v < middle else "black")
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))

@@ -53,7 +53,7 @@ def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: s
         facts.append(f"{first['eval_tokens']:,} tokens scored per configuration")
     if first.get("device"):
         facts.append(f"{first['device']}, {first.get('dtype', '?')}")
-    facts.append(f"{len(rows)} configurations" + (" (baseline included)" if base else ""))
+    facts.append(f"{len(rows)} configuration{'' if len(rows) == 1 else 's'}" + (" (baseline included)" if base else ""))
     if source:
         facts.append(f"from `{os.path.basename(source)}`")
     summary = "; ".join(facts)
@@ -64,7 +64,8 @@ def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: s
         lines += [f"## {title}", "", f"Removed blocks: {_removed_label(pruned[0]['removed_layers'])}.", "",
                   markdown_table(COMPARISON_HEADERS, comparison_cells(base, pruned[0])), ""]
     if len(pruned) > 1 or not pruned:
-        title = "Sequential Layer Pruning" if mode == "sequential" else f"{mode.capitalize()} Layer Pruning"
+        title = ("Baseline" if not pruned else "Sequential Layer Pruning" if mode == "sequential"
+                 else f"{mode.capitalize()} Layer Pruning")
         headers = ["Layer Removed", *SWEEP_HEADERS[1:]] if mode == "sequential" else SWEEP_HEADERS
         lines += [f"## {title}", "", markdown_table(headers, sweep_cells(rows)), ""]
     depths = best_per_depth(pruned)
