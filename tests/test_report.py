@@ -272,13 +272,15 @@ def test_plot_writes_figures_report_and_sidecar_and_report_mode_remakes_them(tin
     assert (tmp_path / f"{stem.name}_report.md").read_text(encoding="utf-8") == report
 
 
-def test_quiet_prints_only_output_paths(tiny, tmp_path, capfd):
-    assert main.main(["--mode", "sequential", *tiny, *SPEED, "--save_results", "--output-dir", str(tmp_path),
+@pytest.mark.parametrize("mode", [["sequential"], ["custom", "--remove", "1", "--save-model"]])
+def test_quiet_prints_only_output_paths(tiny, tmp_path, capfd, mode):
+    if mode[-1] == "--save-model":
+        mode = [*mode, str(tmp_path / "pruned")]
+    assert main.main(["--mode", *mode, *tiny, *SPEED, "--save_results", "--output-dir", str(tmp_path),
                       "--quiet"]) == 0
     out, err = capfd.readouterr()
     assert out == ""
-    lines = err.splitlines()
-    written = [line.split(" written to ")[1] for line in lines]
+    written = [line.split(" written to ")[1] for line in err.splitlines()]
     assert sorted(written) == sorted(str(p) for p in tmp_path.iterdir())
 
 

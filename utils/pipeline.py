@@ -176,7 +176,7 @@ def run(args: Namespace) -> int:
         with removed_blocks(model, rows[-1]["removed_layers"]) as pruned:
             pruned.save_pretrained(args.save_model)
         tokenizer.save_pretrained(args.save_model)
-        log.info(f"Pruned model written to {args.save_model}")
+        log.warning(f"Pruned model written to {args.save_model}")
     if out:
         run_info["finished"] = now()
         log.warning(f"Results written to {out.path}")
