@@ -331,3 +331,23 @@ def test_report_mode_rejects_an_empty_csv(tmp_path, capsys):
     assert main.main(["--mode", "report", "--input", str(path)]) == 2
     assert "has no rows" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_an_interrupted_sweep_still_has_its_sidecar(tiny, tmp_path, monkeypatch):
+    import utils.pipeline
+
+    real = utils.pipeline.measure_all
+
+    def crash_after_baseline(model, ids, prompt_ids, removals, settings):
+        for removed in removals:
+            if removed:
+                raise KeyboardInterrupt
+            yield from real(model, ids, prompt_ids, [removed], settings)
+
+    monkeypatch.setattr(utils.pipeline, "measure_all", crash_after_baseline)
+    with pytest.raises(KeyboardInterrupt):
+        main.main(["--mode", "sequential", *tiny, "--no-speed", "--save_results", "--output-dir", str(tmp_path),
+                   "--quiet"])
+    [csv_path] = outputs(tmp_path, ".csv")
+    meta = json.loads(csv_path.with_suffix(".json").read_text(encoding="utf-8"))
+    assert meta["finished"] is None and meta["configurations_evaluated"] == len(read_rows(str(csv_path))) == 1
