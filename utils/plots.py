@@ -26,7 +26,7 @@ from utils.results import compact_label
 log = logging.getLogger("gpt2-pruning-kit")
 
 DPI = 120
-# Above this many blocks the heatmap cells are too small for their numbers.
+# Above this many blocks, heatmap cells are too small for numbers and bar labels turn sideways.
 ANNOTATE_MAX_BLOCKS = 12
 SCORE_SUFFIX = "_score"
 
