@@ -6,6 +6,10 @@ import argparse
 import sys
 
 from pruning.strategies import PLANNERS
+from utils.distributed import Shard, parse_shard
+from utils.errors import KitError
+
+MERGE = "merge"
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,10 +44,18 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def shard_spec(text: str) -> Shard:
+    try:
+        return parse_shard(text)
+    except KitError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="main.py", description="Remove transformer blocks from a GPT-2 model and measure "
                "perplexity, latency and size.")
-    p.add_argument("--mode", required=True, choices=sorted(PLANNERS), help="what to evaluate")
+    p.add_argument("--mode", required=True, choices=sorted([*PLANNERS, MERGE]),
+                   help="what to evaluate; merge joins the results files of --shard runs")
 
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="distilgpt2", help="Hub id or local directory (default: distilgpt2)")
@@ -83,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", metavar="FILE", help="continue a results CSV, skipping configurations it holds")
     g.add_argument("--save-model", metavar="DIR", help="custom/random: write the pruned model and tokenizer to DIR")
     g.add_argument("--quiet", action="store_true", help="print only errors and output paths")
+
+    g = p.add_argument_group("splitting a sweep (see also: accelerate launch main.py ...)")
+    g.add_argument("--shard", type=shard_spec, metavar="I/N",
+                   help="evaluate only job I's share (0 <= I < N) of the configurations, plus the baseline")
+    g.add_argument("--inputs", nargs="+", metavar="CSV", help="--mode merge: the shard results files to join")
     return p
 
 
@@ -96,6 +113,12 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--max-remove ({args.max_remove}) is smaller than --min-remove ({args.min_remove})")
     if args.remove is not None and args.mode != "custom":
         parser.error(f"--remove is only used by --mode custom, not {args.mode}")
+    if args.mode == MERGE and not args.inputs:
+        parser.error("--mode merge needs --inputs A.csv B.csv ...")
+    if args.inputs and args.mode != MERGE:
+        parser.error(f"--inputs is only used by --mode merge, not {args.mode}")
+    if args.mode == MERGE and (args.shard or args.resume):
+        parser.error("--mode merge takes neither --shard nor --resume; it writes a new file in --output-dir")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,13 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     validate(args, parser)
 
-    from utils.errors import KitError
     from utils.log import setup_logging
-    from utils.pipeline import run
+    from utils.pipeline import merge, run
 
     setup_logging(args.quiet)
     try:
-        return run(args)
+        return merge(args) if args.mode == MERGE else run(args)
     except KitError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
