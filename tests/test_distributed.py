@@ -12,15 +12,23 @@ import pandas as pd
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import main  # noqa: E402
-from tiny import make_model, make_text, make_tokenizer, save_model_dir  # noqa: E402
-from utils.distributed import TIMING_COLUMNS, WORLD_SIZE_VARS, current_processes, share  # noqa: E402
+import main
+from conftest import ROOT
+from tiny import make_model, make_text, make_tokenizer, save_model_dir
+from utils.distributed import TIMING_COLUMNS, WORLD_SIZE_VARS, current_processes, share
 
 FAST = ["--mode", "combinatorial", "--max-tokens", "300", "--max-length", "64", "--no-speed"]
 N_CONFIGS = 1 + 6 + 4  # baseline, C(4,2), C(4,3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread, like each launched process (OMP_NUM_THREADS=1 below): the
+    reference then sums in the same order, and tiny models run no slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +58,9 @@ def comparable(path: Path) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def single(inputs, tmp_path_factory) -> Path:
-    """The reference: one process, no sharding, one thread like each launched process."""
+    """The reference: one process, no sharding."""
     out = tmp_path_factory.mktemp("single")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert sweep(inputs, out) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert sweep(inputs, out) == 0
     return only_csv(out)
 
 

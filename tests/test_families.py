@@ -8,8 +8,6 @@ a kept block would change the reloaded model's logits.
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,12 +16,10 @@ from transformers import (AutoModelForCausalLM, GPTJConfig, GPTJForCausalLM, GPT
                           GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import main  # noqa: E402
-from evaluation.perplexity import perplexity  # noqa: E402
-from pruning.blocks import BLOCK_PATHS, get_blocks, num_blocks, removed_blocks  # noqa: E402
-from tiny import make_model, make_text, make_tokenizer  # noqa: E402
+import main
+from evaluation.perplexity import perplexity
+from pruning.blocks import BLOCK_PATHS, get_blocks, num_blocks, removed_blocks
+from tiny import make_model, make_text, make_tokenizer
 
 N_LAYER = 4
 WINDOW = 6  # sliding/local attention window, shorter than SEQ
@@ -62,6 +58,15 @@ def build(family: str, vocab: int) -> torch.nn.Module:
 
 
 FAMILIES = sorted(BLOCK_PATHS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and lose much when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
