@@ -11,9 +11,10 @@ Design, and why:
   the original model too, and with it the teacher and any later measurement.
   The student is therefore a deep copy of the pruned model, taken once when
   healing starts; the original model is never written to and is the teacher.
-- LoRA (Hu et al. 2021, via peft) is the default: adapters on every block's
-  attention and MLP projections (c_attn, c_proj, c_fc), alpha = 2 x rank, the
-  base weights frozen. The adapters are merged into the weights afterwards
+- LoRA (Hu et al. 2021, via peft) is the default: adapters on every linear
+  layer but the LM head (for GPT-2 the attention and MLP projections c_attn,
+  c_proj, c_fc; for Llama-like models q/k/v/o and the MLP), alpha = 2 x rank,
+  the base weights frozen. The adapters are merged into the weights afterwards
   (merge_and_unload), so the healed model is a plain GPT-2 that needs no peft.
   --heal-mode full trains every weight of the copy instead.
 - With distillation (Hinton et al. 2015; used for depth-pruned LLMs by
@@ -47,8 +48,8 @@ from utils.errors import KitError
 log = logging.getLogger("gpt2-pruning-kit")
 
 HEAL_MODES = ("lora", "full")
-# Every projection inside a GPT-2 block (attention qkv and output, MLP in and out).
-LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]
+# peft's name for every linear (and GPT-2 Conv1D) layer except the LM head.
+LORA_TARGETS = "all-linear"
 # Learning rates that suit a short heal: adapters tolerate a larger step than full weights.
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 DEFAULT_SEQ_LEN = 256
@@ -157,9 +158,11 @@ def student_copy(model: nn.Module, removed: Sequence[int]) -> nn.Module:
 
 def with_lora(model: nn.Module, rank: int) -> nn.Module:
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
+    transposed = any(isinstance(m, Conv1D) for m in model.modules())  # GPT-2's Conv1D stores weights as (in, out)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, lora_dropout=0.0,
-                        fan_in_fan_out=True, task_type="CAUSAL_LM")  # GPT-2's Conv1D stores weights transposed
+                        fan_in_fan_out=transposed, task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # peft calls a transformers property deprecated in 5.x
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, config)

@@ -50,7 +50,7 @@ def run_kit(files: Path, out: str, *extra: str) -> tuple[Path, dict]:
             "--save-results", "--output-dir", str(files / out / "results"), "--save-model", str(files / out / "model"),
             "--quiet", *extra]
     assert main.main(argv) == 0
-    (csv_file,) = (files / out / "results").iterdir()
+    (csv_file,) = (files / out / "results").glob("*.csv")
     return files / out / "model", read_rows(str(csv_file))[-1]
 
 
@@ -71,7 +71,7 @@ def test_healed_export_reloads_in_a_fresh_process_to_the_reported_perplexity(hea
     done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
-    (csv_file,) = (files / "again").iterdir()
+    (csv_file,) = (files / "again").glob("*.csv")
     (row,) = read_rows(str(csv_file))
     assert row["num_layers"] == 2
     assert row["perplexity"] == report["checkpoint_perplexity"]

@@ -153,3 +153,18 @@ def test_training_text_defaults_to_the_train_split_of_a_hub_dataset(monkeypatch)
     assert training_text(None, "wikitext-2-raw-v1") == "text"
     assert training_text("my/corpus", "wikitext-2-raw-v1") == "text"
     assert asked == [("wikitext-2-raw-v1", "train"), ("my/corpus", "train")]
+
+
+@pytest.mark.parametrize("family", ["gpt_neo", "gpt_neox", "llama", "opt", "qwen2"])
+def test_lora_healing_merges_into_a_plain_model_of_every_family(family, corpus):
+    from test_families import build  # the tiny model of each family the kit prunes
+
+    tokenizer, train_ids, _ = corpus
+    model = build(family, len(tokenizer))
+    original = snapshot(model)
+    with removed_blocks(model, [1]) as pruned:
+        pruned_keys, pruned_class = set(pruned.state_dict()), type(pruned)
+    result = heal(model, [1], train_ids, HealSettings(steps=2, lr=1e-2, batch_size=2, seq_len=16), progress=False)
+    assert type(result.model) is pruned_class
+    assert set(result.model.state_dict()) == pruned_keys
+    assert unchanged(model, original)

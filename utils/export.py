@@ -59,13 +59,14 @@ def reproduce_command(args: Namespace, path: str, settings: EvalSettings, dtype:
 
 
 def build_report(args: Namespace, rows: Sequence[dict], settings: EvalSettings, path: str | None,
-                 healing: dict | None, checkpoint_ppl: float, dtype: str, device: str) -> dict:
+                 healing: dict | None, checkpoint_ppl: float, dtype: str, device: str, model_type: str) -> dict:
     """Everything the model card states, as data."""
     original, pruned = rows[0], rows[-1]
     removed = list(pruned["removed_layers"])
     n = original["num_layers"]
     return {
         "source_model": args.model,
+        "model_type": model_type,
         "mode": args.mode,
         "removed_blocks": removed,
         "kept_blocks": list(kept_blocks(n, removed)),
@@ -100,8 +101,8 @@ def model_card(report: dict) -> str:
     """README.md for the checkpoint directory, from build_report's data."""
     o, p, h, ev = report["original"], report["pruned"], report["healing"], report["evaluation"]
     source = report["source_model"]
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- gpt2",
-             "- depth-pruning"]
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:",
+             f"- {report['model_type']}", "- depth-pruning"]
     if not looks_local(source):
         front.insert(1, f"base_model: {source}")
     front.append("---")
@@ -150,7 +151,7 @@ def model_card(report: dict) -> str:
               'model = AutoModelForCausalLM.from_pretrained("PATH_TO_THIS_DIRECTORY")',
               'inputs = tokenizer("The future of artificial intelligence is", return_tensors="pt")',
               "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))", "```", "",
-              "It is a plain GPT-2 checkpoint: no custom code, no peft.", "",
+              f"It is a plain `{report['model_type']}` checkpoint: no custom code, no peft.", "",
               "## How it was made", "", "```bash", report["command"], "```", "",
               f"torch {report['versions']['torch']}, transformers {report['versions']['transformers']}, "
               f"{report['created']}.", ""]
@@ -192,7 +193,8 @@ def export_model(model: nn.Module, tokenizer, path: str, report: dict, sample_id
     with open(os.path.join(path, REPORT_FILE), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     verify_reload(path, model, sample_ids)
-    log.info(f"Pruned model written to {path} (model card: {os.path.join(path, 'README.md')})")
+    log.warning(f"Pruned model written to {path}")
+    log.info(f"Model card: {os.path.join(path, 'README.md')}")
 
 
 def healing_table(rows: Sequence[dict], healed_ppl: float) -> str:
@@ -223,15 +225,18 @@ def deliver(args: Namespace, model: nn.Module, tokenizer, rows: Sequence[dict], 
                                 progress=settings.progress, desc="healed windows").perplexity
         healing = {**heal_settings.describe(), "train_dataset": args.train_dataset or f"{args.dataset} (train split)",
                    "first_loss": result.losses[0], "last_loss": result.losses[-1], "perplexity": healed_ppl}
-        print(f"\nHealing ({heal_settings.mode}, {heal_settings.steps} steps, training loss "
-              f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}; perplexity on the evaluation text)\n")
-        print(healing_table(rows, healed_ppl))
+        if not args.quiet:
+            print(f"\nHealing ({heal_settings.mode}, {heal_settings.steps} steps, training loss "
+                  f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}; perplexity on the evaluation text)\n")
+            print(healing_table(rows, healed_ppl))
     if not args.save_model:
         return
     if healed is not None:
-        report = build_report(args, rows, settings, args.save_model, healing, healing["perplexity"], dtype, device)
+        report = build_report(args, rows, settings, args.save_model, healing, healing["perplexity"], dtype, device,
+                              model.config.model_type)
         export_model(healed, tokenizer, args.save_model, report, sample_ids)
         return
-    report = build_report(args, rows, settings, args.save_model, None, rows[-1]["perplexity"], dtype, device)
+    report = build_report(args, rows, settings, args.save_model, None, rows[-1]["perplexity"], dtype, device,
+                          model.config.model_type)
     with removed_blocks(model, removed) as pruned:
         export_model(pruned, tokenizer, args.save_model, report, sample_ids)
