@@ -13,6 +13,8 @@ import torch
 from evaluation.perplexity import sliding_windows
 from evaluation.sweep import EvalSettings, Measurement, measure_all
 from pruning.blocks import num_blocks, removed_blocks
+from pruning.choosers import CHOOSERS
+from pruning.importance import Calibration, calibration_ids
 from pruning.strategies import PLANNERS
 from utils.data import load_text, tokenize
 from utils.errors import KitError
@@ -99,8 +101,14 @@ def run(args: Namespace) -> int:
 
     model, tokenizer = load_model(args.model, device, args.dtype)
     n = num_blocks(model)
-    removals = PLANNERS[args.mode](args, n)
+    removals = PLANNERS[args.mode](args, n) if args.mode in PLANNERS else []
     max_length, stride = window_settings(args, model)
+    choice = None
+    if args.mode in CHOOSERS:
+        calib = Calibration(model, lambda: calibration_ids(args, tokenizer), max_length, stride, args.batch_size,
+                            progress=not args.quiet)
+        choice = CHOOSERS[args.mode](args, calib)
+        removals = choice.removals
 
     ids = tokenize(tokenizer, load_text(args.dataset, args.split, args.text_column))
     if args.max_tokens:
@@ -140,7 +148,7 @@ def run(args: Namespace) -> int:
         todo = [r for r in removals if removal_key(r) not in done]
         bar = tqdm(total=len(todo), desc="configurations", unit="cfg", disable=args.quiet or len(todo) < 2)
         for m in measure_all(model, ids, prompt_ids, todo, settings):
-            row = to_row(m, base, context)
+            row = to_row(m, base, {**context, **(choice.extras.get(m.removed, {}) if choice else {})})
             rows[removal_key(m.removed)] = row
             if out:
                 out.write(row)
@@ -158,7 +166,7 @@ def run(args: Namespace) -> int:
                  f"{base_seconds * todo / 60:.1f} min (the baseline took {base_seconds:.1f} s)")
     rows = [base] + [with_changes(r, base) for r in evaluate(removals, base)]
 
-    report(args, rows)
+    report(args, rows, choice)
     if args.save_model:
         with removed_blocks(model, rows[-1]["removed_layers"]) as pruned:
             pruned.save_pretrained(args.save_model)
@@ -169,11 +177,14 @@ def run(args: Namespace) -> int:
     return 0
 
 
-def report(args: Namespace, rows: list[dict]) -> None:
+def report(args: Namespace, rows: list[dict], choice=None) -> None:
     if args.mode == "random" and len(rows) == 2:
         print(f"\nRandom Layer Removal (seed {args.seed}, removed blocks {rows[1]['removed_layers']})\n")
         print(comparison_table(rows[0], rows[1]))
-    print("\n" + sweep_table(rows))
+    if choice and choice.report:
+        print("\n" + choice.report(rows))
+    if not choice or choice.sweep_table:
+        print("\n" + sweep_table(rows))
     notes = observations(rows)
     if notes:
         print("\nKey observations:\n" + "\n".join(f"- {n}" for n in notes))
