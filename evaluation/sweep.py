@@ -16,7 +16,7 @@ from torch import nn
 from evaluation.latency import Latency, measure_latency
 from evaluation.params import count_parameters
 from evaluation.perplexity import PerplexityResult, perplexity
-from pruning.blocks import removed_blocks
+from pruning.blocks import num_blocks, removed_blocks
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def measure(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor, remov
                          progress=settings.progress)
         latency = (measure_latency(pruned, prompt_ids, settings.gen_tokens, settings.speed_runs,
                                    settings.speed_warmup) if settings.speed else None)
-        return Measurement(tuple(removed), pruned.config.n_layer, ppl, count_parameters(pruned), latency)
+        return Measurement(tuple(removed), num_blocks(pruned), ppl, count_parameters(pruned), latency)
 
 
 def measure_all(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor,

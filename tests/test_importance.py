@@ -21,7 +21,7 @@ from pruning.importance import Calibration, candidate_scores, choose, one_pass_s
 from pruning.search import beam, greedy
 from tiny import make_model, save_model_dir
 
-FAST = ["--no-speed", "--max-tokens", "1000", "--calib-tokens", "1000", "--quiet"]
+FAST = ["--no-speed", "--max-tokens", "1000", "--calib-tokens", "1000"]
 
 
 def train_briefly(model, ids: torch.Tensor, steps: int = 60) -> None:
