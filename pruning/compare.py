@@ -70,16 +70,19 @@ def plan_compare(args: Namespace, calib: Calibration) -> ComparePlan:
         raise KitError(f"--max-remove must be between 1 and {n - 1} for a {n}-block model (got {high})")
     greedy_steps = greedy(calib.perplexity, n, high, calib.progress)
     beam_steps = beam(calib.perplexity, n, high, args.beam_width, calib.progress)
+    # bi and ppl score single blocks whatever k is; angular scores the spans of each length
+    singles = {m: candidate_scores(calib, m, 1) for m in ONE_PASS}
     chosen = {}
     for k in range(1, high + 1):
-        by_rule = {m: choose(m, candidate_scores(calib, m, k), k) for m in ONE_PASS}
+        by_rule = {m: choose(m, singles[m] if m != "angular" else candidate_scores(calib, m, k), k)
+                   for m in ONE_PASS}
         by_rule["greedy"] = greedy_steps[k - 1].removed
         by_rule["beam"] = beam_steps[k - 1].removed
         by_rule["random"] = tuple(sorted(random.Random(args.seed).sample(range(n), k)))
         by_rule["last"] = tuple(range(n - k, n))
         chosen[k] = by_rule
     exhaustive = tuple(k for k in chosen if math.comb(n, k) <= args.max_configs)
-    block_scores = {m: [candidate_scores(calib, m, 1)[(i,)] for i in range(n)] for m in ONE_PASS}
+    block_scores = {m: [singles[m][(i,)] for i in range(n)] for m in ONE_PASS}
     return ComparePlan(n, chosen, exhaustive, block_scores)
 
 
@@ -139,10 +142,11 @@ def compare_report(plan: ComparePlan, rows: list[dict], beam_width: int) -> str:
 
 def compare(args: Namespace, calib: Calibration) -> Choice:
     plan = plan_compare(args, calib)
+    removals = plan.removals()
     extras = {}
-    for s in plan.removals():
+    for s in removals:
         extras[s] = {"metric": ",".join(plan.roles(s))}
         if len(s) == 1:
             extras[s]["scores"] = json.dumps({m: plan.block_scores[m][s[0]] for m in ONE_PASS})
-    return Choice(plan.removals(), extras, lambda rows: compare_report(plan, rows, args.beam_width),
+    return Choice(removals, extras, lambda rows: compare_report(plan, rows, args.beam_width),
                   sweep_table=False)

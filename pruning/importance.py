@@ -55,6 +55,9 @@ def calibration_ids(args: Namespace, tokenizer) -> torch.Tensor:
                     "so blocks are chosen on the tokens they are judged on")
         text = load_text(args.dataset, args.split, args.text_column)
     else:
+        if args.split == "train":
+            log.warning("Evaluating on the train split, which is also the calibration text: blocks are chosen "
+                        "on the tokens they are judged on")
         try:
             text = load_text(args.dataset, "train", args.text_column)
         except KitError as exc:
@@ -64,6 +67,7 @@ def calibration_ids(args: Namespace, tokenizer) -> torch.Tensor:
                         "the one perplexity is evaluated on")
             text = load_text(args.dataset, args.split, args.text_column)
     ids = leading_ids(tokenizer, text, args.calib_tokens)
+    log.info(f"Calibrating on {len(ids):,} tokens")
     if len(ids) < args.calib_tokens:
         log.warning(f"Calibration text has only {len(ids):,} tokens (--calib-tokens {args.calib_tokens:,})")
     return ids
