@@ -47,25 +47,33 @@ def calibration_ids(args: Namespace, tokenizer) -> torch.Tensor:
     """The first --calib-tokens tokens of the dataset's train split.
 
     Rules must choose on other text than they are judged on, or a comparison
-    of rules is self-fulfilling; when no train split exists the evaluation text
-    is used, and the log says so.
+    of rules is self-fulfilling. A local file has one split: calibration then
+    takes the tokens after the --max-tokens evaluated ones when there are
+    enough, and otherwise the evaluated tokens themselves, with a warning; so
+    does a Hub dataset without a train split.
     """
     if is_local_dataset(args.dataset):
-        log.warning(f"Calibration uses the evaluation file '{args.dataset}' (a local file has no train split), "
-                    "so blocks are chosen on the tokens they are judged on")
+        ids = tokenize(tokenizer, load_text(args.dataset, args.split, args.text_column))
+        held_out = ids[args.max_tokens :] if args.max_tokens else ids[:0]
+        if len(held_out) >= args.calib_tokens:
+            log.info(f"Calibrating on tokens {args.max_tokens:,}.. of '{args.dataset}', after the evaluated ones "
+                     "(a local file has no train split)")
+            return held_out[: args.calib_tokens]
+        log.warning(f"Calibration uses the evaluated tokens of '{args.dataset}' (a local file has no train split, "
+                    "and --max-tokens leaves too few after them), so blocks are chosen on the tokens they are "
+                    "judged on")
+        return ids[: args.calib_tokens]
+    if args.split == "train":
+        log.warning("Evaluating on the train split, which is also the calibration text: blocks are chosen "
+                    "on the tokens they are judged on")
+    try:
+        text = load_text(args.dataset, "train", args.text_column)
+    except KitError as exc:
+        if "no split" not in str(exc):
+            raise
+        log.warning(f"Dataset '{args.dataset}' has no train split; calibrating on the '{args.split}' split, "
+                    "the one perplexity is evaluated on")
         text = load_text(args.dataset, args.split, args.text_column)
-    else:
-        if args.split == "train":
-            log.warning("Evaluating on the train split, which is also the calibration text: blocks are chosen "
-                        "on the tokens they are judged on")
-        try:
-            text = load_text(args.dataset, "train", args.text_column)
-        except KitError as exc:
-            if "no split" not in str(exc):
-                raise
-            log.warning(f"Dataset '{args.dataset}' has no train split; calibrating on the '{args.split}' split, "
-                        "the one perplexity is evaluated on")
-            text = load_text(args.dataset, args.split, args.text_column)
     ids = leading_ids(tokenizer, text, args.calib_tokens)
     log.info(f"Calibrating on {len(ids):,} tokens")
     if len(ids) < args.calib_tokens:

@@ -9,6 +9,7 @@ frozen) still adds exactly nothing. Every rule must then remove it first.
 import json
 import math
 import re
+from argparse import Namespace
 
 import pandas as pd
 import pytest
@@ -17,7 +18,7 @@ import torch
 import main
 from conftest import IDENTITY_BLOCK, N_LAYER
 from pruning.compare import spearman
-from pruning.importance import Calibration, candidate_scores, choose, one_pass_scores
+from pruning.importance import Calibration, calibration_ids, candidate_scores, choose, one_pass_scores
 from pruning.search import beam, greedy
 from tiny import make_model, save_model_dir
 
@@ -67,6 +68,15 @@ def run(model_dir, text_file, out, *args):
 def only_csv(folder) -> pd.DataFrame:
     (path,) = folder.glob("*.csv")
     return pd.read_csv(path)
+
+
+def test_a_local_file_calibrates_on_tokens_after_the_evaluated_ones(tokenizer, text_file, ids, caplog):
+    args = Namespace(dataset=str(text_file), split="test", text_column="text", max_tokens=1000, calib_tokens=3000)
+    assert torch.equal(calibration_ids(args, tokenizer), ids[1000:4000])
+    assert "WARNING" not in caplog.text
+    args.max_tokens = len(ids) - 100  # too few tokens left: calibrate on the evaluated ones, and say so
+    assert torch.equal(calibration_ids(args, tokenizer), ids[:3000])
+    assert "chosen on the tokens they are judged on" in caplog.text
 
 
 def test_identity_block_has_zero_block_influence_and_angular_distance(model, ids):
@@ -164,7 +174,7 @@ def test_compare_optimum_is_the_best_row_of_the_combinatorial_sweep(trained_dir,
     k1 = rows[rows.removed_layers == f"[{IDENTITY_BLOCK}]"].iloc[0]
     assert set(k1.metric.split(",")) >= {"bi", "angular", "ppl", "greedy", "beam", "exhaustive"}
     assert json.loads(k1.scores)["bi"] == pytest.approx(0.0, abs=1e-12)
-    # a local file calibrates on the evaluation tokens, so the ppl rule's single removal is the optimum
+    # removing the identity block costs nothing on any text, so the ppl rule finds the optimum for k = 1
     assert re.search(rf"^1\s+ppl\s+{IDENTITY_BLOCK}\s+[\d,.]+\s+\+0\.00$", out, re.M)
     assert re.search(r"^last\s+\d\s+[+\d,.]+\s+[+\d,.]+$", out, re.M)  # every rule is summarized
     assert "Spearman correlation" in out
