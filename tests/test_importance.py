@@ -20,27 +20,9 @@ from conftest import IDENTITY_BLOCK, N_LAYER
 from pruning.compare import spearman
 from pruning.importance import Calibration, calibration_ids, candidate_scores, choose, one_pass_scores
 from pruning.search import beam, greedy
-from tiny import make_model, save_model_dir
+from tiny import make_model, save_model_dir, train_briefly
 
 FAST = ["--no-speed", "--max-tokens", "1000", "--calib-tokens", "1000"]
-
-
-def train_briefly(model, ids: torch.Tensor, steps: int = 60) -> None:
-    block = model.transformer.h[IDENTITY_BLOCK]
-    for proj in (block.attn.c_proj, block.mlp.c_proj):
-        proj.requires_grad_(False)  # stays an exact identity block
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        starts = torch.randint(0, len(ids) - 64, (16,), generator=gen)
-        batch = torch.stack([ids[s : s + 64] for s in starts])
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +33,7 @@ def ids(tokenizer, text):
 @pytest.fixture(scope="module")
 def trained(tokenizer, ids):
     model = make_model(n_layer=N_LAYER, vocab_size=len(tokenizer), identity=(IDENTITY_BLOCK,))
-    train_briefly(model, ids)
+    train_briefly(model, ids, identity=(IDENTITY_BLOCK,))
     return model
 
 
