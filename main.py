@@ -82,9 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("which blocks")
     g.add_argument("--remove", type=removal_list, help="custom mode: blocks to remove, e.g. 1,3")
     g.add_argument("--min-remove", type=positive_int, default=2, help="combinatorial: fewest blocks removed (default 2)")
-    g.add_argument("--max-remove", type=positive_int, help="combinatorial, compare: most blocks removed (default: L-1)")
-    g.add_argument("--ratio", type=float, default=0.5, help="random, importance, greedy, beam: fraction of blocks to remove (default 0.5)")
-    g.add_argument("--num-remove", type=positive_int, help="random, importance, greedy, beam: number of blocks to remove (overrides --ratio)")
+    g.add_argument("--max-remove", type=positive_int,
+                   help="combinatorial, compare: most blocks removed (default: L-1)")
+    g.add_argument("--ratio", type=float, default=0.5,
+                   help="random, importance, greedy, beam: fraction of blocks to remove (default 0.5)")
+    g.add_argument("--num-remove", type=positive_int,
+                   help="random, importance, greedy, beam: number of blocks to remove (overrides --ratio)")
 
     g = p.add_argument_group("choosing blocks on calibration tokens (importance, greedy, beam, compare)")
     g.add_argument("--metric", choices=METRICS, help="importance: bi (ShortGPT), angular (Gromov et al.) or ppl "
@@ -134,6 +137,9 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--metric is only used by --mode importance, not {args.mode}")
     if args.beam_width is not None and args.mode not in ("beam", "compare"):
         parser.error(f"--beam-width is only used by --mode beam or compare, not {args.mode}")
+    if args.shard and args.mode in CHOOSERS:
+        parser.error(f"--shard splits a planned sweep; --mode {args.mode} chooses its blocks on calibration tokens "
+                     "and needs every row (run it in one job, or with accelerate launch)")
     args.metric = args.metric or "bi"
     args.beam_width = args.beam_width or 4
     if args.mode == "report" and not args.input:

@@ -177,6 +177,7 @@ def test_compare_without_exhaustive_search_still_ranks_the_rules(trained_dir, te
     (["--mode", "importance", "--num-remove", "4"], "--num-remove must be between 1 and 3"),
     (["--mode", "compare", "--max-remove", "4"], "--max-remove must be between 1 and 3"),
     (["--mode", "importance", "--metric", "cosine"], "invalid choice: 'cosine'"),
+    (["--mode", "compare", "--shard", "0/2"], "--mode compare chooses its blocks on calibration tokens"),
 ])
 def test_bad_input_is_one_line_and_no_file(model_dir, text_file, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:

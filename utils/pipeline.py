@@ -176,7 +176,7 @@ def run(args: Namespace) -> int:
         bar = tqdm(total=len(todo), desc="configurations", unit="cfg",
                    disable=args.quiet or len(todo) < 2 or not procs.is_main)
         extras = choice.extras if choice else {}
-        measured = (to_row(m, base, {**context, **extras.get(m.removed, {})})
+        measured = (to_row(m, base, {**context, **extras.get(tuple(sorted(m.removed)), {})})
                     for m in measure_all(model, ids, prompt_ids, mine, settings))
         for batch in in_rounds(procs, measured):
             for row in batch:
