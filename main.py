@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pruning.choosers import CHOOSERS
+from pruning.importance import METRICS
 from pruning.strategies import PLANNERS
 from utils.distributed import Shard, parse_shard
 from utils.errors import KitError
@@ -56,7 +58,7 @@ def shard_spec(text: str) -> Shard:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="main.py", description="Remove transformer blocks from a GPT-2 model and measure "
                "perplexity, latency and size.")
-    p.add_argument("--mode", required=True, choices=sorted([*PLANNERS, *CSV_MODES]),
+    p.add_argument("--mode", required=True, choices=sorted([*PLANNERS, *CHOOSERS, *CSV_MODES]),
                    help="what to evaluate; report: figures and report.md again from --input; "
                         "merge: join the results files of --shard runs")
 
@@ -80,9 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("which blocks")
     g.add_argument("--remove", type=removal_list, help="custom mode: blocks to remove, e.g. 1,3")
     g.add_argument("--min-remove", type=positive_int, default=2, help="combinatorial: fewest blocks removed (default 2)")
-    g.add_argument("--max-remove", type=positive_int, help="combinatorial: most blocks removed (default: L-1)")
-    g.add_argument("--ratio", type=float, default=0.5, help="random: fraction of blocks to remove (default 0.5)")
-    g.add_argument("--num-remove", type=positive_int, help="random: number of blocks to remove (overrides --ratio)")
+    g.add_argument("--max-remove", type=positive_int,
+                   help="combinatorial, compare: most blocks removed (default: L-1)")
+    g.add_argument("--ratio", type=float, default=0.5,
+                   help="random, importance, greedy, beam: fraction of blocks to remove (default 0.5)")
+    g.add_argument("--num-remove", type=positive_int,
+                   help="random, importance, greedy, beam: number of blocks to remove (overrides --ratio)")
+
+    g = p.add_argument_group("choosing blocks on calibration tokens (importance, greedy, beam, compare)")
+    g.add_argument("--metric", choices=METRICS, help="importance: bi (ShortGPT), angular (Gromov et al.) or ppl "
+                   "(Shortened LLaMA); default bi")
+    g.add_argument("--beam-width", type=positive_int, help="beam, compare: sets kept per search step (default 4)")
+    g.add_argument("--calib-tokens", type=positive_int, default=16384,
+                   help="calibration tokens from the train split (default 16384)")
+    g.add_argument("--max-configs", type=positive_int, default=5000,
+                   help="compare: exhaustive optimum only where C(L, k) <= this (default 5000)")
 
     g = p.add_argument_group("speed")
     g.add_argument("--no-speed", action="store_true", help="skip the latency measurement")
@@ -129,10 +143,19 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--ratio must be strictly between 0 and 1, got {args.ratio}")
     if args.max_length and args.stride and args.stride > args.max_length:
         parser.error(f"--stride {args.stride} is larger than --max-length {args.max_length}")
-    if args.max_remove is not None and args.max_remove < args.min_remove:
+    if args.mode == "combinatorial" and args.max_remove is not None and args.max_remove < args.min_remove:
         parser.error(f"--max-remove ({args.max_remove}) is smaller than --min-remove ({args.min_remove})")
     if args.remove is not None and args.mode != "custom":
         parser.error(f"--remove is only used by --mode custom, not {args.mode}")
+    if args.metric is not None and args.mode != "importance":
+        parser.error(f"--metric is only used by --mode importance, not {args.mode}")
+    if args.beam_width is not None and args.mode not in ("beam", "compare"):
+        parser.error(f"--beam-width is only used by --mode beam or compare, not {args.mode}")
+    if args.shard and args.mode in CHOOSERS:
+        parser.error(f"--shard splits a planned sweep; --mode {args.mode} chooses its blocks on calibration tokens "
+                     "and needs every row (run it in one job, or with accelerate launch)")
+    args.metric = args.metric or "bi"
+    args.beam_width = args.beam_width or 4
     if args.mode == "report" and not args.input:
         parser.error("--mode report needs --input RESULTS.csv (a CSV written with --save_results)")
     if args.input and args.mode != "report":

@@ -14,7 +14,9 @@ import torch
 from evaluation.perplexity import sliding_windows
 from evaluation.sweep import EvalSettings, Measurement, measure_all
 from pruning.blocks import num_blocks
+from pruning.choosers import CHOOSERS
 from pruning.heal import healing_inputs
+from pruning.importance import Calibration, calibration_ids
 from pruning.strategies import PLANNERS
 from utils.data import load_text, tokenize
 from utils.distributed import current_processes, in_rounds, merge_rows, share
@@ -114,12 +116,18 @@ def run(args: Namespace) -> int:
 
     model, tokenizer = load_model(args.model, device, args.dtype)
     n = num_blocks(model)
-    removals = PLANNERS[args.mode](args, n)
+    removals = PLANNERS[args.mode](args, n) if args.mode in PLANNERS else []
+    max_length, stride = window_settings(args, model)
+    choice = None
+    if args.mode in CHOOSERS:
+        calib = Calibration(model, lambda: calibration_ids(args, tokenizer), max_length, stride, args.batch_size,
+                            progress=not args.quiet)
+        choice = CHOOSERS[args.mode](args, calib)
+        removals = choice.removals
     if args.shard:
         log.info(f"Shard {args.shard}: {len(removals[args.shard.index::args.shard.count])} of the sweep's "
                  f"{len(removals)} configurations, and the baseline")
         removals = share(removals, args.shard.index, args.shard.count)
-    max_length, stride = window_settings(args, model)
 
     ids = tokenize(tokenizer, load_text(args.dataset, args.split, args.text_column))
     if args.max_tokens:
@@ -173,7 +181,9 @@ def run(args: Namespace) -> int:
         mine = share(todo, procs.index, procs.count)
         bar = tqdm(total=len(todo), desc="configurations", unit="cfg",
                    disable=args.quiet or len(todo) < 2 or not procs.is_main)
-        measured = (to_row(m, base, context) for m in measure_all(model, ids, prompt_ids, mine, settings))
+        extras = choice.extras if choice else {}
+        measured = (to_row(m, base, {**context, **extras.get(tuple(sorted(m.removed)), {})})
+                    for m in measure_all(model, ids, prompt_ids, mine, settings))
         for batch in in_rounds(procs, measured):
             for row in batch:
                 rows[removal_key(row["removed_layers"])] = row
@@ -201,7 +211,7 @@ def run(args: Namespace) -> int:
     if not procs.is_main:
         return 0
 
-    report(args, rows)
+    report(args, rows, choice)
     deliver(args, model, tokenizer, rows, ids, settings, heal_settings, train_ids)
     if out:
         run_info["finished"] = now()
@@ -226,13 +236,16 @@ def merge(args: Namespace) -> int:
     return 0
 
 
-def report(args: Namespace, rows: list[dict]) -> None:
+def report(args: Namespace, rows: list[dict], choice=None) -> None:
     if args.quiet:
         return
     if args.mode == "random" and len(rows) == 2:
         print(f"\nRandom Layer Removal (seed {args.seed}, removed blocks {rows[1]['removed_layers']})\n")
         print(comparison_table(rows[0], rows[1]))
-    print("\n" + sweep_table(rows))
+    if choice and choice.report:
+        print("\n" + choice.report(rows))
+    if not choice or choice.sweep_table:
+        print("\n" + sweep_table(rows))
     notes = observations(rows)
     if notes:
         print("\nKey observations:\n" + "\n".join(f"- {n}" for n in notes))

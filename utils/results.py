@@ -17,6 +17,8 @@ COLUMNS = [
     "mode", "model", "dataset", "removed_layers", "num_removed", "num_layers", "perplexity", "ppl_change_pct",
     "params", "params_m", "params_change_pct", "latency_ms", "latency_iqr_ms", "prefill_ms", "tokens_per_s",
     "speed_change_pct", "eval_tokens", "device", "dtype", "timestamp",
+    # modes that choose blocks on calibration tokens (importance, greedy, beam, compare); empty otherwise
+    "metric", "scores",
 ]
 
 

@@ -1,0 +1,37 @@
+"""What a choosing mode hands the pipeline, and how rules' scores are shown and saved."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pruning.search import rank_key
+from utils.results import format_table, removal_key
+
+Removal = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Choice:
+    removals: list[Removal]
+    extras: dict[Removal, dict] = field(default_factory=dict)  # extra CSV columns per removal set
+    report: Callable[[list[dict]], str] | None = None  # printed after the runs, given all rows
+    sweep_table: bool = True  # also print the usual table of every row
+
+
+def scores_json(scores: dict[Removal, float]) -> str:
+    """Candidates and scores as a JSON object keyed by removal set, e.g. {"[2]": 0.0, "[0]": 0.31}."""
+    return json.dumps({removal_key(c): s for c, s in scores.items()})
+
+
+def label(removed: Removal) -> str:
+    return ", ".join(map(str, removed))
+
+
+def scores_table(scores: dict[Removal, float], chosen: Removal, header: str) -> str:
+    ranked = sorted(scores, key=lambda c: rank_key(scores[c], c))
+    return format_table(["Candidate", header, "Removed"],
+                        ([label(c), f"{scores[c]:.6g}", "yes" if set(c) <= set(chosen) else ""] for c in ranked))
+
+

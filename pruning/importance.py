@@ -1,0 +1,246 @@
+"""Block importance scores measured on calibration tokens.
+
+Three published criteria, all "lower means safer to remove":
+
+- Block Influence (bi), ShortGPT (Men et al. 2024): 1 minus the cosine
+  similarity between the hidden state entering and leaving a block, averaged
+  over tokens. A block that barely turns the residual stream does little.
+- Angular distance, Gromov et al. 2024 ("The Unreasonable Ineffectiveness of
+  the Deeper Layers"): arccos(cosine)/pi between the hidden state entering
+  block i and leaving block i+n-1; the span of n blocks that moves the stream
+  least is removed together. Gromov et al. measure it at each sequence's last
+  token; here it is averaged over every calibration token, the same quantity
+  with many more samples.
+- ppl, the perplexity criterion of Shortened LLaMA (Kim et al. 2024): the
+  calibration perplexity of the model with the block removed alone.
+
+bi and every span's angular distance come from one forward pass over the
+calibration tokens (hooks record the residual stream between blocks); ppl
+costs one calibration evaluation per block.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from argparse import Namespace
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from evaluation.perplexity import perplexity, sliding_windows, window_batches
+from pruning.blocks import get_blocks, removed_blocks
+from pruning.search import rank_key
+from utils.data import is_local_dataset, load_text, tokenize
+from utils.errors import KitError
+
+log = logging.getLogger("gpt2-pruning-kit")
+
+Removal = tuple[int, ...]
+METRICS = ("bi", "angular", "ppl")
+
+
+def calibration_ids(args: Namespace, tokenizer) -> torch.Tensor:
+    """The first --calib-tokens tokens of the dataset's train split.
+
+    Rules must choose on other text than they are judged on, or a comparison
+    of rules is self-fulfilling. A local file has one split: calibration then
+    takes the tokens after the --max-tokens evaluated ones when there are
+    enough, and otherwise the evaluated tokens themselves, with a warning; so
+    does a Hub dataset without a train split.
+    """
+    if is_local_dataset(args.dataset):
+        ids = tokenize(tokenizer, load_text(args.dataset, args.split, args.text_column))
+        held_out = ids[args.max_tokens :] if args.max_tokens else ids[:0]
+        if len(held_out) >= args.calib_tokens:
+            log.info(f"Calibrating on tokens {args.max_tokens:,}.. of '{args.dataset}', after the evaluated ones "
+                     "(a local file has no train split)")
+            return held_out[: args.calib_tokens]
+        log.warning(f"Calibration uses the evaluated tokens of '{args.dataset}' (a local file has no train split, "
+                    "and --max-tokens leaves too few after them), so blocks are chosen on the tokens they are "
+                    "judged on")
+        return ids[: args.calib_tokens]
+    if args.split == "train":
+        log.warning("Evaluating on the train split, which is also the calibration text: blocks are chosen "
+                    "on the tokens they are judged on")
+    try:
+        text = load_text(args.dataset, "train", args.text_column)
+    except KitError as exc:
+        if "no split" not in str(exc):
+            raise
+        log.warning(f"Dataset '{args.dataset}' has no train split; calibrating on the '{args.split}' split, "
+                    "the one perplexity is evaluated on")
+        text = load_text(args.dataset, args.split, args.text_column)
+    ids = leading_ids(tokenizer, text, args.calib_tokens)
+    log.info(f"Calibrating on {len(ids):,} tokens")
+    if len(ids) < args.calib_tokens:
+        log.warning(f"Calibration text has only {len(ids):,} tokens (--calib-tokens {args.calib_tokens:,})")
+    return ids
+
+
+def leading_ids(tokenizer, text: str, n: int) -> torch.Tensor:
+    """The first n tokens of ``text`` without tokenizing all of it (a train split can hold millions).
+
+    GPT-2's pre-tokenizer splits text into words before BPE, so cutting the
+    text changes only the tokens of the last word; a prefix that yields well
+    over n tokens gives exactly the first n tokens of the whole text.
+    """
+    margin = 64
+    ids = tokenize(tokenizer, text[: (n + margin) * 8])
+    if len(ids) <= n + margin and len(text) > (n + margin) * 8:
+        ids = tokenize(tokenizer, text)
+    return ids[:n]
+
+
+@dataclass(frozen=True)
+class OnePassScores:
+    """``cos[a, b]`` and ``angle[a, b]``: mean cosine and mean angular distance
+    (arccos/pi) over calibration tokens between the residual stream entering
+    block a and entering block b (index L = leaving the last block)."""
+
+    cos: torch.Tensor  # (L+1, L+1) float64
+    angle: torch.Tensor  # (L+1, L+1) float64
+    tokens: int
+
+    @property
+    def n_blocks(self) -> int:
+        return self.cos.shape[0] - 1
+
+    def bi(self) -> list[float]:
+        """Block Influence of every block (ShortGPT)."""
+        return [1.0 - self.cos[i, i + 1].item() for i in range(self.n_blocks)]
+
+    def angular(self, n: int) -> dict[Removal, float]:
+        """Angular distance across every span of n consecutive blocks (Gromov et al.)."""
+        return {tuple(range(i, i + n)): self.angle[i, i + n].item() for i in range(self.n_blocks - n + 1)}
+
+
+def _stream_hooks(blocks: nn.ModuleList, states: list) -> list:
+    """Hooks that append the hidden state entering block 0 and leaving every block."""
+
+    def entering(module, args, kwargs):
+        states.append(args[0] if args else kwargs["hidden_states"])
+
+    def leaving(module, args, output):
+        states.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [blocks[0].register_forward_pre_hook(entering, with_kwargs=True)]
+    handles += [block.register_forward_hook(leaving) for block in blocks]
+    return handles
+
+
+@torch.no_grad()
+def one_pass_scores(model: nn.Module, ids: torch.Tensor, max_length: int, batch_size: int = 1,
+                    progress: bool = True) -> OnePassScores:
+    """bi and all spans' angular distances from one pass over ``ids``.
+
+    The tokens are cut into non-overlapping windows of ``max_length``, so every
+    calibration token contributes exactly once. Cosines are taken in float64 so
+    that an exact identity block scores 0 to rounding.
+    """
+    blocks = get_blocks(model)
+    size = len(blocks) + 1
+    device = next(model.parameters()).device
+    cos_sum = torch.zeros(size, size, dtype=torch.float64, device=device)
+    angle_sum = torch.zeros_like(cos_sum)
+    tokens = 0
+    windows = sliding_windows(len(ids), max_length, max_length)
+    states: list[torch.Tensor] = []
+    handles = _stream_hooks(blocks, states)
+    bar = tqdm(total=len(windows), desc="calibration pass", unit="win", leave=False, disable=not progress)
+    try:
+        for batch in window_batches(windows, batch_size):
+            inputs = torch.stack([ids[w.begin : w.end] for w in batch]).to(device)
+            states.clear()
+            model.base_model(input_ids=inputs, use_cache=False)
+            # (L+1, tokens, D), each token's hidden state normalized to unit length
+            stream = torch.stack([s.reshape(-1, s.shape[-1]) for s in states]).double()
+            stream = stream / stream.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            cos = torch.einsum("atd,btd->abt", stream, stream).clamp(-1.0, 1.0)
+            cos_sum += cos.sum(-1)
+            angle_sum += (torch.arccos(cos) / math.pi).sum(-1)
+            tokens += stream.shape[1]
+            bar.update(len(batch))
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+    return OnePassScores((cos_sum / tokens).cpu(), (angle_sum / tokens).cpu(), tokens)
+
+
+@dataclass
+class Calibration:
+    """The model and calibration tokens every rule chooses with.
+
+    Calibration perplexities are cached by removal set, because greedy, beam
+    and the ppl rule evaluate many of the same sets, and the one-pass scores
+    are computed at most once.
+    """
+
+    model: nn.Module
+    load_ids: Callable[[], torch.Tensor]  # called once, when a rule first needs tokens
+    max_length: int
+    stride: int
+    batch_size: int = 1
+    progress: bool = True
+    _ids: torch.Tensor | None = field(default=None, repr=False)
+    _ppl: dict[Removal, float] = field(default_factory=dict, repr=False)
+    _one_pass: OnePassScores | None = field(default=None, repr=False)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(get_blocks(self.model))
+
+    @property
+    def ids(self) -> torch.Tensor:
+        if self._ids is None:
+            self._ids = self.load_ids()
+            if len(self._ids) < 2:
+                raise KitError("calibration needs at least 2 tokens; raise --calib-tokens")
+        return self._ids
+
+    def perplexity(self, removed: Sequence[int]) -> float:
+        key = tuple(sorted(removed))
+        if key not in self._ppl:
+            with removed_blocks(self.model, key) as pruned:
+                self._ppl[key] = perplexity(pruned, self.ids, self.max_length, self.stride, self.batch_size,
+                                            progress=self.progress, desc="calibration").perplexity
+        return self._ppl[key]
+
+    def one_pass(self) -> OnePassScores:
+        if self._one_pass is None:
+            self._one_pass = one_pass_scores(self.model, self.ids, self.max_length, self.batch_size, self.progress)
+        return self._one_pass
+
+    def single_removal(self) -> dict[Removal, float]:
+        """Calibration perplexity with each block removed alone (the ppl criterion)."""
+        bar = tqdm(range(self.n_blocks), desc="single removals", unit="block", leave=False,
+                   disable=not self.progress)
+        return {(i,): self.perplexity((i,)) for i in bar}
+
+
+def candidate_scores(calib: Calibration, metric: str, k: int) -> dict[Removal, float]:
+    """The candidates ``metric`` ranks when removing k blocks, with their scores (lower: removed first)."""
+    if metric == "bi":
+        return {(i,): s for i, s in enumerate(calib.one_pass().bi())}
+    if metric == "angular":
+        return calib.one_pass().angular(k)
+    if metric == "ppl":
+        return calib.single_removal()
+    raise KitError(f"unknown metric '{metric}' (choices: {', '.join(METRICS)})")
+
+
+def choose(metric: str, scores: dict[Removal, float], k: int) -> Removal:
+    """The k blocks a rule removes given its candidates' scores.
+
+    bi and ppl score single blocks and take the k lowest; angular scores spans
+    of k blocks and takes the lowest span. Ties go to the earlier block, so the
+    choice is deterministic.
+    """
+    ranked = sorted(scores, key=lambda c: rank_key(scores[c], c))
+    if metric == "angular":
+        return ranked[0]
+    return tuple(sorted(c[0] for c in ranked[:k]))
