@@ -10,11 +10,13 @@ from datetime import datetime
 
 import torch
 
+from evaluation.engine import Work
 from evaluation.perplexity import sliding_windows
 from evaluation.sweep import EvalSettings, Measurement, measure_all
 from pruning.blocks import num_blocks, removed_blocks
 from pruning.strategies import PLANNERS
-from utils.data import load_text, tokenize
+from utils.cache import cached_token_ids, default_cache_dir
+from utils.data import tokenize
 from utils.errors import KitError
 from utils.models import dtype_name, load_model, resolve_device
 from utils.results import (ResultsFile, change_pct, comparison_table, observations, read_rows, removal_key,
@@ -92,6 +94,7 @@ def with_changes(row: dict, base: dict) -> dict:
 
 
 def run(args: Namespace) -> int:
+    run_info: dict = {}
     check_save_dir(args.save_model, args.mode)
     resumed = resumed_rows(args)
     device = resolve_device(args.device)
@@ -102,7 +105,8 @@ def run(args: Namespace) -> int:
     removals = PLANNERS[args.mode](args, n)
     max_length, stride = window_settings(args, model)
 
-    ids = tokenize(tokenizer, load_text(args.dataset, args.split, args.text_column))
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    ids = cached_token_ids(tokenizer, args.dataset, args.split, args.text_column, cache_dir)
     if args.max_tokens:
         ids = ids[: args.max_tokens]
         if len(ids) < 2:
@@ -127,13 +131,14 @@ def run(args: Namespace) -> int:
     context = {"mode": args.mode, "model": args.model, "dataset": args.dataset, "device": device.type,
                "dtype": dtype_name(model)}
     done = {removal_key(r["removed_layers"]): r for r in resumed}
+    work = Work()
 
     def evaluate(removals, base):
         """Rows for ``removals``, taking those already in a resumed file from it."""
         rows = {removal_key(r): done[removal_key(r)] for r in removals if removal_key(r) in done}
         todo = [r for r in removals if removal_key(r) not in done]
         bar = tqdm(total=len(todo), desc="configurations", unit="cfg", disable=args.quiet or len(todo) < 2)
-        for m in measure_all(model, ids, prompt_ids, todo, settings):
+        for m in measure_all(model, ids, prompt_ids, todo, settings, work):
             row = to_row(m, base, context)
             rows[removal_key(m.removed)] = row
             if out:
@@ -151,6 +156,9 @@ def run(args: Namespace) -> int:
         log.info(f"{len(removals)} configurations to evaluate{skipped}; estimated at most "
                  f"{base_seconds * todo / 60:.1f} min (the baseline took {base_seconds:.1f} s)")
     rows = [base] + [with_changes(r, base) for r in evaluate(removals, base)]
+    if work.configurations:
+        log.info(f"Perplexity work: {work.summary()}")
+    run_info["work"] = work.as_dict()
 
     report(args, rows)
     if args.save_model:
