@@ -13,4 +13,4 @@ class KitError(Exception):
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, for one-line errors."""
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return text[0].rstrip(".") if text else type(exc).__name__

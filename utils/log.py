@@ -10,10 +10,12 @@ def setup_logging(quiet: bool = False) -> None:
     # transformers and datasets are chatty about things the kit handles itself
     # (long token streams, generation flags); keep their errors only.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
     import datasets
+    import huggingface_hub
+    import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()  # its retry messages would bury our one-line error
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")

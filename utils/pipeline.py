@@ -117,7 +117,13 @@ def run(args: Namespace) -> int:
 
     settings = EvalSettings(max_length, stride, args.batch_size, not args.no_speed, args.speed_runs,
                             args.speed_warmup, args.gen_tokens, progress=not args.quiet)
-    n_windows = len(sliding_windows(len(ids), max_length, stride))
+    windows = sliding_windows(len(ids), max_length, stride)
+    n_windows = len(windows)
+    scored = sum(w.end - w.first_target for w in windows)
+    mismatched = [r for r in resumed if r.get("eval_tokens") != scored]
+    if mismatched:
+        raise KitError(f"--resume file '{args.resume}' was evaluated on {mismatched[0].get('eval_tokens')} tokens, "
+                       f"this run scores {scored}: use the same --dataset, --max-tokens, --max-length and --stride")
     log.info(f"{args.model}: {n} blocks, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
              f"{device.type}, {dtype_name(model)}")
     log.info(f"Evaluating {len(ids):,} tokens in {n_windows:,} windows (max length {max_length}, stride {stride}) "

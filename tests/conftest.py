@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny GPT-2 with one exact identity block, its own
+tokenizer, and text, all saved to disk the way a user would have them."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from tiny import make_model, make_text, make_tokenizer, save_model_dir  # noqa: E402
+
+N_LAYER = 4
+IDENTITY_BLOCK = 2
+
+
+@pytest.fixture(scope="session")
+def text() -> str:
+    return make_text()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(text):
+    return make_tokenizer(text)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory, text) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer) -> Path:
+    """4 blocks; block 2 adds exactly zero to the residual stream."""
+    model = make_model(n_layer=N_LAYER, vocab_size=len(tokenizer), identity=(IDENTITY_BLOCK,))
+    return save_model_dir(tmp_path_factory.mktemp("model"), model, tokenizer)
+
+
+@pytest.fixture
+def model(tokenizer):
+    return make_model(n_layer=N_LAYER, vocab_size=len(tokenizer), identity=(IDENTITY_BLOCK,))

@@ -1,0 +1,202 @@
+"""The command line, driven as a user would drive it."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import main
+from conftest import IDENTITY_BLOCK, N_LAYER, ROOT
+
+FAST = ["--no-speed", "--max-tokens", "1500"]
+
+
+def run(model_dir, text_file, *args, output_dir=None):
+    argv = ["--model", str(model_dir), "--dataset", str(text_file), *args]
+    if output_dir is not None:
+        argv += ["--save_results", "--output-dir", str(output_dir)]
+    return main.main(argv)
+
+
+def only_csv(folder: Path) -> pd.DataFrame:
+    files = list(folder.glob("*.csv"))
+    assert len(files) == 1, files
+    return pd.read_csv(files[0])
+
+
+def test_sequential_writes_one_row_per_block_plus_baseline(model_dir, text_file, tmp_path, capsys):
+    assert run(model_dir, text_file, "--mode", "sequential", *FAST, output_dir=tmp_path) == 0
+    rows = only_csv(tmp_path)
+    removed = [json.loads(r) for r in rows.removed_layers]
+    assert removed == [[]] + [[i] for i in range(N_LAYER)]
+    base = rows.iloc[0]
+    identity = rows.iloc[1 + IDENTITY_BLOCK]
+    assert identity.perplexity == base.perplexity and identity.ppl_change_pct == 0.0
+    others = rows.iloc[1:].drop(index=1 + IDENTITY_BLOCK)
+    assert (others.perplexity != base.perplexity).all()
+    block_params = base.params - rows.params.iloc[1]
+    assert (rows.params.iloc[1:] == base.params - block_params).all()
+    assert rows.ppl_change_pct.tolist() == pytest.approx(
+        [(p - base.perplexity) / base.perplexity * 100 for p in rows.perplexity])
+    assert (rows.num_layers == [N_LAYER] + [N_LAYER - 1] * N_LAYER).all()
+    assert (rows.eval_tokens == 1499).all()
+    assert rows.latency_ms.isna().all()  # --no-speed
+    least = json.loads(rows.removed_layers[rows.perplexity.iloc[1:].idxmin()])[0]
+    out = capsys.readouterr().out
+    assert "Layers Removed" in out and f"Least harmful: removing block {least} " in out
+
+
+def test_combinatorial_runs_every_subset(model_dir, text_file, tmp_path):
+    assert run(model_dir, text_file, "--mode", "combinatorial", *FAST, output_dir=tmp_path) == 0
+    rows = only_csv(tmp_path)
+    assert len(rows) == 1 + math.comb(4, 2) + math.comb(4, 3)
+    assert len(set(rows.removed_layers)) == len(rows)
+    assert run(model_dir, text_file, "--mode", "combinatorial", "--min-remove", "1", "--max-remove", "1", *FAST,
+               output_dir=tmp_path / "k1") == 0
+    assert len(only_csv(tmp_path / "k1")) == 1 + 4
+
+
+def test_random_removes_ratio_of_blocks_chosen_by_seed(model_dir, text_file, tmp_path, capsys):
+    assert run(model_dir, text_file, "--mode", "random", "--seed", "3", *FAST, output_dir=tmp_path) == 0
+    rows = only_csv(tmp_path)
+    chosen = json.loads(rows.removed_layers.iloc[1])
+    assert len(chosen) == 2 and rows.num_layers.iloc[1] == 2
+    out = capsys.readouterr().out
+    assert "Original Model" in out and "Pruned Model" in out
+    assert run(model_dir, text_file, "--mode", "random", "--seed", "3", *FAST, output_dir=tmp_path / "again") == 0
+    assert json.loads(only_csv(tmp_path / "again").removed_layers.iloc[1]) == chosen
+    assert run(model_dir, text_file, "--mode", "random", "--num-remove", "3", *FAST,
+               output_dir=tmp_path / "three") == 0
+    assert only_csv(tmp_path / "three").num_layers.iloc[1] == 1
+
+
+def test_speed_columns_are_filled_when_timed(model_dir, text_file, tmp_path):
+    assert run(model_dir, text_file, "--mode", "custom", "--remove", "0,1", "--max-tokens", "300",
+               "--speed-runs", "3", "--speed-warmup", "1", "--gen-tokens", "8", output_dir=tmp_path) == 0
+    rows = only_csv(tmp_path)
+    assert (rows.latency_ms > 0).all() and (rows.prefill_ms > 0).all() and (rows.tokens_per_s > 0).all()
+    assert rows.speed_change_pct.iloc[1] == pytest.approx(
+        (rows.latency_ms.iloc[1] - rows.latency_ms.iloc[0]) / rows.latency_ms.iloc[0] * 100)
+
+
+def test_custom_saves_a_pruned_model_that_reloads_and_scores_the_same(model_dir, text_file, tmp_path):
+    saved = tmp_path / "pruned"
+    assert run(model_dir, text_file, "--mode", "custom", "--remove", "1,3", "--save-model", str(saved), *FAST,
+               output_dir=tmp_path / "a") == 0
+    custom = only_csv(tmp_path / "a").iloc[1]
+    assert json.loads(custom.removed_layers) == [1, 3]
+    reloaded = AutoModelForCausalLM.from_pretrained(saved)
+    assert reloaded.config.n_layer == 2
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    out = reloaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                            pad_token_id=0)
+    assert out.shape[1] == 10
+    assert run(saved, text_file, "--mode", "baseline", *FAST, output_dir=tmp_path / "b") == 0
+    assert only_csv(tmp_path / "b").perplexity.iloc[0] == custom.perplexity
+
+
+def test_resume_completes_an_interrupted_file(model_dir, text_file, tmp_path):
+    assert run(model_dir, text_file, "--mode", "sequential", *FAST, output_dir=tmp_path) == 0
+    full = next(tmp_path.glob("*.csv"))
+    lines = full.read_text().splitlines()
+    partial = tmp_path / "partial.csv"
+    partial.write_text("\n".join(lines[:3]) + "\n")  # header, baseline, block 0: as if killed mid-sweep
+    assert run(model_dir, text_file, "--mode", "sequential", "--resume", str(partial), *FAST) == 0
+    resumed, complete = pd.read_csv(partial), pd.read_csv(full)
+    assert resumed.removed_layers.tolist() == complete.removed_layers.tolist()
+    assert resumed.perplexity.tolist() == complete.perplexity.tolist()
+    # a file evaluated on other tokens cannot be continued: its rows would not be comparable
+    assert run(model_dir, text_file, "--mode", "sequential", "--resume", str(partial), "--no-speed",
+               "--max-tokens", "1000") == 2
+    assert pd.read_csv(partial).removed_layers.tolist() == complete.removed_layers.tolist()
+
+
+def test_results_files_are_never_overwritten(model_dir, text_file, tmp_path):
+    for _ in range(2):
+        assert run(model_dir, text_file, "--mode", "baseline", *FAST, output_dir=tmp_path) == 0
+    assert len(list(tmp_path.glob("*.csv"))) == 2
+
+
+BAD_INPUTS = [
+    (["--mode", "custom", "--remove", "4"], "out of range"),
+    (["--mode", "custom", "--remove", "-1"], "negative"),
+    (["--mode", "custom", "--remove", "1,1"], "more than once"),
+    (["--mode", "custom", "--remove", "0,1,2,3"], "cannot remove all"),
+    (["--mode", "custom", "--remove", "a,b"], "block indices"),
+    (["--mode", "custom"], "needs --remove"),
+    (["--mode", "random", "--ratio", "1.0"], "between 0 and 1"),
+    (["--mode", "random", "--ratio", "0"], "between 0 and 1"),
+    (["--mode", "random", "--ratio", "0.1"], "removes 0 of 4"),
+    (["--mode", "random", "--num-remove", "4"], "between 1 and 3"),
+    (["--mode", "combinatorial", "--max-remove", "4"], "less than the model's 4 blocks"),
+    (["--mode", "combinatorial", "--min-remove", "3", "--max-remove", "2"], "smaller than --min-remove"),
+    (["--mode", "shuffle"], "invalid choice"),
+    (["--mode", "baseline", "--stride", "200", "--max-length", "100"], "larger than --max-length"),
+    (["--mode", "baseline", "--stride", "0"], "must be positive"),
+    (["--mode", "baseline", "--max-length", "4096"], "exceeds the model's context size"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_no_file(model_dir, text_file, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        raise SystemExit(run(model_dir, text_file, *args, *FAST, output_dir=tmp_path))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not any(tmp_path.iterdir())
+
+
+def bad_paths(tmp_path, model_dir, text_file):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n ")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    return [
+        (["--model", str(tmp_path / "no-model"), "--dataset", str(text_file)], "does not exist"),
+        (["--model", str(model_dir), "--dataset", str(tmp_path / "none.txt")], "does not exist"),
+        (["--model", str(model_dir), "--dataset", str(empty)], "contains no text"),
+        (["--model", str(model_dir), "--dataset", str(text_file), "--mode", "custom", "--remove", "1",
+          "--save-model", str(occupied)], "not empty"),
+    ]
+
+
+def test_bad_paths_are_one_line_errors(model_dir, text_file, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    for args, message in bad_paths(tmp_path, model_dir, text_file):
+        argv = ["--mode", "baseline", *args, *FAST, "--save_results", "--output-dir", str(out_dir)]
+        if "custom" in args:
+            argv = argv[2:]  # the case brings its own --mode
+        assert main.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not out_dir.exists()
+    assert [p.name for p in (tmp_path / "occupied").iterdir()] == ["keep.txt"]
+
+
+def test_offline_hub_model_and_dataset_say_how_to_work_locally(model_dir, text_file, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    for args in (["--model", "distilgpt2", "--dataset", str(text_file)],
+                 ["--model", str(model_dir), "--dataset", "wikitext-2-raw-v1"]):
+        proc = subprocess.run([sys.executable, "main.py", "--mode", "baseline", *args, *FAST], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2
+        err = proc.stderr.strip().splitlines()
+        assert len(err) == 1 and "offline" in err[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_the_command_line_runs_as_a_script(model_dir, text_file, tmp_path):
+    proc = subprocess.run([sys.executable, "main.py", "--mode", "sequential", "--model", str(model_dir),
+                           "--dataset", str(text_file), *FAST, "--save-results", "--output-dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Layers Removed" in proc.stdout and "Results written to" in proc.stderr
+    assert len(only_csv(tmp_path)) == N_LAYER + 1
