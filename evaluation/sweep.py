@@ -13,9 +13,10 @@ pass, each configuration's speed test runs and its Measurement is yielded as
 soon as that finishes. GROUP_SIZE is the trade-off: a larger group shares more
 prefixes (a sequential sweep of up to GROUP_SIZE blocks is one group, so it
 gets all of its sharing), a smaller one loses less work to a crash and reports
-its first rows sooner. Configurations are taken in the order of their kept
-lists, so the members of a group share long prefixes. Other architectures are
-evaluated one configuration at a time (``measure``).
+its first rows sooner. Groups are consecutive runs of the configurations in
+the order given (the planners list them so that neighbours share prefixes),
+and rows come out in that order. Other architectures are evaluated one
+configuration at a time (``measure``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from evaluation.engine import Work, engine_supports, one_model_work, sweep_perpl
 from evaluation.latency import Latency, measure_latency
 from evaluation.params import count_parameters
 from evaluation.perplexity import PerplexityResult, perplexity
-from pruning.blocks import kept_blocks, num_blocks, removed_blocks, validate_removal
+from pruning.blocks import num_blocks, removed_blocks, validate_removal
 
 # Configurations evaluated together in one shared-prefix pass.
 GROUP_SIZE = 64
@@ -56,50 +57,45 @@ class Measurement:
     ppl: PerplexityResult
     params: int
     latency: Latency | None
+    # The cost of the perplexity pass that produced this measurement; a pass
+    # shared by a group of configurations is carried by the group's first one.
+    work: Work | None = None
 
 
 def _finish(model: nn.Module, prompt_ids: torch.Tensor, removed: Sequence[int], ppl: PerplexityResult,
-            settings: EvalSettings) -> Measurement:
+            settings: EvalSettings, work: Work | None) -> Measurement:
     """The measurements that need the pruned model itself: size and speed."""
     with removed_blocks(model, removed) as pruned:
         latency = (measure_latency(pruned, prompt_ids, settings.gen_tokens, settings.speed_runs,
                                    settings.speed_warmup) if settings.speed else None)
-        return Measurement(tuple(removed), pruned.config.n_layer, ppl, count_parameters(pruned), latency)
+        return Measurement(tuple(removed), num_blocks(pruned), ppl, count_parameters(pruned), latency, work)
 
 
 def measure(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor, removed: Sequence[int],
-            settings: EvalSettings, work: Work | None = None) -> Measurement:
+            settings: EvalSettings) -> Measurement:
     """One configuration on its own: the reference the engine must agree with."""
     start = time.perf_counter()
     with removed_blocks(model, removed) as pruned:
         ppl = perplexity(pruned, ids, settings.max_length, settings.stride, settings.batch_size,
                          progress=settings.progress)
-    if work is not None:
-        work.add(one_model_work(model, len(ids), removed, settings.max_length, settings.stride,
-                                time.perf_counter() - start))
-    return _finish(model, prompt_ids, removed, ppl, settings)
+    work = one_model_work(model, len(ids), removed, settings.max_length, settings.stride,
+                          time.perf_counter() - start)
+    return _finish(model, prompt_ids, removed, ppl, settings, work)
 
 
 def measure_all(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor,
-                removals: Iterable[Sequence[int]], settings: EvalSettings,
-                work: Work | None = None) -> Iterator[Measurement]:
-    """Measurements of every removal set, in groups (see the module docstring).
-
-    Rows may come in another order than ``removals``. ``work``, when given,
-    accumulates what the perplexity passes cost.
-    """
+                removals: Iterable[Sequence[int]], settings: EvalSettings) -> Iterator[Measurement]:
+    """Measurements of every removal set, in the order given, in groups (see the module docstring)."""
     removals = [tuple(r) for r in removals]
     if not engine_supports(model):
         for removed in removals:
-            yield measure(model, ids, prompt_ids, removed, settings, work)
+            yield measure(model, ids, prompt_ids, removed, settings)
         return
     n = num_blocks(model)
-    removals = sorted((validate_removal(r, n) for r in removals), key=lambda r: kept_blocks(n, r))
+    removals = [validate_removal(r, n) for r in removals]
     for start in range(0, len(removals), GROUP_SIZE):
         group = removals[start : start + GROUP_SIZE]
-        ppls, group_work = sweep_perplexities(model, ids, group, settings.max_length, settings.stride,
-                                              settings.batch_size, progress=settings.progress)
-        if work is not None:
-            work.add(group_work)
-        for removed, ppl in zip(group, ppls):
-            yield _finish(model, prompt_ids, removed, ppl, settings)
+        ppls, work = sweep_perplexities(model, ids, group, settings.max_length, settings.stride,
+                                        settings.batch_size, progress=settings.progress)
+        for i, (removed, ppl) in enumerate(zip(group, ppls)):
+            yield _finish(model, prompt_ids, removed, ppl, settings, work if i == 0 else None)

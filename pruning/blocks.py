@@ -6,6 +6,14 @@ cache is indexed by it, and the config still announces the old depth (the
 cache is sized from it). ``removed_blocks`` therefore swaps in a list of the
 kept blocks, renumbers them and updates the config, and undoes all of it on
 exit, so one loaded model serves every configuration of a sweep.
+
+Decoder families differ in where the block list lives (BLOCK_PATHS), what the
+index attribute is called (GPT-Neo says ``layer_id``), which config field
+states the depth, and which config fields describe each layer (``layer_types``
+for sliding-window models, GPT-Neo's ``attention_types``/``attention_layers``,
+Qwen2's ``max_window_layers``). Each kept block keeps its own attention kind;
+the config is rewritten so that a saved and reloaded model rebuilds exactly
+the kept blocks.
 """
 
 from __future__ import annotations
@@ -22,10 +30,21 @@ from utils.errors import KitError
 # dotted attribute path from the *ForCausalLM model).
 BLOCK_PATHS: dict[str, str] = {
     "gpt2": "transformer.h",
+    "gpt_neo": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+    "opt": "model.decoder.layers",
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
 }
 
 # Config fields that state the depth; those a config has are kept in step.
 DEPTH_FIELDS = ("n_layer", "num_hidden_layers", "num_layers")
+# Config lists with one entry per block: pruning keeps the entries of kept blocks.
+PER_LAYER_FIELDS = ("layer_types", "attention_layers")
+# Attributes through which a block's modules know their own position (the
+# index into the KV cache): GPT-Neo calls it layer_id, the others layer_idx.
+INDEX_ATTRS = ("layer_idx", "layer_id")
 
 
 def block_path(model: nn.Module) -> str:
@@ -33,6 +52,9 @@ def block_path(model: nn.Module) -> str:
     if model_type not in BLOCK_PATHS:
         supported = ", ".join(sorted(BLOCK_PATHS))
         raise KitError(f"model type '{model_type}' is not supported (supported: {supported})")
+    if getattr(model.config, "is_heterogeneous", False):
+        raise KitError(f"this {model_type} model has a per-layer config (per_layer_config), which block removal "
+                       "does not renumber; it is not supported")
     return BLOCK_PATHS[model_type]
 
 
@@ -76,23 +98,48 @@ def validate_removal(remove: Sequence[int], n_blocks: int) -> tuple[int, ...]:
 
 def _set_layer_index(block: nn.Module, index: int) -> None:
     for module in block.modules():
-        if isinstance(getattr(module, "layer_idx", None), int):
-            module.layer_idx = index
+        for attr in INDEX_ATTRS:
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, index)
 
 
 def _depth_state(config) -> dict:
+    """The config fields that removal rewrites, as they were before it."""
     state = {f: getattr(config, f) for f in DEPTH_FIELDS if hasattr(config, f)}
-    if getattr(config, "layer_types", None) is not None:
-        state["layer_types"] = list(config.layer_types)
+    for field in PER_LAYER_FIELDS:
+        if getattr(config, field, None) is not None:
+            state[field] = list(getattr(config, field))
+    if getattr(config, "attention_types", None) is not None:
+        state["attention_types"] = config.attention_types
+    if isinstance(getattr(config, "max_window_layers", None), int):
+        state["max_window_layers"] = config.max_window_layers
     return state
+
+
+def _run_lengths(kinds: Sequence[str]) -> list[list]:
+    """GPT-Neo's attention_types for a list of per-block kinds: [[[kind], repeats], ...]."""
+    runs: list[list] = []
+    for kind in kinds:
+        if runs and runs[-1][0] == [kind]:
+            runs[-1][1] += 1
+        else:
+            runs.append([[kind], 1])
+    return runs
 
 
 def _set_depth(config, keep: Sequence[int], state: dict) -> None:
     for field in DEPTH_FIELDS:
         if field in state:
             setattr(config, field, len(keep))
-    if "layer_types" in state:
-        config.layer_types = [state["layer_types"][i] for i in keep]
+    for field in PER_LAYER_FIELDS:
+        if field in state:
+            setattr(config, field, [state[field][i] for i in keep])
+    if "attention_types" in state:
+        # GPT-Neo rebuilds attention_layers from attention_types when it loads.
+        config.attention_types = _run_lengths(config.attention_layers)
+    if "max_window_layers" in state:
+        # Qwen2: blocks below this index use full attention, the rest a sliding window.
+        config.max_window_layers = sum(1 for i in keep if i < state["max_window_layers"])
 
 
 def _check_index_free(model: nn.Module, remove: Sequence[int]) -> None:

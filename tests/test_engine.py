@@ -13,7 +13,7 @@ from conftest import IDENTITY_BLOCK, N_LAYER
 from evaluation import engine
 from evaluation.engine import Work, count_nodes, prefix_tree, sweep_perplexities
 from evaluation.perplexity import perplexity, sliding_windows
-from evaluation.sweep import EvalSettings, measure, measure_all
+from evaluation.sweep import EvalSettings, measure_all
 from pruning.blocks import removed_blocks
 from utils import cache
 
@@ -97,16 +97,16 @@ def test_work_counts_add_up():
 
 def test_other_architectures_fall_back_to_one_model_at_a_time(model, ids, monkeypatch):
     settings = EvalSettings(MAX_LENGTH, STRIDE, speed=False, progress=False)
-    removals = [(0,), (1, 3)]
-    shared = {m.removed: m for m in measure_all(model, ids, None, removals, settings)}
+    removals = [(1, 3), (0,)]
+    shared = list(measure_all(model, ids, None, removals, settings))
     monkeypatch.setattr(engine, "ENGINE_MODEL_TYPES", ())
-    work = Work()
-    alone = {m.removed: m for m in measure_all(model, ids, None, removals, settings, work)}
-    assert alone.keys() == shared.keys() == set(removals)
-    for removed in removals:
-        assert alone[removed].ppl == shared[removed].ppl
-        assert alone[removed].params == measure(model, ids, None, removed, settings).params
-    assert work.block_evals == work.naive_block_evals > 0
+    alone = list(measure_all(model, ids, None, removals, settings))
+    assert [m.removed for m in alone] == [m.removed for m in shared] == removals
+    for a, s in zip(alone, shared):
+        assert a.ppl == s.ppl and a.params == s.params and a.num_layers == N_LAYER - len(a.removed)
+    # one pass for the group, one per configuration without the engine
+    assert [m.work is not None for m in shared] == [True, False]
+    assert all(m.work.block_evals == m.work.naive_block_evals > 0 for m in alone)
 
 
 def test_cli_sweep_logs_its_work_and_matches_the_reference(model_dir, text_file, tmp_path, capsys, model, ids):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from argparse import Namespace
 from datetime import datetime
+from typing import Iterable, Iterator
 
 import torch
 
@@ -17,8 +19,11 @@ from pruning.blocks import num_blocks, removed_blocks
 from pruning.strategies import PLANNERS
 from utils.cache import cached_token_ids, default_cache_dir
 from utils.data import tokenize
+from utils.distributed import current_processes, in_rounds, merge_rows, share
 from utils.errors import KitError
+from utils.metadata import device_name, now, write_sidecar
 from utils.models import dtype_name, load_model, resolve_device
+from utils.report import write_outputs
 from utils.results import (ResultsFile, change_pct, comparison_table, observations, read_rows, removal_key,
                            results_path, sweep_table)
 from tqdm.auto import tqdm
@@ -93,16 +98,33 @@ def with_changes(row: dict, base: dict) -> dict:
             "speed_change_pct": change_pct(row["latency_ms"], base["latency_ms"])}
 
 
+def counted(measurements: Iterable[Measurement], work: Work) -> Iterator[Measurement]:
+    """Passes measurements through, adding the cost of their perplexity passes to ``work``."""
+    for m in measurements:
+        if m.work is not None:
+            work.add(m.work)
+        yield m
+
+
 def run(args: Namespace) -> int:
-    run_info: dict = {}
-    check_save_dir(args.save_model, args.mode)
-    resumed = resumed_rows(args)
+    started = now()
+    procs = current_processes(args.device)
+    if not procs.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    procs.from_main(lambda: check_save_dir(args.save_model, args.mode))
+    resumed = procs.from_main(lambda: resumed_rows(args))
     device = resolve_device(args.device)
+    if procs.device is not None and args.device in ("auto", "cuda"):
+        device = procs.device  # one accelerator per process
     torch.manual_seed(args.seed)
 
     model, tokenizer = load_model(args.model, device, args.dtype)
     n = num_blocks(model)
     removals = PLANNERS[args.mode](args, n)
+    if args.shard:
+        log.info(f"Shard {args.shard}: {len(removals[args.shard.index::args.shard.count])} of the sweep's "
+                 f"{len(removals)} configurations, and the baseline")
+        removals = share(removals, args.shard.index, args.shard.count)
     max_length, stride = window_settings(args, model)
 
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
@@ -116,7 +138,7 @@ def run(args: Namespace) -> int:
         raise KitError("--prompt is empty")
 
     settings = EvalSettings(max_length, stride, args.batch_size, not args.no_speed, args.speed_runs,
-                            args.speed_warmup, args.gen_tokens, progress=not args.quiet)
+                            args.speed_warmup, args.gen_tokens, progress=not args.quiet and procs.is_main)
     windows = sliding_windows(len(ids), max_length, stride)
     n_windows = len(windows)
     scored = sum(w.end - w.first_target for w in windows)
@@ -132,52 +154,95 @@ def run(args: Namespace) -> int:
         log.info("On a CPU this is slow: the full WikiText-2 test split takes distilgpt2 about half an hour per "
                  "configuration. Use --max-tokens (e.g. --max-tokens 20000) for a quick estimate.")
 
-    out_path = args.resume or (results_path(args.output_dir, args.model, args.mode) if args.save_results else None)
-    out = ResultsFile(out_path, exclusive=not args.resume) if out_path else None
+    # --plot draws from the CSV, so it writes one too (see README, "Figures and reports").
+    save = args.save_results or args.plot
+    # Shards of a Slurm array may start in the same second: their names differ.
+    name = f"{args.mode}-shard{args.shard.index}of{args.shard.count}" if args.shard else args.mode
+    out_path = args.resume or (results_path(args.output_dir, args.model, name) if save else None)
+    out = ResultsFile(out_path, exclusive=not args.resume) if out_path and procs.is_main else None
     context = {"mode": args.mode, "model": args.model, "dataset": args.dataset, "device": device.type,
                "dtype": dtype_name(model)}
     done = {removal_key(r["removed_layers"]): r for r in resumed}
+    # The sidecar's record of this run; other parts of the run add to it (e.g. "work").
+    run_info = {"started": started, "finished": None, "device": device.type, "device_name": device_name(device),
+                "dtype": dtype_name(model), "stream_tokens": len(ids), "max_length": max_length, "stride": stride,
+                "configurations_evaluated": 0, "tokens_evaluated": 0}
     work = Work()
 
     def evaluate(removals, base):
-        """Rows for ``removals``, taking those already in a resumed file from it."""
+        """Rows for ``removals``, taking those already in a resumed file from it.
+
+        Each process measures its share; every row reaches every process, and
+        the main process writes it.
+        """
         rows = {removal_key(r): done[removal_key(r)] for r in removals if removal_key(r) in done}
         todo = [r for r in removals if removal_key(r) not in done]
-        bar = tqdm(total=len(todo), desc="configurations", unit="cfg", disable=args.quiet or len(todo) < 2)
-        for m in measure_all(model, ids, prompt_ids, todo, settings, work):
-            row = to_row(m, base, context)
-            rows[removal_key(m.removed)] = row
-            if out:
-                out.write(row)
-            bar.update()
+        mine = share(todo, procs.index, procs.count)
+        bar = tqdm(total=len(todo), desc="configurations", unit="cfg",
+                   disable=args.quiet or len(todo) < 2 or not procs.is_main)
+        measured = (to_row(m, base, context) for m in counted(measure_all(model, ids, prompt_ids, mine, settings), work))
+        for batch in in_rounds(procs, measured):
+            for row in batch:
+                rows[removal_key(row["removed_layers"])] = row
+                run_info["configurations_evaluated"] += 1
+                run_info["tokens_evaluated"] += row["eval_tokens"]
+                if out:
+                    out.write(row)
+                bar.update()
         bar.close()
         return [rows[removal_key(r)] for r in removals]
 
     start = time.perf_counter()
     base = evaluate([()], None)[0]
     base_seconds = time.perf_counter() - start
+    if out and os.path.exists(out.path):  # a crashed sweep's CSV still has its sidecar
+        write_sidecar(out.path, args, run_info)
     if removals:
         todo = sum(removal_key(r) not in done for r in removals)
         skipped = f" ({len(removals) - todo} already in {args.resume})" if args.resume else ""
-        log.info(f"{len(removals)} configurations to evaluate{skipped}; estimated at most "
-                 f"{base_seconds * todo / 60:.1f} min (the baseline took {base_seconds:.1f} s)")
+        workers = f" over {procs.count} processes" if procs.count > 1 else ""
+        log.info(f"{len(removals)} configurations to evaluate{skipped}{workers}; estimated at most "
+                 f"{base_seconds * math.ceil(todo / procs.count) / 60:.1f} min (the baseline took "
+                 f"{base_seconds:.1f} s)")
     rows = [base] + [with_changes(r, base) for r in evaluate(removals, base)]
     if work.configurations:
         log.info(f"Perplexity work: {work.summary()}")
     run_info["work"] = work.as_dict()
+    if not procs.is_main:
+        return 0
 
     report(args, rows)
     if args.save_model:
         with removed_blocks(model, rows[-1]["removed_layers"]) as pruned:
             pruned.save_pretrained(args.save_model)
         tokenizer.save_pretrained(args.save_model)
-        log.info(f"Pruned model written to {args.save_model}")
+        log.warning(f"Pruned model written to {args.save_model}")
     if out:
+        run_info["finished"] = now()
         log.warning(f"Results written to {out.path}")
+        log.warning(f"Run metadata written to {write_sidecar(out.path, args, run_info)}")
+        write_outputs(read_rows(out.path), out.path, plot=args.plot)
+    return 0
+
+
+def merge(args: Namespace) -> int:
+    """--mode merge: the shard files of one sweep as one results file."""
+    tables = [(path, read_rows(path)) for path in args.inputs]
+    rows = merge_rows(tables)
+    base = rows[0]
+    rows = [with_changes(base, base)] + [with_changes(r, base) for r in rows[1:]]
+    out = ResultsFile(results_path(args.output_dir, str(base["model"]), str(base["mode"])))
+    for row in rows:
+        out.write(row)
+    log.info(f"Merged {len(rows)} rows from {len(tables)} files")
+    report(args, rows)
+    log.warning(f"Results written to {out.path}")
     return 0
 
 
 def report(args: Namespace, rows: list[dict]) -> None:
+    if args.quiet:
+        return
     if args.mode == "random" and len(rows) == 2:
         print(f"\nRandom Layer Removal (seed {args.seed}, removed blocks {rows[1]['removed_layers']})\n")
         print(comparison_table(rows[0], rows[1]))

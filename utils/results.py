@@ -108,16 +108,44 @@ def _parse(value: str | None):
 
 # ---- console output -------------------------------------------------------------------------
 
-def _num(value: float | None, digits: int = 2, sign: bool = False) -> str:
+# The final table must fit a standard terminal without wrapping.
+CONSOLE_WIDTH = 80
+# Widest number cell in the console table: larger values lose decimals, then go scientific.
+CONSOLE_NUMBER_WIDTH = 10
+
+
+def _num(value: float | None, digits: int = 2, sign: bool = False, width: int | None = None) -> str:
+    """A number as the seed's tables show it; within ``width`` characters when given."""
     if value is None:
         return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
     if isinstance(value, float) and math.isinf(value):
         return "+inf" if sign and value > 0 else ("inf" if value > 0 else "-inf")
-    return f"{value:+,.{digits}f}" if sign else f"{value:,.{digits}f}"
+    plus = "+" if sign else ""
+    text = f"{value:{plus},.{digits}f}"
+    if width is not None and len(text) > width:
+        text = f"{value:{plus},.0f}"
+        if len(text) > width:
+            text = f"{value:{plus}.3g}"
+    return text
 
 
 def _removed_label(removed: Sequence[int]) -> str:
     return ", ".join(map(str, removed)) if removed else "None"
+
+
+def compact_label(removed: Sequence[int]) -> str:
+    """Removed blocks with consecutive runs as ranges: [0, 1, 2, 5] -> '0-2,5'."""
+    if not removed:
+        return "None"
+    runs: list[list[int]] = []
+    for i in sorted(removed):
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs)
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -127,15 +155,36 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
-def sweep_table(rows: Sequence[dict]) -> str:
-    headers = ["Layers Removed", "Layers", "Perplexity", "Speed (ms)", "Params (M)", "PPL Chg (%)", "Speed Chg (%)"]
-    return format_table(headers, ([
-        _removed_label(r["removed_layers"]), str(r["num_layers"]), _num(r["perplexity"]), _num(r["latency_ms"]),
-        _num(r["params_m"]), _num(r["ppl_change_pct"], sign=True), _num(r["speed_change_pct"], sign=True),
-    ] for r in rows))
+def sweep_cells(rows: Sequence[dict], width: int | None = None) -> list[list[str]]:
+    """One row of cells per configuration, shared by the console table and report.md.
+
+    ``width`` caps each number cell (console); None keeps every decimal (report).
+    """
+    label = _removed_label if width is None else compact_label
+    return [[
+        label(r["removed_layers"]), str(r["num_layers"]), _num(r["perplexity"], width=width),
+        _num(r.get("latency_ms"), width=width), _num(r.get("params_m"), width=width),
+        _num(r.get("ppl_change_pct"), sign=True, width=width), _num(r.get("speed_change_pct"), sign=True, width=width),
+    ] for r in rows]
 
 
-def comparison_table(original: dict, pruned: dict) -> str:
+def sweep_table(rows: Sequence[dict], width: int = CONSOLE_WIDTH) -> str:
+    """The seed's sweep table in at most ``width`` columns.
+
+    Number cells are capped at CONSOLE_NUMBER_WIDTH; the removed-blocks column
+    takes the room left and cuts longer labels with '..' (the CSV has them whole).
+    """
+    headers = ["Removed", "Layers", "PPL", "Speed (ms)", "Params (M)", "PPL chg %", "Speed chg %"]
+    cells = sweep_cells(rows, width=CONSOLE_NUMBER_WIDTH)
+    others = sum(max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(headers) if i)
+    room = max(len(headers[0]), width - others - 2 * (len(headers) - 1))
+    for c in cells:
+        if len(c[0]) > room:
+            c[0] = c[0][: room - 2] + ".."
+    return format_table(headers, cells)
+
+
+def comparison_cells(original: dict, pruned: dict) -> list[list[str]]:
     """Original against one pruned model, metric by metric (the seed's 'Random Layer Removal')."""
     metrics = [("Perplexity", "perplexity"), ("Inference Speed (ms)", "latency_ms"),
                ("Parameters (M)", "params_m"), ("Layers", "num_layers")]
@@ -144,7 +193,14 @@ def comparison_table(original: dict, pruned: dict) -> str:
         a, b = original.get(key), pruned.get(key)
         digits = 0 if key == "num_layers" else 2
         body.append([label, _num(a, digits), _num(b, digits), _num(change_pct(b, a), sign=True)])
-    return format_table(["Metric", "Original Model", "Pruned Model", "Change (%)"], body)
+    return body
+
+
+COMPARISON_HEADERS = ["Metric", "Original Model", "Pruned Model", "Change (%)"]
+
+
+def comparison_table(original: dict, pruned: dict) -> str:
+    return format_table(COMPARISON_HEADERS, comparison_cells(original, pruned))
 
 
 def observations(rows: Sequence[dict]) -> list[str]:

@@ -1,0 +1,199 @@
+"""Block removal on every supported decoder family, with tiny random models
+built from each family's config class (no download).
+
+Each model mixes attention kinds where its family has them (GPT-Neo local and
+global blocks, Qwen2 full then sliding-window blocks) and uses a window
+shorter than the test sequence, so a config that described the wrong kind for
+a kept block would change the reloaded model's logits.
+"""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, GPTJConfig, GPTJForCausalLM, GPTNeoConfig, GPTNeoForCausalLM,
+                          GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+import main
+from evaluation.perplexity import perplexity
+from pruning.blocks import BLOCK_PATHS, get_blocks, num_blocks, removed_blocks
+from tiny import make_model, make_text, make_tokenizer
+
+N_LAYER = 4
+WINDOW = 6  # sliding/local attention window, shorter than SEQ
+SEQ = 24
+SMALL = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+             bos_token_id=0, eos_token_id=0)
+
+
+def build(family: str, vocab: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if family == "gpt2":
+        return make_model(n_layer=N_LAYER, vocab_size=vocab)
+    if family == "gpt_neo":
+        config = GPTNeoConfig(num_layers=N_LAYER, attention_types=[[["global", "local"], N_LAYER // 2]],
+                              window_size=WINDOW, hidden_size=32, num_heads=2, max_position_embeddings=64,
+                              vocab_size=vocab, bos_token_id=0, eos_token_id=0)
+        return GPTNeoForCausalLM(config).eval()
+    if family == "gpt_neox":
+        return GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=N_LAYER, vocab_size=vocab, **SMALL)).eval()
+    if family == "opt":
+        config = OPTConfig(num_hidden_layers=N_LAYER, vocab_size=vocab, hidden_size=32, num_attention_heads=2,
+                           ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1,
+                           bos_token_id=0, eos_token_id=0)
+        return OPTForCausalLM(config).eval()
+    if family == "llama":
+        return LlamaForCausalLM(LlamaConfig(num_hidden_layers=N_LAYER, num_key_value_heads=1, vocab_size=vocab,
+                                            **SMALL)).eval()
+    if family == "mistral":
+        return MistralForCausalLM(MistralConfig(num_hidden_layers=N_LAYER, num_key_value_heads=1,
+                                                sliding_window=WINDOW, vocab_size=vocab, **SMALL)).eval()
+    if family == "qwen2":
+        config = Qwen2Config(num_hidden_layers=N_LAYER, num_key_value_heads=1, use_sliding_window=True,
+                             sliding_window=WINDOW, max_window_layers=2, vocab_size=vocab, **SMALL)
+        return Qwen2ForCausalLM(config).eval()
+    raise ValueError(family)
+
+
+FAMILIES = sorted(BLOCK_PATHS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and lose much when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def text() -> str:
+    return make_text(120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(text):
+    return make_tokenizer(text)
+
+
+@pytest.fixture(scope="module")
+def ids(tokenizer, text) -> torch.Tensor:
+    return torch.tensor(tokenizer(text)["input_ids"][:SEQ]).view(1, -1)
+
+
+def test_every_listed_family_is_tested():
+    assert FAMILIES == ["gpt2", "gpt_neo", "gpt_neox", "llama", "mistral", "opt", "qwen2"]
+
+
+@torch.no_grad()
+def cached_logits(model, ids: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Logits of the last positions, fed one token at a time after a cached prefix."""
+    out = model(ids[:, :prefix], use_cache=True)
+    cache, logits = out.past_key_values, [out.logits]
+    for t in range(prefix, ids.shape[1]):
+        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+def config_fields(model) -> dict:
+    """The config as a dict, less what save_pretrained itself records."""
+    fields = model.config.to_dict()
+    return {k: v for k, v in fields.items() if k not in ("architectures", "dtype")}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_pruned_model_runs_generates_and_reloads(family, tokenizer, ids, tmp_path):
+    model = build(family, len(tokenizer))
+    original = model(ids).logits
+    original_config = config_fields(model)
+    remove = (1,)  # GPT-Neo: a local block; Qwen2: a full-attention block before the sliding ones
+
+    with removed_blocks(model, remove) as pruned:
+        assert num_blocks(pruned) == N_LAYER - 1
+        assert pruned.config.num_hidden_layers == N_LAYER - 1
+        logits = pruned(ids, use_cache=False).logits
+        assert not torch.allclose(logits, original)
+        # The KV cache is indexed by the renumbered blocks: decoding token by
+        # token reproduces the uncached forward pass.
+        torch.testing.assert_close(cached_logits(pruned, ids, prefix=SEQ - 8), logits, rtol=1e-4, atol=1e-5)
+        greedy = pruned.generate(ids[:, :8], attention_mask=torch.ones_like(ids[:, :8]), max_new_tokens=12,
+                                 min_new_tokens=12, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = pruned.generate(ids[:, :8], attention_mask=torch.ones_like(ids[:, :8]), max_new_tokens=12,
+                                   min_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=0)
+        assert greedy.shape == (1, 20) and torch.equal(greedy, uncached)
+        pruned.save_pretrained(tmp_path)
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert num_blocks(reloaded) == N_LAYER - 1 == reloaded.config.num_hidden_layers
+    torch.testing.assert_close(reloaded(ids).logits, logits, rtol=0, atol=1e-6)
+    # and the in-memory model is whole again
+    assert num_blocks(model) == N_LAYER and config_fields(model) == original_config
+    assert torch.equal(model(ids).logits, original)
+
+
+def test_per_layer_config_fields_follow_the_kept_blocks(tokenizer):
+    neo = build("gpt_neo", len(tokenizer))
+    with removed_blocks(neo, (1, 2)) as pruned:  # kinds were global, local, global, local
+        assert pruned.config.attention_layers == ["global", "local"]
+        # attention_types, the field a user edits, says the same
+        assert GPTNeoConfig.expand_attention_types_params(pruned.config.attention_types) == ["global", "local"]
+        assert [b.attn.attention.layer_id for b in get_blocks(pruned)] == [0, 1]
+    assert neo.config.attention_layers == ["global", "local"] * 2
+
+    qwen = build("qwen2", len(tokenizer))
+    assert qwen.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    with removed_blocks(qwen, (0, 3)) as pruned:
+        assert pruned.config.layer_types == ["full_attention", "sliding_attention"]
+        assert pruned.config.max_window_layers == 1
+    assert qwen.config.max_window_layers == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_perplexity_matches_the_models_own_loss(family, tokenizer, ids):
+    """One window covering the sequence: the kit's PPL is exp of the model's mean loss."""
+    model = build(family, len(tokenizer))
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss.double()
+    result = perplexity(model, ids[0], max_length=SEQ, stride=SEQ, progress=False)
+    assert result.tokens == SEQ - 1
+    assert result.perplexity == pytest.approx(torch.exp(loss).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2"])
+def test_sequential_mode_on_a_saved_model(family, tokenizer, text, tmp_path):
+    model_dir, out = tmp_path / "model", tmp_path / "out"
+    build(family, len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+    code = main.main(["--mode", "sequential", "--model", str(model_dir), "--dataset", str(tmp_path / "corpus.txt"),
+                      "--max-tokens", "300", "--max-length", "32", "--speed-runs", "1", "--speed-warmup", "0",
+                      "--gen-tokens", "4", "--quiet", "--save_results", "--output-dir", str(out)])
+    assert code == 0
+    [csv] = out.glob("*.csv")
+    rows = pd.read_csv(csv)
+    assert [json.loads(r) for r in rows.removed_layers] == [[]] + [[i] for i in range(N_LAYER)]
+    assert rows.num_layers.tolist() == [N_LAYER] + [N_LAYER - 1] * N_LAYER
+    assert rows.params.iloc[1:].nunique() == 1 and rows.params.iloc[1] < rows.params.iloc[0]
+    assert (rows.latency_ms > 0).all() and rows.perplexity.notna().all()
+
+
+def test_other_model_types_get_a_clear_error(tokenizer, text, tmp_path, capsys):
+    model_dir = tmp_path / "gptj"
+    config = GPTJConfig(n_layer=2, n_embd=32, n_head=2, rotary_dim=8, n_positions=64, vocab_size=len(tokenizer),
+                        bos_token_id=0, eos_token_id=0)
+    GPTJForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+    code = main.main(["--mode", "sequential", "--model", str(model_dir), "--dataset", str(tmp_path / "corpus.txt"),
+                      "--no-speed", "--save_results", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: model type 'gptj' is not supported") and err.count("\n") == 1
+    assert all(name in err for name in FAMILIES)
+    assert not (tmp_path / "out").exists()

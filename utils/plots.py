@@ -1,0 +1,282 @@
+"""Figures of a results CSV, drawn from its rows alone so that
+`--mode report` can make them again from any saved file.
+
+Which figures a file gets depends on what its rows hold, not on the mode
+name, so modes added later (importance, compare, ...) get the figures their
+data supports: single-block removals give the per-block figure, removals of
+several depths the trade-off figure, pairs the heatmap, score columns the
+importance figure. Figures are built on matplotlib.figure.Figure directly
+(Agg renderer, no pyplot), so nothing global changes and nothing leaks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
+
+from utils.results import compact_label
+
+log = logging.getLogger("gpt2-pruning-kit")
+
+DPI = 120
+# Above this many blocks, heatmap cells are too small for numbers and bar labels turn sideways.
+ANNOTATE_MAX_BLOCKS = 12
+SCORE_SUFFIX = "_score"
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _ratio_text(ratio: float, _pos=None) -> str:
+    """A tick of the PPL / baseline axis: a percentage near 1, a factor beyond 2x."""
+    if ratio >= 2 or ratio <= 0.5:
+        return f"×{ratio:g}"
+    return f"{(ratio - 1) * 100:+.2g}%"
+
+
+def _value_text(value: float, _pos=None) -> str:
+    """A perplexity as a tick label: thousands separated, at most 4 significant digits below 1,000."""
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.4g}"
+
+
+def _cell_text(value: float) -> str:
+    return "inf" if math.isinf(value) else (f"{value:,.0f}" if value >= 1000 else f"{value:.1f}")
+
+
+def _log_ticks(axis, low: float, high: float, text=_value_text) -> None:
+    """Plain-number labels on a log axis; within one decade the minor ticks are
+    the only ones, so they are labelled too."""
+    axis.set_major_formatter(FuncFormatter(text))
+    axis.set_minor_formatter(FuncFormatter(text) if high < 10 * low else NullFormatter())
+
+
+def _label(removed: Sequence[int]) -> str:
+    return compact_label(removed) if removed else "none"
+
+
+def depth(rows: Sequence[dict]) -> int:
+    """Blocks of the unpruned model: kept plus removed, the same on every row."""
+    r = rows[0]
+    return int(r["num_layers"]) + len(r["removed_layers"])
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats in both coordinates (lower is better),
+    ordered by the first coordinate; of identical points only the first is kept."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1], i))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def single_removals(rows: Sequence[dict]) -> dict[int, dict]:
+    """The first row removing each block alone, by block."""
+    singles: dict[int, dict] = {}
+    for r in rows:
+        if len(r["removed_layers"]) == 1:
+            singles.setdefault(r["removed_layers"][0], r)
+    return singles
+
+
+def per_block_figure(rows: Sequence[dict]) -> Figure | None:
+    """PPL change for removing each block alone (log scale), latency change beside it."""
+    singles = single_removals(rows)
+    if len(singles) < 2:
+        return None
+    blocks = sorted(singles)
+    timed = [b for b in blocks if _finite(singles[b].get("speed_change_pct"))]
+    fig = Figure(figsize=(12 if timed else 6.5, 4.5), layout="constrained")
+    ax = fig.add_subplot(1, 2 if timed else 1, 1)
+    # Bars grow from 1 (no change) to PPL / baseline PPL, so improvements and
+    # thousand-fold degradations are both readable on one log axis.
+    finite = [b for b in blocks if _finite(singles[b].get("ppl_change_pct"))]
+    ratios = [1 + singles[b]["ppl_change_pct"] / 100 for b in finite]
+    ax.bar(finite, [r - 1 for r in ratios], bottom=1, color=["#c0392b" if r > 1 else "#2e86c1" for r in ratios])
+    ax.set_yscale("log")
+    _log_ticks(ax.yaxis, min([1.0, *ratios]), max([1.0, *ratios]), _ratio_text)
+    ax.axhline(1, color="black", linewidth=0.8)
+    many = len(blocks) > ANNOTATE_MAX_BLOCKS
+    for b, r in zip(finite, ratios):
+        ax.annotate(f"{(r - 1) * 100:+,.2f}%", (b, r), ha="center", va="bottom" if r >= 1 else "top", fontsize=7,
+                    rotation=90 if many else 0)
+    for b in blocks:
+        if b not in finite:
+            ax.annotate("inf", (b, 1), xytext=(0, 4), textcoords="offset points", ha="center", color="#c0392b")
+    ax.set_xticks(blocks)
+    ax.set_xlabel("removed block")
+    ax.set_ylabel("perplexity change (log scale of PPL / baseline)")
+    ax.set_title("Perplexity change")
+    if timed:
+        ax2 = fig.add_subplot(1, 2, 2)
+        changes = [singles[b]["speed_change_pct"] for b in timed]
+        ax2.bar(timed, changes, color=["#27ae60" if c < 0 else "#7f8c8d" for c in changes])
+        ax2.axhline(0, color="black", linewidth=0.8)
+        ax2.set_xticks(blocks)
+        ax2.set_xlabel("removed block")
+        ax2.set_ylabel("latency change (%)")
+        ax2.set_title("Latency change (negative is faster)")
+    fig.suptitle(f"{rows[0].get('model', '')}: removing one block at a time")
+    return fig
+
+
+def tradeoff_figure(rows: Sequence[dict]) -> Figure | None:
+    """Perplexity against kept blocks and against latency, with the Pareto frontier labelled."""
+    if len({len(r["removed_layers"]) for r in rows if r["removed_layers"]}) < 2:
+        return None
+    shown = [r for r in rows if _finite(r["perplexity"])]
+    axes_spec = [("num_layers", "kept blocks")]
+    if any(_finite(r.get("latency_ms")) for r in shown):
+        axes_spec.append(("latency_ms", "latency (ms)"))
+    fig = Figure(figsize=(6.5 * len(axes_spec), 5), layout="constrained")
+    for n, (key, xlabel) in enumerate(axes_spec, start=1):
+        ax = fig.add_subplot(1, len(axes_spec), n)
+        points = [r for r in shown if _finite(r.get(key))]
+        pruned = [r for r in points if r["removed_layers"]]
+        base = [r for r in points if not r["removed_layers"]]
+        ax.scatter([r[key] for r in pruned], [r["perplexity"] for r in pruned], s=16, alpha=0.6,
+                   color="#2e86c1", label="configuration")
+        if base:
+            ax.scatter([r[key] for r in base], [r["perplexity"] for r in base], s=90, marker="*",
+                       color="black", label="baseline", zorder=3)
+        front = [points[i] for i in pareto_front([(r[key], r["perplexity"]) for r in points])]
+        ax.plot([r[key] for r in front], [r["perplexity"] for r in front], "-o", color="#c0392b", markersize=5,
+                label="Pareto frontier", zorder=2)
+        for r in front:
+            ax.annotate(_label(r["removed_layers"]), (r[key], r["perplexity"]), xytext=(4, 4),
+                        textcoords="offset points", fontsize=8, color="#c0392b")
+        ax.set_yscale("log")
+        if points:
+            _log_ticks(ax.yaxis, min(r["perplexity"] for r in points), max(r["perplexity"] for r in points))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(f"Perplexity against {xlabel} (labels: removed blocks)")
+        ax.legend(loc="upper right", fontsize=8)
+        if key == "num_layers":
+            ax.set_xticks(sorted({int(r[key]) for r in points}))
+    hidden = len(rows) - len(shown)
+    note = f" ({hidden} with infinite perplexity not shown)" if hidden else ""
+    fig.suptitle(f"{rows[0].get('model', '')}: {len(rows)} configurations{note}")
+    return fig
+
+
+def pair_matrix(rows: Sequence[dict]) -> np.ndarray:
+    """Perplexity with blocks i and j removed at [i, j] and [j, i]; single removals on the
+    diagonal; NaN where the file has no such configuration."""
+    n = depth(rows)
+    matrix = np.full((n, n), np.nan)
+    for r in rows:
+        removed = r["removed_layers"]
+        if len(removed) in (1, 2) and r["perplexity"] is not None:
+            i, j = removed[0], removed[-1]
+            matrix[i, j] = matrix[j, i] = r["perplexity"]
+    return matrix
+
+
+def pair_heatmap(rows: Sequence[dict]) -> Figure | None:
+    """Perplexity for every pair of removed blocks (colour on a log scale)."""
+    if sum(len(r["removed_layers"]) == 2 for r in rows) < 2:
+        return None
+    matrix = pair_matrix(rows)
+    shown = np.ma.masked_invalid(matrix)
+    finite = matrix[np.isfinite(matrix)]
+    if not finite.size:  # every pair overflowed: nothing to colour
+        return None
+    low, high = float(finite.min()), float(finite.max())
+    n = len(matrix)
+    fig = Figure(figsize=(max(5.5, 0.45 * n + 3), max(4.5, 0.45 * n + 2)), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(shown, cmap="viridis", norm=LogNorm(vmin=low, vmax=high if high > low else low * 1.001))
+    bar = fig.colorbar(image, ax=ax, label="perplexity (log scale)")
+    _log_ticks(bar.ax.yaxis, low, high)
+    if n <= ANNOTATE_MAX_BLOCKS:
+        middle = math.sqrt(low * high)
+        for i in range(n):
+            for j in range(n):
+                v = matrix[i, j]
+                if np.isnan(v):
+                    continue
+                ax.text(j, i, _cell_text(v), ha="center", va="center", fontsize=7,
+                        color="white" if np.isfinite(v) and v < middle else "black")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xlabel("removed block")
+    ax.set_ylabel("removed block")
+    ax.set_title(f"{rows[0].get('model', '')}: perplexity with two blocks removed\n"
+                 "(diagonal: one block; blank: not evaluated)", fontsize=10)
+    return fig
+
+
+def importance_scores(rows: Sequence[dict]) -> dict[str, dict[int, float]]:
+    """Per-block scores by metric, from whichever layout the file has: long
+    ('metric' and 'score' columns) or wide (one '<metric>_score' column per
+    metric); a row's block is its 'block' column, else its one removed block."""
+    scores: dict[str, dict[int, float]] = {}
+    for r in rows:
+        block = r.get("block")
+        if block is None and len(r["removed_layers"]) == 1:
+            block = r["removed_layers"][0]
+        if not isinstance(block, int):
+            continue
+        if isinstance(r.get("metric"), str) and _finite(r.get("score")):
+            scores.setdefault(r["metric"], {})[block] = float(r["score"])
+        for key, value in r.items():
+            if key.endswith(SCORE_SUFFIX) and _finite(value):
+                scores.setdefault(key[: -len(SCORE_SUFFIX)], {})[block] = float(value)
+    return scores
+
+
+def importance_figure(rows: Sequence[dict]) -> Figure | None:
+    """Each metric's per-block scores side by side (each on its own scale)."""
+    scores = importance_scores(rows)
+    if not scores:
+        return None
+    fig = Figure(figsize=(4.5 * len(scores) + 1, 4), layout="constrained")
+    for n, metric in enumerate(sorted(scores), start=1):
+        ax = fig.add_subplot(1, len(scores), n)
+        blocks = sorted(scores[metric])
+        ax.bar(blocks, [scores[metric][b] for b in blocks], color="#8e44ad")
+        ax.set_xticks(blocks)
+        ax.set_xlabel("block")
+        ax.set_ylabel("score")
+        ax.set_title(metric)
+    fig.suptitle(f"{rows[0].get('model', '')}: block importance scores")
+    return fig
+
+
+FIGURES: dict[str, Callable[[Sequence[dict]], Figure | None]] = {
+    "per-block": per_block_figure,
+    "tradeoff": tradeoff_figure,
+    "pairs": pair_heatmap,
+    "importance": importance_figure,
+}
+
+
+def figure_path(csv_path: str, kind: str) -> str:
+    return f"{os.path.splitext(csv_path)[0]}_{kind}.png"
+
+
+def write_figures(rows: Sequence[dict], csv_path: str) -> list[str]:
+    """Every figure the rows support, as PNG files beside ``csv_path``; their paths."""
+    paths = []
+    for kind, build in FIGURES.items():
+        fig = build(rows) if rows else None
+        if fig is None:
+            continue
+        path = figure_path(csv_path, kind)
+        fig.savefig(path, dpi=DPI)
+        paths.append(path)
+    if not paths:
+        log.info("No figure applies to these rows (figures need single-block removals, several removal depths, "
+                 "pairs of removed blocks or per-block scores)")
+    return paths

@@ -1,0 +1,117 @@
+"""report.md: the seed README's tables and key observations, generated from a
+results CSV and ready to paste into a README; and `--mode report`, which
+makes the report and the figures again from any saved CSV."""
+
+from __future__ import annotations
+
+import logging
+import os
+from argparse import Namespace
+from typing import Sequence
+
+from utils.errors import KitError
+from utils.plots import write_figures
+from utils.results import (COMPARISON_HEADERS, _num, _removed_label, comparison_cells, observations, read_rows,
+                           sweep_cells)
+
+log = logging.getLogger("gpt2-pruning-kit")
+
+# The seed README's column names; the console table shortens them to fit 80 columns.
+SWEEP_HEADERS = ["Layers Removed", "Layers", "Perplexity (↓)", "Speed (ms) ↓", "Parameters (M)", "PPL Change (%)",
+                 "Speed Change (%)"]
+REQUIRED_COLUMNS = ("removed_layers", "num_layers", "perplexity")
+
+
+def markdown_table(headers: Sequence[str], cells: Sequence[Sequence[str]], left: int = 1) -> str:
+    """A GitHub table: the first ``left`` columns (labels) left-aligned, the numbers right-aligned."""
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(headers)]
+    line = lambda row: "| " + " | ".join(c.ljust(w) if i < left else c.rjust(w)
+                                         for i, (c, w) in enumerate(zip(row, widths))) + " |"
+    rule = "|" + "|".join(("-" * (w + 2)) if i < left else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(headers), rule, *(line(c) for c in cells)])
+
+
+def best_per_depth(rows: Sequence[dict]) -> list[dict]:
+    """The lowest-perplexity configuration for each number of removed blocks."""
+    best: dict[int, dict] = {}
+    for r in rows:
+        k = len(r["removed_layers"])
+        if k and (k not in best or r["perplexity"] < best[k]["perplexity"]):
+            best[k] = r
+    return [best[k] for k in sorted(best)]
+
+
+def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: str | None = None) -> str:
+    """The report for one results file; figure paths are linked relative to the report."""
+    first = rows[0]
+    mode = str(first.get("mode") or "results")
+    base = next((r for r in rows if not r["removed_layers"]), None)
+    pruned = [r for r in rows if r["removed_layers"]]
+    lines = [f"# Pruning results: {first.get('model', '?')} ({mode})", ""]
+    facts = [f"dataset {first.get('dataset', '?')}"]
+    if first.get("eval_tokens") is not None:
+        facts.append(f"{first['eval_tokens']:,} tokens scored per configuration")
+    if first.get("device"):
+        facts.append(f"{first['device']}, {first.get('dtype', '?')}")
+    facts.append(f"{len(rows)} configuration{'' if len(rows) == 1 else 's'}" + (" (baseline included)" if base else ""))
+    if source:
+        facts.append(f"from `{os.path.basename(source)}`")
+    summary = "; ".join(facts)
+    lines += [summary[0].upper() + summary[1:] + ".", ""]
+
+    if base and len(pruned) == 1:
+        title = "Random Layer Removal" if mode == "random" else f"{mode.capitalize()} Layer Removal"
+        lines += [f"## {title}", "", f"Removed blocks: {_removed_label(pruned[0]['removed_layers'])}.", "",
+                  markdown_table(COMPARISON_HEADERS, comparison_cells(base, pruned[0])), ""]
+    if len(pruned) > 1 or not pruned:
+        title = ("Baseline" if not pruned else "Sequential Layer Pruning" if mode == "sequential"
+                 else f"{mode.capitalize()} Layer Pruning")
+        headers = ["Layer Removed", *SWEEP_HEADERS[1:]] if mode == "sequential" else SWEEP_HEADERS
+        lines += [f"## {title}", "", markdown_table(headers, sweep_cells(rows)), ""]
+    depths = best_per_depth(pruned)
+    if len(depths) > 1:
+        lines += ["## Best configuration per number of removed blocks", "",
+                  markdown_table(["Blocks Removed", "Best Set", "Perplexity (↓)", "PPL Change (%)"],
+                                 [[str(len(r["removed_layers"])), _removed_label(r["removed_layers"]),
+                                   _num(r["perplexity"]), _num(r.get("ppl_change_pct"), sign=True)]
+                                  for r in depths], left=2), ""]
+    notes = observations(rows) if len(pruned) > 1 else []
+    if notes:
+        lines += ["## Key Observations", "", *(f"- {n}" for n in notes), ""]
+    if figures:
+        lines += ["## Figures", ""]
+        lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.basename(p)})" for p in figures] + [""]
+    return "\n".join(lines)
+
+
+def report_path(csv_path: str) -> str:
+    """One report per CSV, so runs sharing an output folder never overwrite each other's."""
+    return f"{os.path.splitext(csv_path)[0]}_report.md"
+
+
+def write_outputs(rows: Sequence[dict], csv_path: str, plot: bool) -> list[str]:
+    """report.md (and with ``plot`` the figures) beside ``csv_path``; the paths written."""
+    figures = write_figures(rows, csv_path) if plot else []
+    path = report_path(csv_path)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(report_markdown(rows, figures, csv_path))
+    for figure in figures:
+        log.warning(f"Figure written to {figure}")
+    log.warning(f"Report written to {path}")
+    return [*figures, path]
+
+
+def check_rows(rows: Sequence[dict], path: str) -> None:
+    if not rows:
+        raise KitError(f"results file '{path}' has no rows")
+    missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
+    if missing:
+        raise KitError(f"results file '{path}' lacks the column(s) {', '.join(missing)}")
+
+
+def report_from_csv(args: Namespace) -> int:
+    """--mode report: figures and report.md again from a saved CSV, beside it."""
+    rows = read_rows(args.input)
+    check_rows(rows, args.input)
+    write_outputs(rows, args.input, plot=True)
+    return 0
