@@ -180,7 +180,8 @@ def run(args: Namespace) -> int:
         mine = share(todo, procs.index, procs.count)
         bar = tqdm(total=len(todo), desc="configurations", unit="cfg",
                    disable=args.quiet or len(todo) < 2 or not procs.is_main)
-        measured = (to_row(m, base, context) for m in counted(measure_all(model, ids, prompt_ids, mine, settings), work))
+        measurements = counted(measure_all(model, ids, prompt_ids, mine, settings), work)
+        measured = (to_row(m, base, context) for m in measurements)
         for batch in in_rounds(procs, measured):
             for row in batch:
                 rows[removal_key(row["removed_layers"])] = row
