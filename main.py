@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="auto: float32 on CPU, the checkpoint's dtype elsewhere")
     g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--cache-dir", help="where tokenized datasets are cached (default: ~/.cache/gpt2-pruning-kit)")
+    g.add_argument("--no-cache", action="store_true", help="tokenize the dataset afresh and cache nothing")
 
     g = p.add_argument_group("perplexity")
     g.add_argument("--max-length", type=positive_int, help="window length (default: the model's context size)")

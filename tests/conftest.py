@@ -1,10 +1,12 @@
 """Shared fixtures: a tiny GPT-2 with one exact identity block, its own
 tokenizer, and text, all saved to disk the way a user would have them."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -14,6 +16,29 @@ from tiny import make_model, make_text, make_tokenizer, save_model_dir  # noqa: 
 
 N_LAYER = 4
 IDENTITY_BLOCK = 2
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One torch thread, like each process of the distributed tests (OMP_NUM_THREADS=1): tiny
+    models gain nothing from intra-op threads, and on a busy machine their hand-offs made the
+    suite several times slower. Summation order then also matches across processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_token_cache(tmp_path_factory):
+    """Keep the tests' token-cache entries out of the user's ~/.cache."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -21,15 +21,6 @@ FAST = ["--mode", "combinatorial", "--max-tokens", "300", "--max-length", "64", 
 N_CONFIGS = 1 + 6 + 4  # baseline, C(4,2), C(4,3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread, like each launched process (OMP_NUM_THREADS=1 below): the
-    reference then sums in the same order, and tiny models run no slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> tuple[Path, Path]:

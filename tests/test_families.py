@@ -60,14 +60,6 @@ def build(family: str, vocab: int) -> torch.nn.Module:
 FAMILIES = sorted(BLOCK_PATHS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and lose much when the cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def text() -> str:

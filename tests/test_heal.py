@@ -18,15 +18,6 @@ from tiny import make_model, make_text, make_tokenizer, save_model_dir
 from utils.data import tokenize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine the threads' hand-offs
-    made these tests ten times slower; the previous setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def corpus():

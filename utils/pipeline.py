@@ -8,9 +8,11 @@ import os
 import time
 from argparse import Namespace
 from datetime import datetime
+from typing import Iterable, Iterator
 
 import torch
 
+from evaluation.engine import Work
 from evaluation.perplexity import sliding_windows
 from evaluation.sweep import EvalSettings, Measurement, measure_all
 from pruning.blocks import num_blocks
@@ -18,7 +20,8 @@ from pruning.choosers import CHOOSERS
 from pruning.heal import healing_inputs
 from pruning.importance import Calibration, calibration_ids
 from pruning.strategies import PLANNERS
-from utils.data import load_text, tokenize
+from utils.cache import cached_token_ids, default_cache_dir
+from utils.data import tokenize
 from utils.distributed import current_processes, in_rounds, merge_rows, share
 from utils.errors import KitError
 from utils.export import deliver
@@ -102,6 +105,14 @@ def with_changes(row: dict, base: dict) -> dict:
             "speed_change_pct": change_pct(row["latency_ms"], base["latency_ms"])}
 
 
+def counted(measurements: Iterable[Measurement], work: Work) -> Iterator[Measurement]:
+    """Passes measurements through, adding the cost of their perplexity passes to ``work``."""
+    for m in measurements:
+        if m.work is not None:
+            work.add(m.work)
+        yield m
+
+
 def run(args: Namespace) -> int:
     started = now()
     procs = current_processes(args.device)
@@ -129,7 +140,8 @@ def run(args: Namespace) -> int:
                  f"{len(removals)} configurations, and the baseline")
         removals = share(removals, args.shard.index, args.shard.count)
 
-    ids = tokenize(tokenizer, load_text(args.dataset, args.split, args.text_column))
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    ids = cached_token_ids(tokenizer, args.dataset, args.split, args.text_column, cache_dir)
     if args.max_tokens:
         ids = ids[: args.max_tokens]
         if len(ids) < 2:
@@ -169,6 +181,7 @@ def run(args: Namespace) -> int:
     run_info = {"started": started, "finished": None, "device": device.type, "device_name": device_name(device),
                 "dtype": dtype_name(model), "stream_tokens": len(ids), "max_length": max_length, "stride": stride,
                 "configurations_evaluated": 0, "tokens_evaluated": 0}
+    work = Work()
 
     def evaluate(removals, base):
         """Rows for ``removals``, taking those already in a resumed file from it.
@@ -182,8 +195,8 @@ def run(args: Namespace) -> int:
         bar = tqdm(total=len(todo), desc="configurations", unit="cfg",
                    disable=args.quiet or len(todo) < 2 or not procs.is_main)
         extras = choice.extras if choice else {}
-        measured = (to_row(m, base, {**context, **extras.get(tuple(sorted(m.removed)), {})})
-                    for m in measure_all(model, ids, prompt_ids, mine, settings))
+        measurements = counted(measure_all(model, ids, prompt_ids, mine, settings), work)
+        measured = (to_row(m, base, {**context, **extras.get(tuple(sorted(m.removed)), {})}) for m in measurements)
         for batch in in_rounds(procs, measured):
             for row in batch:
                 rows[removal_key(row["removed_layers"])] = row
@@ -208,6 +221,9 @@ def run(args: Namespace) -> int:
                  f"{base_seconds * math.ceil(todo / procs.count) / 60:.1f} min (the baseline took "
                  f"{base_seconds:.1f} s)")
     rows = [base] + [with_changes(r, base) for r in evaluate(removals, base)]
+    if work.configurations:
+        log.info(f"Perplexity work: {work.summary()}")
+    run_info["work"] = work.as_dict()
     if not procs.is_main:
         return 0
 

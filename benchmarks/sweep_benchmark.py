@@ -1,0 +1,175 @@
+"""Sweep cost: the kit's shared-prefix engine against the seed's way.
+
+The naive reference is what the seed kit did for every configuration: deep-copy
+the model, delete the removed blocks, and evaluate the copy with the
+transformers perplexity guide's loop (``model(input_ids, labels=...)``, which
+runs the LM head and the loss on every position of every window). The kit is
+evaluation.sweep.measure_all called the way utils/pipeline.py calls it: the
+baseline first, then the sweep. Both run on the same random token ids, the
+same windows and the same random-weight model, with the speed test off, and
+every perplexity is checked to agree.
+
+In the same run it times a dense float32 matmul (2048 x 2048 x 2048) just
+before each case, and prints the baseline evaluation's model FLOP rate as a
+fraction of it. Not part of the test suite; see README.md, "Performance".
+
+    python benchmarks/sweep_benchmark.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluation.engine import Work  # noqa: E402
+from evaluation.perplexity import sliding_windows  # noqa: E402
+from evaluation.sweep import EvalSettings, measure_all  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+VOCAB = 50257
+MATMUL_N = 2048
+AGREEMENT = 1e-5  # the naive loop averages each window's loss in float32
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    n_layer: int
+    mode: str  # sequential | combinatorial
+    tokens: int
+    max_length: int
+    stride: int
+    target: float | None  # required speed-up over naive, from the issue
+
+
+def removals_for(case: Case) -> list[tuple[int, ...]]:
+    if case.mode == "sequential":
+        return [(i,) for i in range(case.n_layer)]
+    from itertools import combinations
+
+    # the CLI's default combinatorial range: remove 2 .. L-1 blocks
+    return [c for k in range(2, case.n_layer) for c in combinations(range(case.n_layer), k)]
+
+
+def make_model(n_layer: int, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_embd=768, n_head=12, n_positions=1024, vocab_size=VOCAB)
+    return GPT2LMHeadModel(config).eval()
+
+
+def matmul_rate(repeats: int = 5) -> float:
+    """Dense float32 matmul FLOP/s on this machine right now (median of repeats)."""
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2.0 * MATMUL_N**3 / statistics.median(times)
+
+
+@torch.no_grad()
+def naive_perplexity(model: GPT2LMHeadModel, ids: torch.Tensor, removed: tuple[int, ...], max_length: int,
+                     stride: int) -> float:
+    """The seed's way: a pruned deep copy, evaluated with the guide's loop."""
+    pruned = copy.deepcopy(model)
+    pruned.transformer.h = nn.ModuleList(b for i, b in enumerate(pruned.transformer.h) if i not in removed)
+    pruned.config.n_layer = len(pruned.transformer.h)
+    nll, count = 0.0, 0
+    for w in sliding_windows(len(ids), max_length, stride):
+        inputs = ids[w.begin : w.end].unsqueeze(0)
+        labels = inputs.clone()
+        labels[:, : w.first_target - w.begin] = -100
+        loss = pruned(input_ids=inputs, labels=labels, use_cache=False).loss
+        n = w.end - w.first_target
+        nll += loss.item() * n
+        count += n
+    return math.exp(nll / count)
+
+
+def run_case(case: Case, batch_size: int) -> dict:
+    model = make_model(case.n_layer)
+    ids = torch.randint(0, VOCAB, (case.tokens,), generator=torch.Generator().manual_seed(1))
+    removals = removals_for(case)
+    settings = EvalSettings(case.max_length, case.stride, batch_size, speed=False, progress=False)
+    rate = matmul_rate()
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    base = list(measure_all(model, ids, None, [()], settings))
+    sweep = list(measure_all(model, ids, None, removals, settings))
+    kit_s = time.perf_counter() - start
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    start = time.perf_counter()
+    naive = {r: naive_perplexity(model, ids, r, case.max_length, case.stride) for r in [()] + removals}
+    naive_s = time.perf_counter() - start
+
+    kit = {m.removed: m.ppl.perplexity for m in base + sweep}
+    worst = max(abs(kit[r] - naive[r]) / naive[r] for r in naive)
+    total = Work()
+    for m in base + sweep:
+        if m.work is not None:
+            total.add(m.work)
+    return {"case": case, "configs": len(naive), "naive_s": naive_s, "kit_s": kit_s, "ratio": naive_s / kit_s,
+            "worst_rel_diff": worst, "agree": worst <= AGREEMENT, "work": total,
+            "base_flops_per_s": base[0].work.flops_per_s, "matmul_flops_per_s": rate,
+            "kit_peak_rss_growth_mb": (rss_after - rss_before) / 1024}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=2048, help="tokens for the sequential cases (default 2048: "
+                   "3 windows of 1024, stride 512)")
+    p.add_argument("--comb-tokens", type=int, default=512, help="tokens for the combinatorial case (default 512: "
+                   "3 windows of 256, stride 128)")
+    p.add_argument("--batch-size", type=int, default=1, help="kit's windows per forward pass (default 1)")
+    p.add_argument("--cases", default="gpt2-12,distilgpt2,comb-6", help="which cases, comma-separated")
+    args = p.parse_args(argv)
+    hf_logging.set_verbosity_error()
+
+    cases = {
+        "gpt2-12": Case("12-block GPT-2 shape, sequential", 12, "sequential", args.tokens, 1024, 512, 1.7),
+        "distilgpt2": Case("distilgpt2 shape (6 x 768), sequential", 6, "sequential", args.tokens, 1024, 512, 1.25),
+        "comb-6": Case("6-block shape, combinatorial (remove 2..5)", 6, "combinatorial", args.comb_tokens, 256, 128,
+                       None),
+    }
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch size {args.batch_size}")
+    ok = True
+    for key in args.cases.split(","):
+        case = cases[key]
+        r = run_case(case, args.batch_size)
+        w = r["work"]
+        target = f" (target {case.target}x)" if case.target else ""
+        print(f"\n{case.name}: {r['configs']} configurations, {case.tokens} tokens, windows of {case.max_length} "
+              f"every {case.stride}")
+        print(f"  naive (deep copy + full evaluation each): {r['naive_s']:8.1f} s")
+        print(f"  kit (shared prefixes):                    {r['kit_s']:8.1f} s")
+        print(f"  speed-up: {r['ratio']:.2f}x{target}")
+        print(f"  block evaluations: {w.block_evals:,} vs {w.naive_block_evals:,} naive; "
+              f"kit {w.flops_per_s / 1e9:.1f} GFLOP/s over the sweep")
+        print(f"  baseline evaluation: {r['base_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+              f"{r['base_flops_per_s'] / r['matmul_flops_per_s']:.0%} of the dense fp32 matmul rate "
+              f"({r['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s)")
+        print(f"  perplexities agree: {r['agree']} (largest relative difference {r['worst_rel_diff']:.1e})")
+        print(f"  peak RSS growth during the kit's sweep: {r['kit_peak_rss_growth_mb']:.0f} MB")
+        ok &= r["agree"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Shared-prefix perplexity for a whole sweep of removal sets in one pass.
+
+A GPT-2 with some blocks removed computes embeddings, then its kept blocks in
+order, then the final layer norm and the LM head. Two configurations that keep
+the same first blocks therefore share the hidden states up to the point where
+their kept lists part. For every batch of evaluation windows this module
+computes the embeddings once and walks the configurations' kept lists as a
+prefix tree, depth first: each distinct prefix of kept blocks is one block
+evaluation, its output is held only while the subtree below it is walked (at
+most one hidden state per tree level), and a configuration's final layer norm,
+LM head and loss run once, when the walk reaches the node where its kept list
+ends.
+
+A sequential sweep ("remove block i" for every i) becomes the baseline's chain
+of blocks plus, for each i, blocks i+1..L-1 on top of the chain's state
+entering block i: L(L-1)/2 + L block evaluations instead of L(L-1). Every
+branch runs the very modules of the model on the very inputs the pruned model
+would feed them (same batch shapes, same mask, same position ids), and the loss
+is evaluation.perplexity.scored_nll, so each perplexity equals the one-model-at-
+a-time evaluation of evaluation.perplexity.perplexity to the last bit on a given
+device and batch size.
+
+Peak memory beyond the model: (depth of the tree + 1) hidden states of one
+window batch (at most L + 1 tensors of batch x window x width), the attention
+temporaries of one block, and one chunk of LOGIT_ROWS x vocabulary logits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.masking_utils import create_causal_mask
+
+from evaluation.perplexity import (PerplexityResult, Window, batch_inputs, scored_nll, sliding_windows,
+                                   to_perplexity, window_batches)
+from pruning.blocks import get_blocks, kept_blocks
+
+# Architectures whose forward pass the engine reproduces block by block.
+ENGINE_MODEL_TYPES = ("gpt2",)
+
+
+def engine_supports(model: nn.Module) -> bool:
+    """Whether the shared-prefix engine reproduces this model's forward pass.
+
+    GPT-2 models that scale attention by the layer index change what a kept
+    block computes when it moves, so they go through the per-configuration
+    path (which refuses them with a clear error).
+    """
+    config = model.config
+    return (getattr(config, "model_type", None) in ENGINE_MODEL_TYPES
+            and not getattr(config, "scale_attn_by_inverse_layer_idx", False)
+            and not getattr(config, "add_cross_attention", False))
+
+
+@dataclass
+class Work:
+    """What a sweep cost, against what one-model-at-a-time evaluation costs.
+
+    A block evaluation is one block applied to one window. FLOPs are model
+    FLOPs (Chowdhery et al., 2022, "PaLM", appendix B): 2 per multiply-add of
+    the weight matrices, plus the causal attention scores and weighted sums
+    (only the query-key pairs the mask allows), plus the LM head on the scored
+    positions. Elementwise work (layer norms, GELU, softmax) is not counted.
+    """
+
+    configurations: int = 0
+    windows: int = 0
+    block_evals: int = 0
+    naive_block_evals: int = 0
+    tokens_scored: int = 0
+    flops: float = 0.0
+    seconds: float = 0.0  # wall time of the perplexity passes only (no speed test)
+
+    def add(self, other: "Work") -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    @property
+    def flops_per_s(self) -> float:
+        return self.flops / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def block_evals_saved(self) -> float:
+        """Fraction of the naive block evaluations that sharing avoided."""
+        return 1.0 - self.block_evals / self.naive_block_evals if self.naive_block_evals else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "flops_per_s": self.flops_per_s, "block_evals_saved": self.block_evals_saved}
+
+    def summary(self) -> str:
+        return (f"{self.configurations} configurations: {self.block_evals:,} block evaluations "
+                f"(one-at-a-time: {self.naive_block_evals:,}, {self.block_evals_saved:.0%} saved), "
+                f"{self.tokens_scored:,} tokens scored, {self.flops / 1e12:.2f} TFLOP in {self.seconds:.1f} s "
+                f"= {self.flops_per_s / 1e9:.1f} GFLOP/s")
+
+
+@dataclass
+class _Node:
+    """A distinct prefix of kept blocks; ``block`` is its last block."""
+
+    block: int
+    children: dict[int, "_Node"] = field(default_factory=dict)
+    ends: list[int] = field(default_factory=list)  # configurations whose kept list is this prefix
+
+
+def prefix_tree(kept_lists: Sequence[Sequence[int]]) -> _Node:
+    root = _Node(-1)
+    for index, kept in enumerate(kept_lists):
+        node = root
+        for block in kept:
+            node = node.children.setdefault(block, _Node(block))
+        node.ends.append(index)
+    return root
+
+
+def count_nodes(node: _Node) -> int:
+    """Block evaluations per window batch: every node but the root."""
+    return sum(1 + count_nodes(child) for child in node.children.values())
+
+
+def block_flops(model: nn.Module, window: int) -> float:
+    """Model FLOPs of one block on one window of ``window`` tokens."""
+    block = get_blocks(model)[0]
+    matmul_params = sum(p.numel() for p in block.parameters() if p.dim() == 2)
+    width = model.config.hidden_size
+    causal_pairs = window * (window + 1) // 2
+    return 2.0 * matmul_params * window + 4.0 * width * causal_pairs
+
+
+def head_flops(model: nn.Module, tokens: int) -> float:
+    return 2.0 * model.get_output_embeddings().weight.numel() * tokens
+
+
+class _BatchRunner:
+    """Runs embeddings and single blocks of a GPT-2 exactly as GPT2Model.forward does."""
+
+    def __init__(self, model: nn.Module):
+        self.base = model.base_model
+        self.head = model.get_output_embeddings()
+        self.blocks = get_blocks(model)
+        self.device = next(model.parameters()).device
+
+    def embed(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        inputs = inputs.to(self.device)
+        embeds = self.base.wte(inputs)
+        position_ids = torch.arange(inputs.shape[1], device=self.device).unsqueeze(0)
+        hidden = embeds + self.base.wpe(position_ids).to(embeds.device)
+        mask = create_causal_mask(config=self.base.config, inputs_embeds=embeds, attention_mask=None,
+                                  past_key_values=None, position_ids=position_ids)
+        return self.base.drop(hidden), {"attention_mask": mask, "position_ids": position_ids}
+
+    def block(self, index: int, hidden: torch.Tensor, extras: dict) -> torch.Tensor:
+        return self.blocks[index](hidden, None, extras["attention_mask"], None, encoder_attention_mask=None,
+                                  use_cache=False, position_ids=extras["position_ids"])
+
+    def nll(self, hidden: torch.Tensor, rows, positions, targets) -> float:
+        return scored_nll(self.head, self.base.ln_f(hidden), rows, positions, targets)
+
+
+def _walk(node: _Node, hidden: torch.Tensor, step: Callable[[int, torch.Tensor], torch.Tensor],
+          finish: Callable[[int, torch.Tensor], None]) -> None:
+    """Depth first: only the states on the path from the root stay alive."""
+    for config in node.ends:
+        finish(config, hidden)
+    for child in node.children.values():
+        _walk(child, step(child.block, hidden), step, finish)
+
+
+@torch.no_grad()
+def sweep_perplexities(model: nn.Module, ids: torch.Tensor, removals: Sequence[Sequence[int]], max_length: int,
+                       stride: int, batch_size: int = 1, progress: bool = True,
+                       desc: str = "windows") -> tuple[list[PerplexityResult], Work]:
+    """Perplexity of every removal set on ``ids``, in one pass over the windows.
+
+    ``removals`` must be valid for the model (pruning.blocks.validate_removal)
+    and the model must satisfy engine_supports. Results are in the order of
+    ``removals``.
+    """
+    n_blocks = len(get_blocks(model))
+    kept_lists = [kept_blocks(n_blocks, removed) for removed in removals]
+    tree = prefix_tree(kept_lists)
+    nodes = count_nodes(tree)
+    runner = _BatchRunner(model)
+    windows = sliding_windows(len(ids), max_length, stride)
+    nll = [0.0] * len(kept_lists)
+    tokens = [0] * len(kept_lists)
+    work = Work(configurations=len(kept_lists))
+    bar = tqdm(total=len(windows), desc=desc, unit="win", leave=False, disable=not progress)
+    start = time.perf_counter()
+    for batch in window_batches(windows, batch_size):
+        inputs, rows, positions, targets = batch_inputs(ids, batch)
+        hidden, extras = runner.embed(inputs)
+
+        def finish(config: int, state: torch.Tensor) -> None:
+            nll[config] += runner.nll(state, rows, positions, targets)
+            tokens[config] += len(targets)
+
+        _walk(tree, hidden, lambda index, state: runner.block(index, state, extras), finish)
+        _account(work, model, batch, nodes, kept_lists, len(targets))
+        bar.update(len(batch))
+    bar.close()
+    work.seconds = time.perf_counter() - start
+    return [PerplexityResult(to_perplexity(n, t), n, t) for n, t in zip(nll, tokens)], work
+
+
+def _account(work: Work, model: nn.Module, batch: Sequence[Window], nodes: int,
+             kept_lists: Sequence[Sequence[int]], scored: int) -> None:
+    per_window = sum(block_flops(model, w.length) for w in batch)
+    work.windows += len(batch)
+    work.block_evals += nodes * len(batch)
+    work.naive_block_evals += sum(len(k) for k in kept_lists) * len(batch)
+    work.tokens_scored += scored * len(kept_lists)
+    work.flops += nodes * per_window + len(kept_lists) * head_flops(model, scored)
+
+
+def one_model_work(model: nn.Module, n_tokens: int, removed: Sequence[int], max_length: int, stride: int,
+                   seconds: float) -> Work:
+    """The Work of evaluating one pruned model on its own (no sharing)."""
+    kept = len(kept_blocks(len(get_blocks(model)), removed))
+    windows = sliding_windows(n_tokens, max_length, stride)
+    scored = sum(w.end - w.first_target for w in windows)
+    flops = kept * sum(block_flops(model, w.length) for w in windows) + head_flops(model, scored)
+    return Work(1, len(windows), kept * len(windows), kept * len(windows), scored, flops, seconds)
