@@ -97,7 +97,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(rx.corr(ry, method="pearson"))
 
 
-def _num(value: float | None, fmt: str) -> str:
+def format_number(value: float | None, fmt: str) -> str:
     if value is None or math.isnan(value):
         return "-"
     return format(value, fmt)
@@ -113,22 +113,22 @@ def compare_report(plan: ComparePlan, rows: list[dict], beam_width: int) -> str:
         optimum = None
         if k in plan.exhaustive:
             optimum = min(combinations(range(plan.n_blocks), k), key=lambda s: rank_key(ppl(s), s))
-            body.append([str(k), "optimum", label(optimum), _num(ppl(optimum), ",.2f"), "0.00"])
+            body.append([str(k), "optimum", label(optimum), format_number(ppl(optimum), ",.2f"), "0.00"])
         for rule, s in by_rule.items():
             gap = (ppl(s) - ppl(optimum)) / ppl(optimum) * 100 if optimum is not None else None
             if gap is not None:
                 gaps[rule].append(gap)
-            body.append([str(k), rule, label(s), _num(ppl(s), ",.2f"), _num(gap, "+,.2f")])
+            body.append([str(k), rule, label(s), format_number(ppl(s), ",.2f"), format_number(gap, "+,.2f")])
     table = format_table(["k", "Rule", "Removed", "Perplexity", "Gap to optimum (%)"], body)
 
     k_opt = len(plan.exhaustive)
     summary = format_table(
         ["Rule", f"At optimum (of {k_opt} k)", "Mean gap (%)", "Max gap (%)"],
-        ([rule, str(sum(g <= 0 for g in gaps[rule])), _num(sum(gaps[rule]) / len(gaps[rule]), "+,.2f"),
-          _num(max(gaps[rule]), "+,.2f")] if gaps[rule] else [rule, "-", "-", "-"] for rule in RULES))
+        ([rule, str(sum(g <= 0 for g in gaps[rule])), format_number(sum(gaps[rule]) / len(gaps[rule]), "+,.2f"),
+          format_number(max(gaps[rule]), "+,.2f")] if gaps[rule] else [rule, "-", "-", "-"] for rule in RULES))
 
     increase = [ppl((i,)) - base for i in range(plan.n_blocks)]
-    corr = ", ".join(f"{m} {_num(spearman(plan.block_scores[m], increase), '+.3f')}" for m in ONE_PASS)
+    corr = ", ".join(f"{m} {format_number(spearman(plan.block_scores[m], increase), '+.3f')}" for m in ONE_PASS)
     skipped = [k for k in plan.chosen if k not in plan.exhaustive]
     notes = [f"Rules chose on calibration tokens; every perplexity here is on the evaluation tokens "
              f"(baseline {base:,.2f}). beam width {beam_width}."]

@@ -36,6 +36,7 @@ from pruning.blocks import get_blocks, removed_blocks
 from pruning.search import rank_key
 from utils.data import is_local_dataset, load_text, tokenize
 from utils.errors import KitError
+from utils.cache import cached_token_ids
 
 log = logging.getLogger("gpt2-pruning-kit")
 
@@ -43,7 +44,7 @@ Removal = tuple[int, ...]
 METRICS = ("bi", "angular", "ppl")
 
 
-def calibration_ids(args: Namespace, tokenizer) -> torch.Tensor:
+def calibration_ids(args: Namespace, tokenizer, cache_dir: str | None = None) -> torch.Tensor:
     """The first --calib-tokens tokens of the dataset's train split.
 
     Rules must choose on other text than they are judged on, or a comparison
@@ -53,7 +54,8 @@ def calibration_ids(args: Namespace, tokenizer) -> torch.Tensor:
     does a Hub dataset without a train split.
     """
     if is_local_dataset(args.dataset):
-        ids = tokenize(tokenizer, load_text(args.dataset, args.split, args.text_column))
+        # the same stream the evaluation reads, so the token cache serves both
+        ids = cached_token_ids(tokenizer, args.dataset, args.split, args.text_column, cache_dir)
         held_out = ids[args.max_tokens :] if args.max_tokens else ids[:0]
         if len(held_out) >= args.calib_tokens:
             log.info(f"Calibrating on tokens {args.max_tokens:,}.. of '{args.dataset}', after the evaluated ones "

@@ -129,9 +129,10 @@ def run(args: Namespace) -> int:
     n = num_blocks(model)
     removals = PLANNERS[args.mode](args, n) if args.mode in PLANNERS else []
     max_length, stride = window_settings(args, model)
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     choice = None
     if args.mode in CHOOSERS:
-        calib = Calibration(model, lambda: calibration_ids(args, tokenizer), max_length, stride, args.batch_size,
+        calib = Calibration(model, lambda: calibration_ids(args, tokenizer, cache_dir), max_length, stride, args.batch_size,
                             progress=not args.quiet)
         choice = CHOOSERS[args.mode](args, calib)
         removals = choice.removals
@@ -140,7 +141,6 @@ def run(args: Namespace) -> int:
                  f"{len(removals)} configurations, and the baseline")
         removals = share(removals, args.shard.index, args.shard.count)
 
-    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     ids = cached_token_ids(tokenizer, args.dataset, args.split, args.text_column, cache_dir)
     if args.max_tokens:
         ids = ids[: args.max_tokens]

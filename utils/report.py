@@ -11,7 +11,7 @@ from typing import Sequence
 
 from utils.errors import KitError
 from utils.plots import write_figures
-from utils.results import (COMPARISON_HEADERS, _num, _removed_label, comparison_cells, observations, read_rows,
+from utils.results import (COMPARISON_HEADERS, format_number, removed_label, comparison_cells, observations, read_rows,
                            sweep_cells)
 
 log = logging.getLogger("gpt2-pruning-kit")
@@ -61,7 +61,7 @@ def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: s
 
     if base and len(pruned) == 1:
         title = "Random Layer Removal" if mode == "random" else f"{mode.capitalize()} Layer Removal"
-        lines += [f"## {title}", "", f"Removed blocks: {_removed_label(pruned[0]['removed_layers'])}.", "",
+        lines += [f"## {title}", "", f"Removed blocks: {removed_label(pruned[0]['removed_layers'])}.", "",
                   markdown_table(COMPARISON_HEADERS, comparison_cells(base, pruned[0])), ""]
     if len(pruned) > 1 or not pruned:
         title = ("Baseline" if not pruned else "Sequential Layer Pruning" if mode == "sequential"
@@ -72,8 +72,8 @@ def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: s
     if len(depths) > 1:
         lines += ["## Best configuration per number of removed blocks", "",
                   markdown_table(["Blocks Removed", "Best Set", "Perplexity (↓)", "PPL Change (%)"],
-                                 [[str(len(r["removed_layers"])), _removed_label(r["removed_layers"]),
-                                   _num(r["perplexity"]), _num(r.get("ppl_change_pct"), sign=True)]
+                                 [[str(len(r["removed_layers"])), removed_label(r["removed_layers"]),
+                                   format_number(r["perplexity"]), format_number(r.get("ppl_change_pct"), sign=True)]
                                   for r in depths], left=2), ""]
     notes = observations(rows) if len(pruned) > 1 else []
     if notes:

@@ -116,7 +116,7 @@ CONSOLE_WIDTH = 80
 CONSOLE_NUMBER_WIDTH = 10
 
 
-def _num(value: float | None, digits: int = 2, sign: bool = False, width: int | None = None) -> str:
+def format_number(value: float | None, digits: int = 2, sign: bool = False, width: int | None = None) -> str:
     """A number as the seed's tables show it; within ``width`` characters when given."""
     if value is None:
         return "-"
@@ -133,7 +133,7 @@ def _num(value: float | None, digits: int = 2, sign: bool = False, width: int | 
     return text
 
 
-def _removed_label(removed: Sequence[int]) -> str:
+def removed_label(removed: Sequence[int]) -> str:
     return ", ".join(map(str, removed)) if removed else "None"
 
 
@@ -162,11 +162,11 @@ def sweep_cells(rows: Sequence[dict], width: int | None = None) -> list[list[str
 
     ``width`` caps each number cell (console); None keeps every decimal (report).
     """
-    label = _removed_label if width is None else compact_label
+    label = removed_label if width is None else compact_label
     return [[
-        label(r["removed_layers"]), str(r["num_layers"]), _num(r["perplexity"], width=width),
-        _num(r.get("latency_ms"), width=width), _num(r.get("params_m"), width=width),
-        _num(r.get("ppl_change_pct"), sign=True, width=width), _num(r.get("speed_change_pct"), sign=True, width=width),
+        label(r["removed_layers"]), str(r["num_layers"]), format_number(r["perplexity"], width=width),
+        format_number(r.get("latency_ms"), width=width), format_number(r.get("params_m"), width=width),
+        format_number(r.get("ppl_change_pct"), sign=True, width=width), format_number(r.get("speed_change_pct"), sign=True, width=width),
     ] for r in rows]
 
 
@@ -194,7 +194,7 @@ def comparison_cells(original: dict, pruned: dict) -> list[list[str]]:
     for label, key in metrics:
         a, b = original.get(key), pruned.get(key)
         digits = 0 if key == "num_layers" else 2
-        body.append([label, _num(a, digits), _num(b, digits), _num(change_pct(b, a), sign=True)])
+        body.append([label, format_number(a, digits), format_number(b, digits), format_number(change_pct(b, a), sign=True)])
     return body
 
 
@@ -210,18 +210,18 @@ def observations(rows: Sequence[dict]) -> list[str]:
     pruned = [r for r in rows if r["removed_layers"]]
     if not pruned:
         return []
-    label = lambda r: ("block " if len(r["removed_layers"]) == 1 else "blocks ") + _removed_label(r["removed_layers"])
+    label = lambda r: ("block " if len(r["removed_layers"]) == 1 else "blocks ") + removed_label(r["removed_layers"])
     worst = max(pruned, key=lambda r: r["perplexity"])
     best = min(pruned, key=lambda r: r["perplexity"])
     notes = []
     if len(pruned) > 1:
-        notes.append(f"Most harmful: removing {label(worst)} (PPL {_num(worst['perplexity'])}, "
-                     f"{_num(worst['ppl_change_pct'], sign=True)}%)")
-    notes.append(f"Least harmful: removing {label(best)} (PPL {_num(best['perplexity'])}, "
-                 f"{_num(best['ppl_change_pct'], sign=True)}%)")
+        notes.append(f"Most harmful: removing {label(worst)} (PPL {format_number(worst['perplexity'])}, "
+                     f"{format_number(worst['ppl_change_pct'], sign=True)}%)")
+    notes.append(f"Least harmful: removing {label(best)} (PPL {format_number(best['perplexity'])}, "
+                 f"{format_number(best['ppl_change_pct'], sign=True)}%)")
     timed = [r for r in pruned if r.get("latency_ms") is not None]
     if timed:
         fast = min(timed, key=lambda r: r["latency_ms"])
-        notes.append(f"Fastest: removing {label(fast)} ({_num(fast['latency_ms'])} ms, "
-                     f"{_num(fast['speed_change_pct'], sign=True)}%)")
+        notes.append(f"Fastest: removing {label(fast)} ({format_number(fast['latency_ms'])} ms, "
+                     f"{format_number(fast['speed_change_pct'], sign=True)}%)")
     return notes
