@@ -95,7 +95,9 @@ def measure_all(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor,
     removals = [validate_removal(r, n) for r in removals]
     for start in range(0, len(removals), GROUP_SIZE):
         group = removals[start : start + GROUP_SIZE]
+        desc = (f"windows (configurations {start + 1}-{start + len(group)} of {len(removals)})"
+                if len(removals) > GROUP_SIZE else "windows")
         ppls, work = sweep_perplexities(model, ids, group, settings.max_length, settings.stride,
-                                        settings.batch_size, progress=settings.progress)
+                                        settings.batch_size, progress=settings.progress, desc=desc)
         for i, (removed, ppl) in enumerate(zip(group, ppls)):
             yield _finish(model, prompt_ids, removed, ppl, settings, work if i == 0 else None)

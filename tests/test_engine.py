@@ -4,6 +4,7 @@ second run skip tokenization."""
 
 import csv
 import itertools
+import json
 
 import pytest
 import torch
@@ -110,6 +111,10 @@ def test_cli_sweep_logs_its_work_and_matches_the_reference(model_dir, text_file,
     [path] = tmp_path.glob("*.csv")
     rows = list(csv.DictReader(open(path)))
     assert len(rows) == N_LAYER + 1
+    # the baseline is evaluated in the sweep's own pass: its chain is every other row's prefix
+    work = json.loads(path.with_suffix(".json").read_text())["work"]
+    windows = len(sliding_windows(160, MAX_LENGTH, STRIDE))
+    assert work["block_evals"] == windows * (N_LAYER + N_LAYER * (N_LAYER - 1) // 2)
     for row in rows:
         removed = tuple(int(i) for i in row["removed_layers"].strip("[]").split(",") if i.strip())
         assert float(row["perplexity"]) == pytest.approx(reference(model, ids, removed, 1).perplexity, rel=1e-6)

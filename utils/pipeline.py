@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
-import time
 from argparse import Namespace
 from datetime import datetime
 from typing import Iterable, Iterator
@@ -78,7 +76,7 @@ def resumed_rows(args: Namespace) -> list[dict]:
     return rows
 
 
-def to_row(m: Measurement, base: dict | None, context: dict) -> dict:
+def to_row(m: Measurement, context: dict) -> dict:
     lat = m.latency
     row = {
         **context,
@@ -95,7 +93,7 @@ def to_row(m: Measurement, base: dict | None, context: dict) -> dict:
         "eval_tokens": m.ppl.tokens,
         "timestamp": datetime.now().isoformat(timespec="seconds"),
     }
-    return with_changes(row, base or row)
+    return row
 
 
 def with_changes(row: dict, base: dict) -> dict:
@@ -183,44 +181,38 @@ def run(args: Namespace) -> int:
                 "configurations_evaluated": 0, "tokens_evaluated": 0}
     work = Work()
 
-    def evaluate(removals, base):
-        """Rows for ``removals``, taking those already in a resumed file from it.
-
-        Each process measures its share; every row reaches every process, and
-        the main process writes it.
-        """
-        rows = {removal_key(r): done[removal_key(r)] for r in removals if removal_key(r) in done}
-        todo = [r for r in removals if removal_key(r) not in done]
-        mine = share(todo, procs.index, procs.count)
-        bar = tqdm(total=len(todo), desc="configurations", unit="cfg",
-                   disable=args.quiet or len(todo) < 2 or not procs.is_main)
-        extras = choice.extras if choice else {}
-        measurements = counted(measure_all(model, ids, prompt_ids, mine, settings), work)
-        measured = (to_row(m, base, {**context, **extras.get(tuple(sorted(m.removed)), {})}) for m in measurements)
-        for batch in in_rounds(procs, measured):
-            for row in batch:
-                rows[removal_key(row["removed_layers"])] = row
-                run_info["configurations_evaluated"] += 1
-                run_info["tokens_evaluated"] += row["eval_tokens"]
-                if out:
-                    out.write(row)
-                bar.update()
-        bar.close()
-        return [rows[removal_key(r)] for r in removals]
-
-    start = time.perf_counter()
-    base = evaluate([()], None)[0]
-    base_seconds = time.perf_counter() - start
-    if out and os.path.exists(out.path):  # a crashed sweep's CSV still has its sidecar
-        write_sidecar(out.path, args, run_info)
+    base = done.get(removal_key(()))
+    # The baseline goes into the sweep's own pass (its chain of blocks is every other configuration's
+    # prefix), first, so its row arrives before any row that needs it for the change columns.
+    configs = removals if base else [(), *removals]
+    todo = [r for r in configs if removal_key(r) not in done]
     if removals:
-        todo = sum(removal_key(r) not in done for r in removals)
-        skipped = f" ({len(removals) - todo} already in {args.resume})" if args.resume else ""
+        skipped = f" ({len(configs) - len(todo)} already in {args.resume})" if args.resume else ""
         workers = f" over {procs.count} processes" if procs.count > 1 else ""
-        log.info(f"{len(removals)} configurations to evaluate{skipped}{workers}; estimated at most "
-                 f"{base_seconds * math.ceil(todo / procs.count) / 60:.1f} min (the baseline took "
-                 f"{base_seconds:.1f} s)")
-    rows = [base] + [with_changes(r, base) for r in evaluate(removals, base)]
+        log.info(f"{len(todo)} configurations to evaluate{skipped}{workers}")
+    mine = share(todo, procs.index, procs.count)
+    bar = tqdm(total=len(todo), desc="configurations", unit="cfg",
+               disable=args.quiet or len(todo) < 2 or not procs.is_main)
+    extras = choice.extras if choice else {}
+    measurements = counted(measure_all(model, ids, prompt_ids, mine, settings), work)
+    measured = (to_row(m, {**context, **extras.get(tuple(sorted(m.removed)), {})}) for m in measurements)
+    rows = dict(done)
+    # Each process measures its share; every row reaches every process, in order, and the main
+    # process writes it. Process 0's share starts with the baseline, so it is the first row of all.
+    for batch in in_rounds(procs, measured):
+        for row in batch:
+            base = base or row
+            row = with_changes(row, base)
+            rows[removal_key(row["removed_layers"])] = row
+            run_info["configurations_evaluated"] += 1
+            run_info["tokens_evaluated"] += row["eval_tokens"]
+            if out:
+                out.write(row)
+                if run_info["configurations_evaluated"] == 1:  # a crashed sweep's CSV still has its sidecar
+                    write_sidecar(out.path, args, run_info)
+            bar.update()
+    bar.close()
+    rows = [with_changes(rows[removal_key(r)], base) for r in [(), *removals]]
     if work.configurations:
         log.info(f"Perplexity work: {work.summary()}")
     run_info["work"] = work.as_dict()
