@@ -22,7 +22,7 @@ device and batch size.
 
 Peak memory beyond the model: (depth of the tree + 1) hidden states of one
 window batch (at most L + 1 tensors of batch x window x width), the attention
-temporaries of one block, and one chunk of LOGIT_ROWS x vocabulary logits.
+temporaries of one block, and one LOGIT_ROWS x VOCAB_SLICE slice of logits.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from evaluation.perplexity import perplexity, sliding_windows, to_perplexity
+from evaluation.perplexity import perplexity, sliding_windows, to_perplexity, token_nll
 from pruning.blocks import removed_blocks
 
 
@@ -90,3 +90,14 @@ def test_overflowing_perplexity_is_inf_not_a_crash(model, ids):
     with torch.no_grad():
         model.transformer.wte.weight.mul_(1e4)  # absurd logits: mean NLL far beyond exp's range
     assert perplexity(model, ids[:200], 64, 32, progress=False).perplexity == math.inf
+
+
+@pytest.mark.parametrize("vocab_slice", [1, 7, 64, 100_000])
+@pytest.mark.parametrize("bias", [False, True])
+def test_slicing_the_vocabulary_gives_the_full_softmax_loss(vocab_slice, bias):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 100, bias=bias)
+    hidden, targets = torch.randn(30, 16) * 3, torch.randint(0, 100, (30,))
+    full = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="none")
+    sliced = token_nll(head, hidden, targets, vocab_slice)
+    torch.testing.assert_close(sliced, full, rtol=1e-6, atol=1e-6)
