@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.masking_utils import create_causal_mask
 
-from evaluation.perplexity import (PerplexityResult, Window, batch_inputs, scored_nll, sliding_windows,
+from evaluation.perplexity import (PerplexityResult, Window, batch_inputs, lm_parts, scored_nll, sliding_windows,
                                    to_perplexity, window_batches)
 from pruning.blocks import get_blocks, kept_blocks
 
@@ -140,8 +140,7 @@ class _BatchRunner:
     """Runs embeddings and single blocks of a GPT-2 exactly as GPT2Model.forward does."""
 
     def __init__(self, model: nn.Module):
-        self.base = model.base_model
-        self.head = model.get_output_embeddings()
+        self.base, self.head = lm_parts(model)
         self.blocks = get_blocks(model)
         self.device = next(model.parameters()).device
 
@@ -210,7 +209,7 @@ def sweep_perplexities(model: nn.Module, ids: torch.Tensor, removals: Sequence[S
 
 def _account(work: Work, model: nn.Module, batch: Sequence[Window], nodes: int,
              kept_lists: Sequence[Sequence[int]], scored: int) -> None:
-    per_window = sum(block_flops(model, w.length) for w in batch)
+    per_window = len(batch) * block_flops(model, batch[0].length)  # a batch's windows have one length
     work.windows += len(batch)
     work.block_evals += nodes * len(batch)
     work.naive_block_evals += sum(len(k) for k in kept_lists) * len(batch)

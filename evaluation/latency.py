@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pruning.blocks import context_size
+
 PREFILL_TOKENS = 256
 
 
@@ -71,8 +73,7 @@ def measure_latency(model: nn.Module, prompt_ids: torch.Tensor, gen_tokens: int,
                              pad_token_id=pad)
         assert out.shape[1] == inputs.shape[1] + gen_tokens
 
-    n_prefill = min(PREFILL_TOKENS, model.config.n_positions if hasattr(model.config, "n_positions")
-                    else model.config.max_position_embeddings)
+    n_prefill = min(PREFILL_TOKENS, context_size(model))
     prefill_ids = torch.arange(n_prefill, device=device).remainder(model.config.vocab_size).view(1, -1)
 
     def prefill() -> None:

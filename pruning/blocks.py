@@ -25,6 +25,9 @@ from torch import nn
 
 from utils.errors import KitError
 
+# The indices of the blocks a configuration removes, sorted.
+Removal = tuple[int, ...]
+
 # Where each supported architecture keeps its list of blocks (model_type ->
 # dotted attribute path from the *ForCausalLM model).
 BLOCK_PATHS: dict[str, str] = {
@@ -163,14 +166,14 @@ def removed_blocks(model: nn.Module, remove: Sequence[int]) -> Iterator[nn.Modul
     blocks = get_blocks(model)
     remove = validate_removal(remove, len(blocks))
     _check_index_free(model, remove)
-    keep = [i for i in range(len(blocks)) if i not in remove]
+    keep = list(kept_blocks(len(blocks), remove))
     parent, name = _parent_and_name(model)
     state = _depth_state(model.config)
-    setattr(parent, name, nn.ModuleList([blocks[i] for i in keep]))
-    for new_index, old_index in enumerate(keep):
-        _set_layer_index(blocks[old_index], new_index)
-    _set_depth(model.config, keep, state)
     try:
+        setattr(parent, name, nn.ModuleList([blocks[i] for i in keep]))
+        for new_index, old_index in enumerate(keep):
+            _set_layer_index(blocks[old_index], new_index)
+        _set_depth(model.config, keep, state)
         yield model
     finally:
         setattr(parent, name, blocks)
@@ -183,3 +186,8 @@ def removed_blocks(model: nn.Module, remove: Sequence[int]) -> Iterator[nn.Modul
 def kept_blocks(n_blocks: int, remove: Sequence[int]) -> tuple[int, ...]:
     removed = set(remove)
     return tuple(i for i in range(n_blocks) if i not in removed)
+
+
+def context_size(model: nn.Module) -> int:
+    """The longest input the model's position embeddings allow."""
+    return getattr(model.config, "n_positions", None) or model.config.max_position_embeddings

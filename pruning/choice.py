@@ -6,10 +6,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable
 
+from pruning.blocks import Removal
 from pruning.search import rank_key
 from utils.results import format_table, removal_key
 
-Removal = tuple[int, ...]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 from argparse import Namespace
 from dataclasses import dataclass
 from itertools import combinations
@@ -25,15 +24,16 @@ from typing import Sequence
 
 import pandas as pd
 
+from pruning.blocks import Removal
 from pruning.choice import Choice, label
 from pruning.importance import Calibration, candidate_scores, choose
 from pruning.search import beam, greedy, rank_key
+from pruning.strategies import random_blocks
 from utils.errors import KitError
 from utils.results import format_table, removal_key
 
 log = logging.getLogger("gpt2-pruning-kit")
 
-Removal = tuple[int, ...]
 RULES = ("bi", "angular", "ppl", "greedy", "beam", "random", "last")
 ONE_PASS = ("bi", "angular", "ppl")
 
@@ -78,7 +78,7 @@ def plan_compare(args: Namespace, calib: Calibration) -> ComparePlan:
                    for m in ONE_PASS}
         by_rule["greedy"] = greedy_steps[k - 1].removed
         by_rule["beam"] = beam_steps[k - 1].removed
-        by_rule["random"] = tuple(sorted(random.Random(args.seed).sample(range(n), k)))
+        by_rule["random"] = random_blocks(args.seed, n, k)
         by_rule["last"] = tuple(range(n - k, n))
         chosen[k] = by_rule
     exhaustive = tuple(k for k in chosen if math.comb(n, k) <= args.max_configs)

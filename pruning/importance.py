@@ -31,16 +31,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from evaluation.perplexity import perplexity, sliding_windows, window_batches
-from pruning.blocks import get_blocks, removed_blocks
+from evaluation.perplexity import Window, perplexity, window_batches
+from pruning.blocks import Removal, get_blocks, removed_blocks
 from pruning.search import rank_key
 from utils.data import is_local_dataset, load_text, tokenize
-from utils.errors import KitError
 from utils.cache import cached_token_ids
+from utils.errors import KitError
 
 log = logging.getLogger("gpt2-pruning-kit")
 
-Removal = tuple[int, ...]
 METRICS = ("bi", "angular", "ppl")
 
 
@@ -149,7 +148,8 @@ def one_pass_scores(model: nn.Module, ids: torch.Tensor, max_length: int, batch_
     cos_sum = torch.zeros(size, size, dtype=torch.float64, device=device)
     angle_sum = torch.zeros_like(cos_sum)
     tokens = 0
-    windows = sliding_windows(len(ids), max_length, max_length)
+    # every token is a position to score here, the first of a window included
+    windows = [Window(begin, min(begin + max_length, len(ids)), begin) for begin in range(0, len(ids), max_length)]
     states: list[torch.Tensor] = []
     handles = _stream_hooks(blocks, states)
     bar = tqdm(total=len(windows), desc="calibration pass", unit="win", leave=False, disable=not progress)

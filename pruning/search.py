@@ -19,7 +19,8 @@ from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-Removal = tuple[int, ...]
+from pruning.blocks import Removal
+
 Scorer = Callable[[Sequence[int]], float]
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import math
 import random
 from argparse import Namespace
+from fractions import Fraction
 from itertools import combinations
 from typing import Callable
 
-from pruning.blocks import validate_removal
+from pruning.blocks import Removal, validate_removal
 from utils.errors import KitError
 
-Removal = tuple[int, ...]
 
 
 def baseline(args: Namespace, n_blocks: int) -> list[Removal]:
@@ -37,10 +37,6 @@ def combinatorial(args: Namespace, n_blocks: int) -> list[Removal]:
     return [c for k in range(low, high + 1) for c in combinations(range(n_blocks), k)]
 
 
-def combinatorial_count(n_blocks: int, low: int, high: int) -> int:
-    return sum(math.comb(n_blocks, k) for k in range(low, high + 1))
-
-
 def removal_count(args: Namespace, n_blocks: int) -> int:
     """--num-remove, or --ratio x depth rounded half up (0.5 x 3 blocks -> 2)."""
     if args.num_remove is not None:
@@ -48,16 +44,21 @@ def removal_count(args: Namespace, n_blocks: int) -> int:
         if not 1 <= k < n_blocks:
             raise KitError(f"--num-remove must be between 1 and {n_blocks - 1} for a {n_blocks}-block model (got {k})")
         return k
-    k = math.floor(args.ratio * n_blocks + 0.5)
+    # exact decimal arithmetic: in floats 0.58 x 25 rounds to 14 instead of 15
+    k = math.floor(Fraction(str(args.ratio)) * n_blocks + Fraction(1, 2))
     if k == 0 or k == n_blocks:
         raise KitError(f"--ratio {args.ratio} removes {k} of {n_blocks} blocks; choose a ratio that removes "
                        f"between 1 and {n_blocks - 1}, or use --num-remove")
     return k
 
 
+def random_blocks(seed: int, n_blocks: int, k: int) -> Removal:
+    """The random draw of --mode random, which --mode compare must repeat exactly."""
+    return tuple(sorted(random.Random(seed).sample(range(n_blocks), k)))
+
+
 def random_removal(args: Namespace, n_blocks: int) -> list[Removal]:
-    k = removal_count(args, n_blocks)
-    return [tuple(sorted(random.Random(args.seed).sample(range(n_blocks), k)))]
+    return [random_blocks(args.seed, n_blocks, removal_count(args, n_blocks))]
 
 
 def custom(args: Namespace, n_blocks: int) -> list[Removal]:

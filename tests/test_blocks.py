@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from evaluation.params import count_parameters
+from pruning import blocks
 from pruning.blocks import get_blocks, removed_blocks, validate_removal
 from utils.errors import KitError
 
@@ -82,3 +83,19 @@ def test_distilgpt2_shape_has_the_parameter_counts_users_know():
 def test_bad_removals_are_refused(remove, message):
     with pytest.raises(KitError, match=message):
         validate_removal(remove, 4)
+
+
+def test_a_failure_while_pruning_leaves_the_original_model(model, monkeypatch):
+    before = [id(b) for b in get_blocks(model)]
+    depth = model.config.n_layer
+
+    def broken(*args):
+        raise IndexError("a per-layer config field too short")
+
+    monkeypatch.setattr(blocks, "_set_depth", broken)
+    with pytest.raises(IndexError):
+        with removed_blocks(model, [1]):
+            pass
+    assert [id(b) for b in get_blocks(model)] == before
+    assert model.config.n_layer == depth
+    assert [b.attn.layer_idx for b in get_blocks(model)] == list(range(depth))

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import main
 from conftest import IDENTITY_BLOCK, N_LAYER, ROOT
+from pruning.strategies import removal_count
 
 FAST = ["--no-speed", "--max-tokens", "1500"]
 
@@ -75,6 +77,11 @@ def test_random_removes_ratio_of_blocks_chosen_by_seed(model_dir, text_file, tmp
     assert run(model_dir, text_file, "--mode", "random", "--num-remove", "3", *FAST,
                output_dir=tmp_path / "three") == 0
     assert only_csv(tmp_path / "three").num_layers.iloc[1] == 1
+
+
+@pytest.mark.parametrize("ratio, depth, k", [(0.5, 3, 2), (0.5, 6, 3), (0.58, 25, 15), (0.7, 45, 32), (0.25, 12, 3)])
+def test_ratio_rounds_half_up_exactly(ratio, depth, k):
+    assert removal_count(Namespace(num_remove=None, ratio=ratio), depth) == k
 
 
 def test_speed_columns_are_filled_when_timed(model_dir, text_file, tmp_path):

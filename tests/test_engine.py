@@ -70,7 +70,14 @@ def test_sequential_sweep_shares_the_baseline_chain(model, ids):
     assert work.naive_block_evals == windows * (N_LAYER + N_LAYER * (N_LAYER - 1))
     assert work.tokens_scored == len(removals) * (len(ids) - 1)
     assert work.windows == windows and work.configurations == len(removals)
-    assert work.flops > 0 and work.flops_per_s > 0
+    # model FLOPs by hand: 12 d^2 weights per block, 2 FLOPs per multiply-add, 4 d per causal query-key
+    # pair (scores and weighted sum), and the d x vocab head on each scored token of each configuration
+    d, vocab = model.config.n_embd, model.config.vocab_size
+    block = sum(2 * 12 * d * d * w.length + 4 * d * w.length * (w.length + 1) // 2
+                for w in sliding_windows(len(ids), MAX_LENGTH, STRIDE))
+    head = 2 * d * vocab * (len(ids) - 1)
+    assert work.flops == (N_LAYER + N_LAYER * (N_LAYER - 1) // 2) * block + len(removals) * head
+    assert work.flops_per_s > 0
 
 
 def test_prefix_tree_computes_each_distinct_prefix_once():

@@ -186,3 +186,18 @@ def test_bad_input_is_one_line_and_no_file(model_dir, text_file, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
     assert not any(tmp_path.iterdir())
+
+
+def test_block_influence_is_one_minus_the_mean_cosine_across_each_block(model, ids):
+    # 1025 tokens in windows of 128: the last window holds a single token, which counts too
+    stream = ids[:1025]
+    scores = one_pass_scores(model, stream, max_length=128)
+    assert scores.tokens == 1025
+    cos_sums = torch.zeros(N_LAYER - 1, dtype=torch.float64)
+    with torch.no_grad():
+        for begin in range(0, len(stream), 128):
+            states = model(stream[begin : begin + 128].unsqueeze(0), output_hidden_states=True).hidden_states
+            for i in range(N_LAYER - 1):  # the last hidden state has the final layer norm applied
+                cos_sums[i] += torch.cosine_similarity(states[i][0].double(), states[i + 1][0].double(), dim=-1).sum()
+    expected = 1.0 - cos_sums / len(stream)
+    assert scores.bi()[: N_LAYER - 1] == pytest.approx(expected.tolist(), abs=1e-9)

@@ -13,7 +13,8 @@ import torch
 from evaluation.engine import Work
 from evaluation.perplexity import sliding_windows
 from evaluation.sweep import EvalSettings, Measurement, measure_all
-from pruning.blocks import num_blocks
+from evaluation.params import count_parameters
+from pruning.blocks import context_size, num_blocks
 from pruning.choosers import CHOOSERS
 from pruning.heal import healing_inputs
 from pruning.importance import Calibration, calibration_ids
@@ -26,9 +27,10 @@ from utils.export import deliver
 from utils.metadata import device_name, now, write_sidecar
 from utils.models import dtype_name, load_model, resolve_device
 from utils.report import write_outputs
+from tqdm.auto import tqdm
+
 from utils.results import (ResultsFile, change_pct, comparison_table, observations, read_rows, removal_key,
                            results_path, sweep_table)
-from tqdm.auto import tqdm
 
 log = logging.getLogger("gpt2-pruning-kit")
 
@@ -36,10 +38,6 @@ log = logging.getLogger("gpt2-pruning-kit")
 SAVE_MODEL_MODES = ("custom", "random", "importance", "greedy", "beam")
 # Beyond this many tokens a CPU evaluation takes minutes per configuration.
 CPU_SLOW_TOKENS = 50_000
-
-
-def context_size(model) -> int:
-    return getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
 
 
 def window_settings(args: Namespace, model) -> tuple[int, int]:
@@ -158,7 +156,7 @@ def run(args: Namespace) -> int:
     if mismatched:
         raise KitError(f"--resume file '{args.resume}' was evaluated on {mismatched[0].get('eval_tokens')} tokens, "
                        f"this run scores {scored}: use the same --dataset, --max-tokens, --max-length and --stride")
-    log.info(f"{args.model}: {n} blocks, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+    log.info(f"{args.model}: {n} blocks, {count_parameters(model) / 1e6:.2f}M parameters, "
              f"{device.type}, {dtype_name(model)}")
     log.info(f"Evaluating {len(ids):,} tokens in {n_windows:,} windows (max length {max_length}, stride {stride}) "
              f"for each of {len(removals) + 1} configurations (baseline included)")
@@ -186,7 +184,7 @@ def run(args: Namespace) -> int:
     # prefix), first, so its row arrives before any row that needs it for the change columns.
     configs = removals if base else [(), *removals]
     todo = [r for r in configs if removal_key(r) not in done]
-    if removals:
+    if args.resume or procs.count > 1:
         skipped = f" ({len(configs) - len(todo)} already in {args.resume})" if args.resume else ""
         workers = f" over {procs.count} processes" if procs.count > 1 else ""
         log.info(f"{len(todo)} configurations to evaluate{skipped}{workers}")
