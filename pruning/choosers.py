@@ -38,14 +38,14 @@ def steps_table(steps: list[Step]) -> str:
 
 
 def greedy_mode(args: Namespace, calib: Calibration) -> Choice:
-    steps = greedy(calib.perplexity, calib.n_blocks, removal_count(args, calib.n_blocks), calib.progress)
+    steps = greedy(calib.perplexities, calib.n_blocks, removal_count(args, calib.n_blocks), calib.progress)
     return Choice([s.removed for s in steps],
                   {s.removed: {"metric": "greedy", "scores": scores_json(s.candidates)} for s in steps},
                   lambda rows: "Greedy elimination on calibration tokens (SLEB)\n\n" + steps_table(steps))
 
 
 def beam_mode(args: Namespace, calib: Calibration) -> Choice:
-    steps = beam(calib.perplexity, calib.n_blocks, removal_count(args, calib.n_blocks), args.beam_width,
+    steps = beam(calib.perplexities, calib.n_blocks, removal_count(args, calib.n_blocks), args.beam_width,
                  calib.progress)
     best = steps[-1]
     return Choice([best.removed], {best.removed: {"metric": "beam", "scores": scores_json(best.candidates)}},

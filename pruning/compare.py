@@ -68,8 +68,8 @@ def plan_compare(args: Namespace, calib: Calibration) -> ComparePlan:
     high = n - 1 if args.max_remove is None else args.max_remove
     if not 1 <= high < n:
         raise KitError(f"--max-remove must be between 1 and {n - 1} for a {n}-block model (got {high})")
-    greedy_steps = greedy(calib.perplexity, n, high, calib.progress)
-    beam_steps = beam(calib.perplexity, n, high, args.beam_width, calib.progress)
+    greedy_steps = greedy(calib.perplexities, n, high, calib.progress)
+    beam_steps = beam(calib.perplexities, n, high, args.beam_width, calib.progress)
     # bi and ppl score single blocks whatever k is; angular scores the spans of each length
     singles = {m: candidate_scores(calib, m, 1) for m in ONE_PASS}
     chosen = {}

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from evaluation.engine import engine_supports, sweep_perplexities
 from evaluation.perplexity import Window, perplexity, window_batches
 from pruning.blocks import Removal, get_blocks, removed_blocks
 from pruning.search import rank_key
@@ -204,13 +205,26 @@ class Calibration:
                 raise KitError("calibration needs at least 2 tokens; raise --calib-tokens")
         return self._ids
 
-    def perplexity(self, removed: Sequence[int]) -> float:
-        key = tuple(sorted(removed))
-        if key not in self._ppl:
-            with removed_blocks(self.model, key) as pruned:
-                self._ppl[key] = perplexity(pruned, self.ids, self.max_length, self.stride, self.batch_size,
-                                            progress=self.progress, desc="calibration").perplexity
-        return self._ppl[key]
+    def perplexities(self, removals: Sequence[Sequence[int]]) -> list[float]:
+        """Calibration perplexity of each removal set.
+
+        The sets not yet cached are evaluated together, in one shared-prefix
+        pass where the engine supports the model: a search step's candidates
+        share most of their blocks.
+        """
+        keys = [tuple(sorted(r)) for r in removals]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._ppl))
+        if todo and engine_supports(self.model):
+            results, _ = sweep_perplexities(self.model, self.ids, todo, self.max_length, self.stride,
+                                            self.batch_size, progress=self.progress, desc="calibration")
+        else:
+            results = []
+            for key in todo:
+                with removed_blocks(self.model, key) as pruned:
+                    results.append(perplexity(pruned, self.ids, self.max_length, self.stride, self.batch_size,
+                                              progress=self.progress, desc="calibration"))
+        self._ppl.update((key, result.perplexity) for key, result in zip(todo, results))
+        return [self._ppl[key] for key in keys]
 
     def one_pass(self) -> OnePassScores:
         if self._one_pass is None:
@@ -219,9 +233,8 @@ class Calibration:
 
     def single_removal(self) -> dict[Removal, float]:
         """Calibration perplexity with each block removed alone (the ppl criterion)."""
-        bar = tqdm(range(self.n_blocks), desc="single removals", unit="block", leave=False,
-                   disable=not self.progress)
-        return {(i,): self.perplexity((i,)) for i in bar}
+        singles = [(i,) for i in range(self.n_blocks)]
+        return dict(zip(singles, self.perplexities(singles)))
 
 
 def candidate_scores(calib: Calibration, metric: str, k: int) -> dict[Removal, float]:

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 from tqdm.auto import tqdm
 
 from pruning.blocks import Removal
 
-Scorer = Callable[[Sequence[int]], float]
+# Scores a search step's candidate sets together (lower is better), so that an
+# evaluator can share work between them (importance.Calibration.perplexities).
+Scorer = Callable[[list[Removal]], list[float]]
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ def _extensions(removed: Removal, n_blocks: int) -> list[Removal]:
 
 
 def greedy(score: Scorer, n_blocks: int, k: int, progress: bool = True) -> list[Step]:
-    """Steps 1..k of iterative elimination; ``score`` maps a removal set to calibration perplexity."""
+    """Steps 1..k of iterative elimination; ``score`` maps removal sets to calibration perplexities."""
     return beam(score, n_blocks, k, width=1, progress=progress)
 
 
@@ -60,7 +62,8 @@ def beam(score: Scorer, n_blocks: int, k: int, width: int, progress: bool = True
     frontier: list[Removal] = [()]
     steps = []
     for size in tqdm(range(1, k + 1), desc="search", unit="step", leave=False, disable=not progress):
-        candidates = {c: score(c) for base in frontier for c in _extensions(base, n_blocks)}
+        todo = list(dict.fromkeys(c for base in frontier for c in _extensions(base, n_blocks)))
+        candidates = dict(zip(todo, score(todo)))
         ranked = sorted(candidates, key=lambda c: rank_key(candidates[c], c))
         frontier = ranked[:width]
         steps.append(Step(frontier[0], candidates[frontier[0]], candidates))

@@ -17,6 +17,9 @@ import torch
 
 import main
 from conftest import IDENTITY_BLOCK, N_LAYER
+from evaluation.perplexity import perplexity
+from pruning import importance
+from pruning.blocks import removed_blocks
 from pruning.compare import spearman
 from pruning.importance import Calibration, calibration_ids, candidate_scores, choose, one_pass_scores
 from pruning.search import beam, greedy
@@ -104,7 +107,7 @@ def test_one_greedy_step_equals_the_ppl_rule(trained, ids):
     calib_ids = ids[1000:2500]
     ppl_rule = Calibration(trained, lambda: calib_ids, **settings)
     search = Calibration(trained, lambda: calib_ids, **settings)
-    (step,) = greedy(search.perplexity, N_LAYER, 1, progress=False)
+    (step,) = greedy(search.perplexities, N_LAYER, 1, progress=False)
     scores = candidate_scores(ppl_rule, "ppl", 1)
     assert step.removed == choose("ppl", scores, 1) == (IDENTITY_BLOCK,)
     assert step.candidates == scores
@@ -113,7 +116,7 @@ def test_one_greedy_step_equals_the_ppl_rule(trained, ids):
 def test_beam_escapes_a_greedy_trap():
     """Block 0 is the best single removal, but the best pair is {1, 2}: greedy commits to 0, a beam does not."""
     cost = {(0,): 1.0, (1,): 2.0, (2,): 2.5, (3,): 9.0, (1, 2): 1.5}
-    score = lambda removed: cost.get(tuple(removed), 5.0 + sum(removed))
+    score = lambda sets: [cost.get(s, 5.0 + sum(s)) for s in sets]
     assert [s.removed for s in greedy(score, 4, 2, progress=False)] == [(0,), (0, 1)]
     assert [s.removed for s in beam(score, 4, 2, width=2, progress=False)] == [(0,), (1, 2)]
     assert beam(score, 4, 2, width=1, progress=False) == greedy(score, 4, 2, progress=False)
@@ -201,3 +204,18 @@ def test_block_influence_is_one_minus_the_mean_cosine_across_each_block(model, i
                 cos_sums[i] += torch.cosine_similarity(states[i][0].double(), states[i + 1][0].double(), dim=-1).sum()
     expected = 1.0 - cos_sums / len(stream)
     assert scores.bi()[: N_LAYER - 1] == pytest.approx(expected.tolist(), abs=1e-9)
+
+
+def test_calibration_scores_a_step_in_one_pass_with_the_numbers_of_each_pruned_model(model, ids, monkeypatch):
+    calib_ids = ids[:600]
+    calib = Calibration(model, lambda: calib_ids, max_length=128, stride=64, progress=False)
+    passes = []
+    real = importance.sweep_perplexities
+    monkeypatch.setattr(importance, "sweep_perplexities", lambda *a, **k: passes.append(a[2]) or real(*a, **k))
+    sets = [(0,), (1, 2), (3,), (0,)]
+    got = calib.perplexities(sets)
+    assert passes == [[(0,), (1, 2), (3,)]]  # one pass, each distinct set once
+    for removed, ppl in zip(sets, got):
+        with removed_blocks(model, removed) as pruned:
+            assert ppl == pytest.approx(perplexity(pruned, calib_ids, 128, 64, progress=False).perplexity, rel=1e-6)
+    assert calib.perplexities([(3,)]) == [got[2]] and len(passes) == 1  # cached
