@@ -42,7 +42,8 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from pruning.blocks import removed_blocks
-from utils.data import is_local_dataset, load_text, tokenize
+from utils.cache import cached_token_ids
+from utils.data import is_local_dataset
 from utils.errors import KitError
 
 log = logging.getLogger("gpt2-pruning-kit")
@@ -97,8 +98,12 @@ def settings_from_args(args: Namespace, context_size: int) -> HealSettings:
                         seq_len=seq_len, lora_rank=args.lora_rank, kd=args.heal_kd, seed=args.seed)
 
 
-def training_text(train_dataset: str | None, dataset: str, text_column: str = "text") -> str:
-    """The healing text: --train-dataset, or else the train split of --dataset.
+def training_ids(tokenizer, train_dataset: str | None, dataset: str, text_column: str = "text",
+                 cache_dir: str | None = None) -> torch.Tensor:
+    """The healing text's token ids: --train-dataset, or else the train split of --dataset.
+
+    A train split is large (WikiText-2's holds about 2.4M tokens), so its ids
+    go through the token cache like the evaluation's.
 
     A local --dataset file has no train split, and training on the evaluation
     file would make the healed perplexity meaningless, so it needs an explicit
@@ -108,8 +113,7 @@ def training_text(train_dataset: str | None, dataset: str, text_column: str = "t
         if is_local_dataset(dataset):
             raise KitError(f"healing needs training text: --dataset '{dataset}' is a local file with no train split; "
                            "pass --train-dataset (a Hub dataset or a local .txt/.json/.jsonl/.csv/.parquet file)")
-        return load_text(dataset, "train", text_column)
-    return load_text(train_dataset, "train", text_column)
+    return cached_token_ids(tokenizer, train_dataset or dataset, "train", text_column, cache_dir)
 
 
 def check_disjoint(train_ids: torch.Tensor, eval_ids: torch.Tensor) -> None:
@@ -132,13 +136,13 @@ def check_trainable(model: nn.Module, train_ids: torch.Tensor, settings: HealSet
                        f"{settings.seq_len} + 1; pass more text or a smaller --heal-seq-len")
 
 
-def healing_inputs(args: Namespace, model: nn.Module, tokenizer, eval_ids: torch.Tensor,
-                   context_size: int) -> tuple[HealSettings | None, torch.Tensor | None]:
+def healing_inputs(args: Namespace, model: nn.Module, tokenizer, eval_ids: torch.Tensor, context_size: int,
+                   cache_dir: str | None = None) -> tuple[HealSettings | None, torch.Tensor | None]:
     """Settings and training ids for --heal-steps, checked before any measurement starts (None, None without it)."""
     if not args.heal_steps:
         return None, None
     settings = settings_from_args(args, context_size)
-    train_ids = tokenize(tokenizer, training_text(args.train_dataset, args.dataset, args.text_column))
+    train_ids = training_ids(tokenizer, args.train_dataset, args.dataset, args.text_column, cache_dir)
     check_disjoint(train_ids, eval_ids)
     check_trainable(model, train_ids, settings)
     return settings, train_ids

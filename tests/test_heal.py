@@ -13,7 +13,7 @@ import main
 from evaluation.perplexity import perplexity
 from pruning.blocks import removed_blocks
 import pruning.heal
-from pruning.heal import HealSettings, heal, kd_loss, training_text
+from pruning.heal import HealSettings, heal, kd_loss, training_ids
 from tiny import make_model, make_text, make_tokenizer, save_model_dir
 from utils.data import tokenize
 
@@ -140,9 +140,10 @@ def test_healing_options_need_heal_steps_and_a_mode_with_one_chosen_configuratio
 
 def test_training_text_defaults_to_the_train_split_of_a_hub_dataset(monkeypatch):
     asked = []
-    monkeypatch.setattr(pruning.heal, "load_text", lambda name, split, column: asked.append((name, split)) or "text")
-    assert training_text(None, "wikitext-2-raw-v1") == "text"
-    assert training_text("my/corpus", "wikitext-2-raw-v1") == "text"
+    monkeypatch.setattr(pruning.heal, "cached_token_ids",
+                        lambda tokenizer, name, split, column, cache_dir: asked.append((name, split)) or "text")
+    assert training_ids(None, None, "wikitext-2-raw-v1") == "text"
+    assert training_ids(None, "my/corpus", "wikitext-2-raw-v1") == "text"
     assert asked == [("wikitext-2-raw-v1", "train"), ("my/corpus", "train")]
 
 

@@ -145,7 +145,7 @@ def run(args: Namespace) -> int:
     prompt_ids = tokenize(tokenizer, args.prompt) if args.prompt.strip() else None
     if not args.no_speed and prompt_ids is None:
         raise KitError("--prompt is empty")
-    heal_settings, train_ids = healing_inputs(args, model, tokenizer, ids, context_size(model))
+    heal_settings, train_ids = healing_inputs(args, model, tokenizer, ids, context_size(model), cache_dir)
 
     settings = EvalSettings(max_length, stride, args.batch_size, not args.no_speed, args.speed_runs,
                             args.speed_warmup, args.gen_tokens, progress=not args.quiet and procs.is_main)
