@@ -187,19 +187,26 @@ def test_pair_heatmap_cells_are_the_pair_perplexities(combinatorial_rows):
     np.testing.assert_array_equal(np.ma.filled(image.astype(float), np.nan), expected)
 
 
-def test_importance_figure_reads_long_or_wide_score_columns(sequential_rows):
-    assert importance_figure(sequential_rows) is None  # no score columns: no figure
-    long_rows = [{**r, "metric": m, "score": s, "block": b, "removed_layers": []}
-                 for m, scores in {"bi": [0.3, 0.0, 0.2], "angular": [0.1, 0.05, 0.4]}.items()
-                 for b, s in enumerate(scores) for r in sequential_rows[:1]]
-    fig = importance_figure(long_rows)
+def test_importance_figure_draws_the_scores_the_choosing_modes_write(model_dir, text_file, tmp_path, sequential_rows):
+    assert importance_figure(sequential_rows) is None  # no scores: no figure
+    code = main.main(["--mode", "importance", "--metric", "bi", "--num-remove", "1", "--model", str(model_dir),
+                      "--dataset", str(text_file), "--max-tokens", "200", "--calib-tokens", "300", "--no-speed",
+                      "--plot", "--quiet", "--output-dir", str(tmp_path / "imp")])
+    assert code == 0
+    [path] = (tmp_path / "imp").glob("*.csv")
+    assert list((tmp_path / "imp").glob("*_importance.png"))
+    chosen = read_rows(str(path))[-1]
+    written = {json.loads(k)[0]: v for k, v in json.loads(chosen["scores"]).items()}
+    fig = importance_figure(read_rows(str(path)))
+    assert [ax.get_title() for ax in fig.axes] == ["bi"]
+    assert bar_tops(fig.axes[0]) == pytest.approx(written)
+    # compare's single-removal rows carry every one-pass score of their block, keyed by metric
+    compare_rows = [{"removed_layers": [b], "metric": "bi,single",
+                     "scores": json.dumps({"bi": 0.1 * b, "angular": 0.2 * b})} for b in range(3)]
+    fig = importance_figure(compare_rows)
     assert [ax.get_title() for ax in fig.axes] == ["angular", "bi"]
-    assert bar_tops(fig.axes[1]) == pytest.approx({0: 0.3, 1: 0.0, 2: 0.2})
-    wide_rows = [{**r, "bi_score": 0.1 * r["removed_layers"][0]} for r in sequential_rows if r["removed_layers"]]
-    assert bar_tops(importance_figure(wide_rows).axes[0]) == pytest.approx({b: 0.1 * b for b in range(6)})
+    assert bar_tops(fig.axes[0]) == pytest.approx({b: 0.2 * b for b in range(3)})
 
-
-# ---- console ------------------------------------------------------------------------------
 
 def test_console_table_fits_80_columns():
     deep = [sample_row("random", [], 17.5, 1234.5, n_blocks=48),

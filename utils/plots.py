@@ -11,6 +11,7 @@ importance figure. Figures are built on matplotlib.figure.Figure directly
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -28,7 +29,6 @@ log = logging.getLogger("gpt2-pruning-kit")
 DPI = 120
 # Above this many blocks, heatmap cells are too small for numbers and bar labels turn sideways.
 ANNOTATE_MAX_BLOCKS = 12
-SCORE_SUFFIX = "_score"
 
 
 def _finite(value) -> bool:
@@ -218,21 +218,26 @@ def pair_heatmap(rows: Sequence[dict]) -> Figure | None:
 
 
 def importance_scores(rows: Sequence[dict]) -> dict[str, dict[int, float]]:
-    """Per-block scores by metric, from whichever layout the file has: long
-    ('metric' and 'score' columns) or wide (one '<metric>_score' column per
-    metric); a row's block is its 'block' column, else its one removed block."""
+    """Per-block scores by metric, from the ``scores`` cells the choosing modes write.
+
+    importance, greedy and beam rows hold their rule's candidates keyed by
+    removal set (only single blocks are per-block scores); compare's
+    single-removal rows hold every one-pass score of their block, keyed by metric.
+    """
     scores: dict[str, dict[int, float]] = {}
     for r in rows:
-        block = r.get("block")
-        if block is None and len(r["removed_layers"]) == 1:
-            block = r["removed_layers"][0]
-        if not isinstance(block, int):
+        if not isinstance(r.get("scores"), str):
             continue
-        if isinstance(r.get("metric"), str) and _finite(r.get("score")):
-            scores.setdefault(r["metric"], {})[block] = float(r["score"])
-        for key, value in r.items():
-            if key.endswith(SCORE_SUFFIX) and _finite(value):
-                scores.setdefault(key[: -len(SCORE_SUFFIX)], {})[block] = float(value)
+        removed = r["removed_layers"]
+        for key, value in json.loads(r["scores"]).items():
+            if not _finite(value):
+                continue
+            if key.startswith("["):
+                candidate = json.loads(key)
+                if len(candidate) == 1:
+                    scores.setdefault(r["metric"], {})[candidate[0]] = float(value)
+            elif len(removed) == 1:
+                scores.setdefault(key, {})[removed[0]] = float(value)
     return scores
 
 
