@@ -44,18 +44,20 @@ log = logging.getLogger("gpt2-pruning-kit")
 METRICS = ("bi", "angular", "ppl")
 
 
-def calibration_ids(args: Namespace, tokenizer, cache_dir: str | None = None) -> torch.Tensor:
+def calibration_ids(args: Namespace, tokenizer, stream: torch.Tensor | None = None,
+                    cache_dir: str | None = None) -> torch.Tensor:
     """The first --calib-tokens tokens of the dataset's train split.
 
     Rules must choose on other text than they are judged on, or a comparison
     of rules is self-fulfilling. A local file has one split: calibration then
     takes the tokens after the --max-tokens evaluated ones when there are
     enough, and otherwise the evaluated tokens themselves, with a warning; so
-    does a Hub dataset without a train split.
+    does a Hub dataset without a train split. ``stream``, the local file's
+    token ids when the caller has them already, saves reading them again.
     """
     if is_local_dataset(args.dataset):
-        # the same stream the evaluation reads, so the token cache serves both
-        ids = cached_token_ids(tokenizer, args.dataset, args.split, args.text_column, cache_dir)
+        ids = stream if stream is not None else cached_token_ids(tokenizer, args.dataset, args.split,
+                                                                 args.text_column, cache_dir)
         held_out = ids[args.max_tokens :] if args.max_tokens else ids[:0]
         if len(held_out) >= args.calib_tokens:
             log.info(f"Calibrating on tokens {args.max_tokens:,}.. of '{args.dataset}', after the evaluated ones "

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 import main
 from conftest import IDENTITY_BLOCK, N_LAYER, ROOT
 from pruning.strategies import removal_count
+from utils.results import ResultsFile, read_rows, results_path
 
 FAST = ["--no-speed", "--max-tokens", "1500"]
 
@@ -207,3 +208,45 @@ def test_the_command_line_runs_as_a_script(model_dir, text_file, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Removed" in proc.stdout and "Results written to" in proc.stderr
     assert len(only_csv(tmp_path)) == N_LAYER + 1
+
+
+def test_a_one_token_prompt_is_enough_for_the_speed_test(model_dir, text_file, tmp_path):
+    assert run(model_dir, text_file, "--mode", "baseline", "--max-tokens", "200", "--speed-runs", "1",
+               "--speed-warmup", "0", "--gen-tokens", "2", "--prompt", "the", output_dir=tmp_path) == 0
+    assert only_csv(tmp_path).latency_ms.iloc[0] > 0
+
+
+def test_runs_started_in_the_same_second_get_files_of_their_own(tmp_path):
+    taken = results_path(str(tmp_path), "distilgpt2", "random")
+    Path(taken).write_text("another run's rows\n")
+    out = ResultsFile(taken)
+    out.write({"removed_layers": [], "perplexity": 1.0})
+    assert out.path != taken and Path(taken).read_text() == "another run's rows\n"
+    assert len(read_rows(out.path)) == 1
+
+
+def resume_problems(tmp_path, full):
+    header, *rows = full.read_text().splitlines()
+    old = tmp_path / "old-version.csv"  # a file from a version of the kit with fewer columns
+    old.write_text("\n".join([",".join(header.split(",")[:-1])] + [r.rsplit(",", 1)[0] for r in rows[:2]]) + "\n")
+    other_dtype = tmp_path / "bfloat16.csv"
+    other_dtype.write_text("\n".join([header, *(r.replace(",float32,", ",bfloat16,") for r in rows[:2])]) + "\n")
+    latin = tmp_path / "latin-1.txt"
+    latin.write_bytes("caf\xe9 au lait, na\xefve r\xe9sum\xe9\n".encode("latin-1") * 50)
+    return [(["--resume", str(old)], "other columns"),
+            (["--resume", str(other_dtype)], "dtype bfloat16"),
+            (["--dataset", str(latin)], "not UTF-8")]
+
+
+def test_resuming_an_incompatible_file_or_reading_a_non_utf8_one_is_a_one_line_error(model_dir, text_file, tmp_path,
+                                                                                   capsys):
+    assert run(model_dir, text_file, "--mode", "sequential", *FAST, output_dir=tmp_path / "full") == 0
+    [full] = (tmp_path / "full").glob("*.csv")
+    capsys.readouterr()
+    for args, message in resume_problems(tmp_path, full):
+        before = {p: p.read_bytes() for p in tmp_path.glob("*.csv")}
+        assert main.main(["--mode", "sequential", "--model", str(model_dir), "--dataset", str(text_file),
+                          *FAST, *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert {p: p.read_bytes() for p in tmp_path.glob("*.csv")} == before  # nothing appended

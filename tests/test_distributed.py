@@ -2,6 +2,7 @@
 then --mode merge) gives the rows of one single-process run; only the timing
 columns, which measure wall time, may differ."""
 
+import json
 import os
 import socket
 import subprocess
@@ -93,6 +94,10 @@ def test_shards_merged_equal_an_unsharded_run(single, shard_files, tmp_path):
     merged = only_csv(tmp_path)
     assert merged.name.split("_")[-2] == "combinatorial"
     pd.testing.assert_frame_equal(comparable(merged), comparable(single))
+    # like every run that writes a CSV, a merge writes its metadata and report beside it
+    meta = json.loads(merged.with_suffix(".json").read_text())
+    assert meta["merged_from"] == [str(p) for p in reversed(shard_files)]
+    assert merged.with_name(merged.stem + "_report.md").is_file()
 
 
 @pytest.mark.parametrize("problem, expected", [

@@ -358,3 +358,12 @@ def test_an_interrupted_sweep_still_has_its_sidecar(tiny, tmp_path, monkeypatch)
     [csv_path] = outputs(tmp_path, ".csv")
     meta = json.loads(csv_path.with_suffix(".json").read_text(encoding="utf-8"))
     assert meta["finished"] is None and meta["configurations_evaluated"] == len(read_rows(str(csv_path))) == 1
+
+
+def test_report_of_a_minimal_csv_computes_its_changes_against_its_baseline(tmp_path):
+    path = tmp_path / "by-hand.csv"
+    path.write_text("removed_layers,num_layers,perplexity\n[],6,39.29\n[3],5,69.57\n[0],5,12095.0\n")
+    assert main.main(["--mode", "report", "--input", str(path)]) == 0
+    report = (tmp_path / "by-hand_report.md").read_text()
+    assert "+77.07" in report  # 69.57 / 39.29 - 1
+    assert "Least harmful: removing block 3" in report

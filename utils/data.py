@@ -30,8 +30,11 @@ def _local_texts(path: str, text_column: str) -> list[str]:
         raise KitError(f"dataset file '{path}' does not exist")
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".txt":
-        with open(path, encoding="utf-8") as f:
-            return [f.read()]
+        try:
+            with open(path, encoding="utf-8") as f:
+                return [f.read()]
+        except UnicodeDecodeError as exc:
+            raise KitError(f"dataset file '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if suffix not in TABLE_READERS:
         raise KitError(f"dataset file '{path}' has an unknown type (choices: {', '.join(LOCAL_SUFFIXES)})")
     try:
@@ -75,9 +78,9 @@ def load_text(name: str, split: str = "test", text_column: str = "text") -> str:
     return text
 
 
-def tokenize(tokenizer, text: str) -> torch.Tensor:
+def tokenize(tokenizer, text: str, what: str = "the evaluation text", min_tokens: int = 2) -> torch.Tensor:
     """The whole text as one 1-D stream of token ids."""
     ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
-    if len(ids) < 2:
-        raise KitError("the evaluation text is shorter than two tokens; nothing to score")
+    if len(ids) < min_tokens:
+        raise KitError(f"{what} is shorter than {min_tokens} token{'s' if min_tokens > 1 else ''}")
     return torch.tensor(ids, dtype=torch.long)

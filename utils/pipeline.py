@@ -9,11 +9,12 @@ from datetime import datetime
 from typing import Iterable, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from evaluation.engine import Work
 from evaluation.perplexity import sliding_windows
-from evaluation.sweep import EvalSettings, Measurement, measure_all
 from evaluation.params import count_parameters
+from evaluation.sweep import EvalSettings, Measurement, measure_all
 from pruning.blocks import context_size, num_blocks
 from pruning.choosers import CHOOSERS
 from pruning.heal import healing_inputs
@@ -27,10 +28,8 @@ from utils.export import deliver
 from utils.metadata import device_name, now, write_sidecar
 from utils.models import dtype_name, load_model, resolve_device
 from utils.report import write_outputs
-from tqdm.auto import tqdm
-
-from utils.results import (ResultsFile, change_pct, comparison_table, observations, read_rows, removal_key,
-                           results_path, sweep_table)
+from utils.results import (ResultsFile, check_columns, comparison_table, observations, read_rows, removal_key,
+                           results_path, sweep_table, with_changes)
 
 log = logging.getLogger("gpt2-pruning-kit")
 
@@ -66,6 +65,7 @@ def resumed_rows(args: Namespace) -> list[dict]:
     if not args.resume:
         return []
     rows = read_rows(args.resume)
+    check_columns(args.resume)
     for row in rows:
         for key in ("model", "dataset"):
             if str(row.get(key)) != str(getattr(args, key)):
@@ -94,13 +94,6 @@ def to_row(m: Measurement, context: dict) -> dict:
     return row
 
 
-def with_changes(row: dict, base: dict) -> dict:
-    return {**row,
-            "ppl_change_pct": change_pct(row["perplexity"], base["perplexity"]),
-            "params_change_pct": change_pct(row["params"], base["params"]),
-            "speed_change_pct": change_pct(row["latency_ms"], base["latency_ms"])}
-
-
 def counted(measurements: Iterable[Measurement], work: Work) -> Iterator[Measurement]:
     """Passes measurements through, adding the cost of their perplexity passes to ``work``."""
     for m in measurements:
@@ -126,25 +119,15 @@ def run(args: Namespace) -> int:
     removals = PLANNERS[args.mode](args, n) if args.mode in PLANNERS else []
     max_length, stride = window_settings(args, model)
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
-    choice = None
-    if args.mode in CHOOSERS:
-        calib = Calibration(model, lambda: calibration_ids(args, tokenizer, cache_dir), max_length, stride, args.batch_size,
-                            progress=not args.quiet)
-        choice = CHOOSERS[args.mode](args, calib)
-        removals = choice.removals
-    if args.shard:
-        log.info(f"Shard {args.shard}: {len(removals[args.shard.index::args.shard.count])} of the sweep's "
-                 f"{len(removals)} configurations, and the baseline")
-        removals = share(removals, args.shard.index, args.shard.count)
-
-    ids = cached_token_ids(tokenizer, args.dataset, args.split, args.text_column, cache_dir)
-    if args.max_tokens:
-        ids = ids[: args.max_tokens]
-        if len(ids) < 2:
-            raise KitError("--max-tokens must be at least 2")
-    prompt_ids = tokenize(tokenizer, args.prompt) if args.prompt.strip() else None
-    if not args.no_speed and prompt_ids is None:
-        raise KitError("--prompt is empty")
+    stream = cached_token_ids(tokenizer, args.dataset, args.split, args.text_column, cache_dir)
+    ids = stream[: args.max_tokens] if args.max_tokens else stream
+    if len(ids) < 2:
+        raise KitError("--max-tokens must be at least 2")
+    prompt_ids = None
+    if not args.no_speed:
+        if not args.prompt.strip():
+            raise KitError("--prompt is empty")
+        prompt_ids = tokenize(tokenizer, args.prompt, "--prompt", min_tokens=1)
     heal_settings, train_ids = healing_inputs(args, model, tokenizer, ids, context_size(model), cache_dir)
 
     settings = EvalSettings(max_length, stride, args.batch_size, not args.no_speed, args.speed_runs,
@@ -156,6 +139,23 @@ def run(args: Namespace) -> int:
     if mismatched:
         raise KitError(f"--resume file '{args.resume}' was evaluated on {mismatched[0].get('eval_tokens')} tokens, "
                        f"this run scores {scored}: use the same --dataset, --max-tokens, --max-length and --stride")
+    for key, value in (("device", device.type), ("dtype", dtype_name(model))):
+        other = next((r[key] for r in resumed if r.get(key) != value), None)
+        if other is not None:
+            raise KitError(f"--resume file '{args.resume}' was measured with {key} {other}, this run uses {value}: "
+                           f"its latencies and perplexities would not compare with this run's")
+
+    # Choosing blocks costs calibration passes, so it starts once every input has been checked.
+    choice = None
+    if args.mode in CHOOSERS:
+        calib = Calibration(model, lambda: calibration_ids(args, tokenizer, stream, cache_dir), max_length, stride,
+                            args.batch_size, progress=not args.quiet)
+        choice = CHOOSERS[args.mode](args, calib)
+        removals = choice.removals
+    if args.shard:
+        mine = share(removals, args.shard.index, args.shard.count)
+        log.info(f"Shard {args.shard}: {len(mine)} of the sweep's {len(removals)} configurations, and the baseline")
+        removals = mine
     log.info(f"{args.model}: {n} blocks, {count_parameters(model) / 1e6:.2f}M parameters, "
              f"{device.type}, {dtype_name(model)}")
     log.info(f"Evaluating {len(ids):,} tokens in {n_windows:,} windows (max length {max_length}, stride {stride}) "
@@ -210,7 +210,7 @@ def run(args: Namespace) -> int:
                     write_sidecar(out.path, args, run_info)
             bar.update()
     bar.close()
-    rows = [with_changes(rows[removal_key(r)], base) for r in [(), *removals]]
+    rows = [rows[removal_key(r)] for r in [(), *removals]]
     if work.configurations:
         log.info(f"Perplexity work: {work.summary()}")
     run_info["work"] = work.as_dict()
@@ -232,13 +232,15 @@ def merge(args: Namespace) -> int:
     tables = [(path, read_rows(path)) for path in args.inputs]
     rows = merge_rows(tables)
     base = rows[0]
-    rows = [with_changes(base, base)] + [with_changes(r, base) for r in rows[1:]]
+    rows = [with_changes(r, base) for r in rows]
     out = ResultsFile(results_path(args.output_dir, str(base["model"]), str(base["mode"])))
     for row in rows:
         out.write(row)
     log.info(f"Merged {len(rows)} rows from {len(tables)} files")
     report(args, rows)
     log.warning(f"Results written to {out.path}")
+    log.warning(f"Run metadata written to {write_sidecar(out.path, args, {'started': now(), 'merged_from': list(args.inputs)})}")
+    write_outputs(rows, out.path, plot=args.plot)
     return 0
 
 

@@ -11,8 +11,8 @@ from typing import Sequence
 
 from utils.errors import KitError
 from utils.plots import write_figures
-from utils.results import (COMPARISON_HEADERS, format_number, removed_label, comparison_cells, observations, read_rows,
-                           sweep_cells)
+from utils.results import (COMPARISON_HEADERS, comparison_cells, format_number, observations, read_rows,
+                           removed_label, sweep_cells, with_changes)
 
 log = logging.getLogger("gpt2-pruning-kit")
 
@@ -20,6 +20,7 @@ log = logging.getLogger("gpt2-pruning-kit")
 SWEEP_HEADERS = ["Layers Removed", "Layers", "Perplexity (↓)", "Speed (ms) ↓", "Parameters (M)", "PPL Change (%)",
                  "Speed Change (%)"]
 REQUIRED_COLUMNS = ("removed_layers", "num_layers", "perplexity")
+CHANGE_COLUMNS = ("ppl_change_pct", "params_change_pct", "speed_change_pct")
 
 
 def markdown_table(headers: Sequence[str], cells: Sequence[Sequence[str]], left: int = 1) -> str:
@@ -93,8 +94,9 @@ def write_outputs(rows: Sequence[dict], csv_path: str, plot: bool) -> list[str]:
     """report.md (and with ``plot`` the figures) beside ``csv_path``; the paths written."""
     figures = write_figures(rows, csv_path) if plot else []
     path = report_path(csv_path)
+    text = report_markdown(rows, figures, csv_path)  # before opening: a failure leaves no empty report
     with open(path, "w", encoding="utf-8") as f:
-        f.write(report_markdown(rows, figures, csv_path))
+        f.write(text)
     for figure in figures:
         log.warning(f"Figure written to {figure}")
     log.warning(f"Report written to {path}")
@@ -113,5 +115,9 @@ def report_from_csv(args: Namespace) -> int:
     """--mode report: figures and report.md again from a saved CSV, beside it."""
     rows = read_rows(args.input)
     check_rows(rows, args.input)
+    # a file written by hand or by another tool may lack the change columns: recomputed against its
+    # baseline row, or left empty without one
+    base = next((r for r in rows if not r["removed_layers"]), None)
+    rows = [with_changes(r, base) if base else {**dict.fromkeys(CHANGE_COLUMNS), **r} for r in rows]
     write_outputs(rows, args.input, plot=True)
     return 0

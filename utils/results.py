@@ -30,19 +30,39 @@ def change_pct(value: float | None, reference: float | None) -> float | None:
     return (value - reference) / reference * 100.0
 
 
+def with_changes(row: dict, base: dict) -> dict:
+    """``row`` with its change columns against the baseline row ``base``."""
+    return {**row,
+            "ppl_change_pct": change_pct(row["perplexity"], base["perplexity"]),
+            "params_change_pct": change_pct(row.get("params"), base.get("params")),
+            "speed_change_pct": change_pct(row.get("latency_ms"), base.get("latency_ms"))}
+
+
 def removal_key(removed: Sequence[int]) -> str:
     return json.dumps(sorted(int(i) for i in removed))
 
 
 def results_path(output_dir: str, model: str, mode: str, now: datetime | None = None) -> str:
-    """A fresh file name from model, mode and time; never an existing file."""
+    """A file name from model, mode and time (ResultsFile makes it unique when it creates the file)."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.strip("/\\")).strip("-.") or "model"
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    base = os.path.join(output_dir, f"{slug}_{mode}_{stamp}")
-    path, n = base + ".csv", 1
-    while os.path.exists(path):
-        path, n = f"{base}-{n}.csv", n + 1
-    return path
+    return os.path.join(output_dir, f"{slug}_{mode}_{stamp}.csv")
+
+
+def claim(path: str) -> str:
+    """Create ``path``, or the first free ``<stem>-N.csv`` beside it, and return its name.
+
+    Creating the file exclusively is what makes the name unique: two runs
+    started in the same second (a Slurm array) cannot both get it.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    stem, n, candidate = os.path.splitext(path)[0], 1, path
+    while True:
+        try:
+            with open(candidate, "x", encoding="utf-8"):
+                return candidate
+        except FileExistsError:
+            candidate, n = f"{stem}-{n}.csv", n + 1
 
 
 class ResultsFile:
@@ -55,19 +75,21 @@ class ResultsFile:
 
     def __init__(self, path: str, exclusive: bool = True):
         self.path = path
-        self.exclusive = exclusive
+        self.exclusive = exclusive  # a new file of its own (else: appending to --resume's file)
+        self.rows = 0
 
     def write(self, row: dict) -> None:
+        if self.exclusive and not self.rows:
+            self.path = claim(self.path)
         new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
-        if new:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with open(self.path, "x" if new and self.exclusive else "a", newline="", encoding="utf-8") as f:
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow({k: _csv_value(row.get(k)) for k in COLUMNS})
             f.flush()
             os.fsync(f.fileno())
+        self.rows += 1
 
 
 def _csv_value(value):
@@ -82,19 +104,33 @@ def read_rows(path: str) -> list[dict]:
     """Rows of a results CSV, with numbers parsed back (empty cells -> None)."""
     if not os.path.isfile(path):
         raise KitError(f"results file '{path}' does not exist")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "removed_layers" not in reader.fieldnames:
-            raise KitError(f"'{path}' is not a results file of this kit (no removed_layers column)")
-        rows = []
-        for raw in reader:
-            row = {k: _parse(v) for k, v in raw.items()}
-            try:
-                row["removed_layers"] = [int(i) for i in json.loads(raw["removed_layers"])]
-            except (ValueError, TypeError):
-                raise KitError(f"'{path}' has a malformed removed_layers value: {raw['removed_layers']!r}") from None
-            rows.append(row)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "removed_layers" not in reader.fieldnames:
+                raise KitError(f"'{path}' is not a results file of this kit (no removed_layers column)")
+            rows = []
+            for raw in reader:
+                if None in raw:  # more cells than the header names
+                    raise KitError(f"'{path}' has a row with more cells than its header (line {reader.line_num})")
+                row = {k: _parse(v) for k, v in raw.items()}
+                try:
+                    row["removed_layers"] = [int(i) for i in json.loads(raw["removed_layers"])]
+                except (ValueError, TypeError):
+                    raise KitError(f"'{path}' has a malformed removed_layers value: {raw['removed_layers']!r}") from None
+                rows.append(row)
+    except UnicodeDecodeError as exc:
+        raise KitError(f"'{path}' is not a UTF-8 results file ({exc.reason} at byte {exc.start})") from None
     return rows
+
+
+def check_columns(path: str) -> None:
+    """A file is resumed only if it has this version's columns, in order: rows are appended in that order."""
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    if header and header != COLUMNS:
+        raise KitError(f"--resume file '{path}' has other columns than this version of the kit writes; "
+                       "finish it with the version that started it, or start a new file")
 
 
 def _parse(value: str | None):
