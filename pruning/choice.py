@@ -8,7 +8,7 @@ from typing import Callable
 
 from pruning.blocks import Removal
 from pruning.search import rank_key
-from utils.results import format_table, removal_key
+from utils.results import format_table, removal_key, removed_label
 
 
 
@@ -25,13 +25,9 @@ def scores_json(scores: dict[Removal, float]) -> str:
     return json.dumps({removal_key(c): s for c, s in scores.items()})
 
 
-def label(removed: Removal) -> str:
-    return ", ".join(map(str, removed))
-
-
 def scores_table(scores: dict[Removal, float], chosen: Removal, header: str) -> str:
     ranked = sorted(scores, key=lambda c: rank_key(scores[c], c))
     return format_table(["Candidate", header, "Removed"],
-                        ([label(c), f"{scores[c]:.6g}", "yes" if set(c) <= set(chosen) else ""] for c in ranked))
+                        ([removed_label(c), f"{scores[c]:.6g}", "yes" if set(c) <= set(chosen) else ""] for c in ranked))
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 from argparse import Namespace
 from typing import Callable
 
-from pruning.choice import Choice, label, scores_json, scores_table
+from pruning.choice import Choice, scores_json, scores_table
 from pruning.compare import compare
 from pruning.importance import Calibration, candidate_scores, choose
 from pruning.search import Step, beam, greedy
 from pruning.strategies import removal_count
-from utils.results import format_table
+from utils.results import format_table, removed_label
 
 
 SCORE_NAMES = {"bi": "Block Influence", "angular": "Angular distance", "ppl": "Calibration PPL"}
@@ -33,7 +33,7 @@ def importance(args: Namespace, calib: Calibration) -> Choice:
 
 def steps_table(steps: list[Step]) -> str:
     return format_table(["Blocks removed", "Removed", "Calibration PPL", "Sets scored"],
-                        ([str(len(s.removed)), label(s.removed), f"{s.score:.4f}", str(len(s.candidates))]
+                        ([str(len(s.removed)), removed_label(s.removed), f"{s.score:.4f}", str(len(s.candidates))]
                          for s in steps))
 
 

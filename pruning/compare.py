@@ -25,12 +25,12 @@ from typing import Sequence
 import pandas as pd
 
 from pruning.blocks import Removal
-from pruning.choice import Choice, label
+from pruning.choice import Choice
 from pruning.importance import Calibration, candidate_scores, choose
 from pruning.search import beam, greedy, rank_key
 from pruning.strategies import random_blocks
 from utils.errors import KitError
-from utils.results import format_table, removal_key
+from utils.results import format_table, removal_key, removed_label
 
 log = logging.getLogger("gpt2-pruning-kit")
 
@@ -113,12 +113,12 @@ def compare_report(plan: ComparePlan, rows: list[dict], beam_width: int) -> str:
         optimum = None
         if k in plan.exhaustive:
             optimum = min(combinations(range(plan.n_blocks), k), key=lambda s: rank_key(ppl(s), s))
-            body.append([str(k), "optimum", label(optimum), format_number(ppl(optimum), ",.2f"), "0.00"])
+            body.append([str(k), "optimum", removed_label(optimum), format_number(ppl(optimum), ",.2f"), "0.00"])
         for rule, s in by_rule.items():
             gap = (ppl(s) - ppl(optimum)) / ppl(optimum) * 100 if optimum is not None else None
             if gap is not None:
                 gaps[rule].append(gap)
-            body.append([str(k), rule, label(s), format_number(ppl(s), ",.2f"), format_number(gap, "+,.2f")])
+            body.append([str(k), rule, removed_label(s), format_number(ppl(s), ",.2f"), format_number(gap, "+,.2f")])
     table = format_table(["k", "Rule", "Removed", "Perplexity", "Gap to optimum (%)"], body)
 
     k_opt = len(plan.exhaustive)

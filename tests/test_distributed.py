@@ -16,7 +16,7 @@ import torch
 import main
 from conftest import ROOT
 from tiny import make_model, make_text, make_tokenizer, save_model_dir
-from utils.distributed import TIMING_COLUMNS, WORLD_SIZE_VARS, current_processes, share
+from utils.distributed import WORLD_SIZE_VARS, current_processes, share
 
 FAST = ["--mode", "combinatorial", "--max-tokens", "300", "--max-length", "64", "--no-speed"]
 N_CONFIGS = 1 + 6 + 4  # baseline, C(4,2), C(4,3)
@@ -42,6 +42,10 @@ def sweep(inputs, out: Path, *extra: str) -> int:
 def only_csv(folder: Path) -> Path:
     [path] = folder.glob("*.csv")
     return path
+
+
+# Columns that differ between runs of the same configuration: wall-clock measurements and when they were taken.
+TIMING_COLUMNS = ("latency_ms", "latency_iqr_ms", "prefill_ms", "tokens_per_s", "speed_change_pct", "timestamp")
 
 
 def comparable(path: Path) -> pd.DataFrame:

@@ -44,9 +44,6 @@ WORLD_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_W
 # longer than torch's 10-30 minute default. A crashed peer is caught by the
 # launcher, which stops all processes, not by this timeout.
 COLLECTIVE_TIMEOUT = timedelta(hours=24)
-# Columns that differ between runs of the same configuration: wall-clock
-# measurements and when they were taken.
-TIMING_COLUMNS = ("latency_ms", "latency_iqr_ms", "prefill_ms", "tokens_per_s", "speed_change_pct", "timestamp")
 # Relative difference allowed between the baselines of shards merged together:
 # a different GPU or library build may change the last bits of a float32 sum,
 # not more.

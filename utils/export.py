@@ -231,12 +231,11 @@ def deliver(args: Namespace, model: nn.Module, tokenizer, rows: Sequence[dict], 
             print(healing_table(rows, healed_ppl))
     if not args.save_model:
         return
+    checkpoint_ppl = healing["perplexity"] if healed is not None else rows[-1]["perplexity"]
+    report = build_report(args, rows, settings, args.save_model, healing, checkpoint_ppl, dtype, device,
+                          model.config.model_type)
     if healed is not None:
-        report = build_report(args, rows, settings, args.save_model, healing, healing["perplexity"], dtype, device,
-                              model.config.model_type)
         export_model(healed, tokenizer, args.save_model, report, sample_ids)
         return
-    report = build_report(args, rows, settings, args.save_model, None, rows[-1]["perplexity"], dtype, device,
-                          model.config.model_type)
     with removed_blocks(model, removed) as pruned:
         export_model(pruned, tokenizer, args.save_model, report, sample_ids)

@@ -49,7 +49,7 @@ def load_model(name: str, device: torch.device, dtype: str = "auto") -> tuple[An
     try:
         tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
         model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=torch_dtype)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         where = "" if looks_local(name) else f"; {OFFLINE_HINT}"
         raise KitError(f"cannot load model '{name}': {first_line(exc)}{where}") from None
     model.to(device).eval()
