@@ -48,6 +48,8 @@ def test_sequential_writes_one_row_per_block_plus_baseline(model_dir, text_file,
     assert (rows.params.iloc[1:] == base.params - block_params).all()
     assert rows.ppl_change_pct.tolist() == pytest.approx(
         [(p - base.perplexity) / base.perplexity * 100 for p in rows.perplexity])
+    assert rows.params_change_pct.tolist() == pytest.approx(
+        [(p - base.params) / base.params * 100 for p in rows.params])
     assert (rows.num_layers == [N_LAYER] + [N_LAYER - 1] * N_LAYER).all()
     assert (rows.eval_tokens == 1499).all()
     assert rows.latency_ms.isna().all()  # --no-speed

@@ -4,6 +4,7 @@ anywhere (a fresh process, plain transformers) to the model that was measured.""
 from __future__ import annotations
 
 import json
+import re
 import os
 import shlex
 import subprocess
@@ -18,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import main
 from pruning.blocks import removed_blocks
 from tiny import make_model, make_text, make_tokenizer, save_model_dir
-from utils.export import REPORT_FILE
+from utils.export import REPORT_FILE, healing_table
 from utils.results import read_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +95,21 @@ def test_model_card_states_removed_blocks_numbers_before_and_after_and_the_comma
     assert report["reproduce"] in card
 
 
+def test_model_card_changes_are_the_pruned_against_the_original_numbers(healed):
+    model_dir, pruned_row = healed
+    card = (model_dir / "README.md").read_text()
+    report = json.loads((model_dir / REPORT_FILE).read_text())
+    original, pruned = report["original"], report["pruned"]
+    assert pruned["perplexity"] == pruned_row["perplexity"] and pruned["latency_ms"] == pruned_row["latency_ms"]
+    for name, key in [("Parameters (M)", "params"), ("Perplexity", "perplexity"),
+                      ("Generation latency (ms, median)", "latency_ms"), ("Generated tokens/s", "tokens_per_s"),
+                      ("Prefill latency (ms)", "prefill_ms")]:
+        change = (pruned[key] - original[key]) / original[key] * 100
+        assert re.search(rf"^\| {re.escape(name)} \| [\d,.]+ \| [\d,.]+ \| {re.escape(f'{change:+,.2f}')}% \|$", card, re.M), name
+    healed_change = (report["healing"]["perplexity"] - original["perplexity"]) / original["perplexity"] * 100
+    assert f"| Pruned and healed (this checkpoint) | {report['healing']['perplexity']:,.2f} | {healed_change:+,.2f}% |" in card
+
+
 def test_export_without_healing_is_the_measured_pruned_model(files):
     model_dir, pruned_row = run_kit(files, "plain", "--mode", "custom", "--remove", "0,3", "--no-speed")
     report = json.loads((model_dir / REPORT_FILE).read_text())
@@ -109,3 +125,11 @@ def test_export_without_healing_is_the_measured_pruned_model(files):
         assert torch.equal(reloaded(ids).logits, pruned(ids).logits)
         assert torch.equal(reloaded.generate(ids, **settings), pruned.generate(ids, **settings))
     assert "`[0, 3]`" in (model_dir / "README.md").read_text()
+
+
+def test_healing_table_changes_are_against_the_original():
+    rows = [{"num_layers": 4, "perplexity": 40.0}, {"num_layers": 2, "perplexity": 50.0}]
+    lines = healing_table(rows, healed_ppl=44.0).splitlines()
+    assert lines[2].split() == ["Original", "4", "40.00"]
+    assert lines[3].split() == ["Pruned", "2", "50.00", "+25.00"]
+    assert lines[4].split() == ["Pruned", "+", "healed", "2", "44.00", "+10.00"]

@@ -269,6 +269,7 @@ def test_plot_writes_figures_report_and_sidecar_and_report_mode_remakes_them(tin
     assert meta["dtype"] == "float32" and "work" in meta
     assert meta["configurations_evaluated"] == len(rows) == 1 + 4 + 6
     assert meta["tokens_evaluated"] == sum(r["eval_tokens"] for r in rows)
+    assert meta["stream_tokens"] == rows[0]["eval_tokens"] + 1  # every token but the first is scored
     assert meta["kit"]["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", meta["kit"]["commit"])
 
     # --mode report makes the same report again from the CSV alone

@@ -61,12 +61,11 @@ def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: s
     lines += [summary[0].upper() + summary[1:] + ".", ""]
 
     if base and len(pruned) == 1:
-        title = "Random Layer Removal" if mode == "random" else f"{mode.capitalize()} Layer Removal"
+        title = f"{mode.capitalize()} Layer Removal"
         lines += [f"## {title}", "", f"Removed blocks: {removed_label(pruned[0]['removed_layers'])}.", "",
                   markdown_table(COMPARISON_HEADERS, comparison_cells(base, pruned[0])), ""]
     if len(pruned) > 1 or not pruned:
-        title = ("Baseline" if not pruned else "Sequential Layer Pruning" if mode == "sequential"
-                 else f"{mode.capitalize()} Layer Pruning")
+        title = f"{mode.capitalize()} Layer Pruning" if pruned else "Baseline"
         headers = ["Layer Removed", *SWEEP_HEADERS[1:]] if mode == "sequential" else SWEEP_HEADERS
         lines += [f"## {title}", "", markdown_table(headers, sweep_cells(rows)), ""]
     depths = best_per_depth(pruned)
