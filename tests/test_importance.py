@@ -161,6 +161,15 @@ def test_compare_optimum_is_the_best_row_of_the_combinatorial_sweep(trained_dir,
     assert json.loads(k1.scores)["bi"] == pytest.approx(0.0, abs=1e-12)
     # removing the identity block costs nothing on any text, so the ppl rule finds the optimum for k = 1
     assert re.search(rf"^1\s+ppl\s+{IDENTITY_BLOCK}\s+[\d,.]+\s+\+0\.00$", out, re.M)
+    # every gap is the rule's evaluation perplexity against the optimum's, both from the CSV
+    exact = {tuple(json.loads(r)): p for r, p in zip(rows.removed_layers, rows.perplexity)}
+    gaps = re.findall(r"^(\d+)\s+(bi|angular|ppl|greedy|beam|random|last)\s+([\d, ]+?)\s+[\d,.]+\s+([+-][\d,.]+)$",
+                      out, re.M)
+    assert len(gaps) == 2 * 7
+    for k, rule, removed, gap in gaps:
+        chosen = tuple(int(i) for i in removed.split(","))
+        best = exact[tuple(optimum[int(k)][0])]
+        assert float(gap) == pytest.approx((exact[chosen] - best) / best * 100, abs=0.005), (k, rule)
     assert re.search(r"^last\s+\d\s+[+\d,.]+\s+[+\d,.]+$", out, re.M)  # every rule is summarized
     assert "Spearman correlation" in out
 
