@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 
 # Rows of hidden states sent through the LM head at once.
 LOGIT_ROWS = 1024
-# Vocabulary entries per slice of the LM head. On a CPU, writing and re-reading
-# a 1024 x 50257 logits matrix (206 MB) costs more than the matmul that makes
-# it: slices of 4096 (16 MB) took GPT-2's head plus loss from about 91 to 135
-# GFLOP/s on the 2-core development machine.
+# Vocabulary entries per slice of the LM head on a CPU, where writing and
+# re-reading a 1024 x 50257 logits matrix (206 MB) costs more than the matmul
+# that makes it: slices of 4096 (16 MB) took GPT-2's head plus loss from about
+# 91 to 135 GFLOP/s on the 2-core development machine. Accelerators, which
+# this was not measured on, take the whole vocabulary at once.
 VOCAB_SLICE = 4096
 
 
@@ -107,7 +108,7 @@ def scored_nll(head: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, positi
 
 
 def token_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-              vocab_slice: int = VOCAB_SLICE) -> torch.Tensor:
+              vocab_slice: int | None = None) -> torch.Tensor:
     """-log softmax(head(hidden))[target] per row, in float32, one vocabulary slice at a time.
 
     The log-sum-exp over the vocabulary is the log-sum-exp of the slices'
@@ -116,6 +117,8 @@ def token_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     """
     if not isinstance(head, nn.Linear):
         return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+    if vocab_slice is None:
+        vocab_slice = VOCAB_SLICE if hidden.device.type == "cpu" else head.out_features
     sums, target_logit = [], torch.zeros(len(targets), device=hidden.device)
     for first in range(0, head.out_features, vocab_slice):
         last = first + vocab_slice
