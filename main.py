@@ -1,19 +1,24 @@
-"""gpt2-pruning-kit command line: parse, validate, dispatch."""
+"""gpt2-pruning-kit command line: parse, validate, turn into a RunConfig, dispatch.
+
+Nothing here loads torch: `python main.py --help` and every argument error
+answer at once. The mode registry (pruning.modes) supplies --mode's choices,
+who reads each mode-specific option, and the checks of both.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from pruning.choosers import CHOOSERS
-from pruning.importance import METRICS
-from pruning.strategies import PLANNERS
-from utils.distributed import Shard, parse_shard
+from config import (DEFAULT_PROMPT, DataSpec, HealSpec, OutputSpec, RunConfig, SelectSpec, Shard, SpeedSpec,
+                    WindowSpec, parse_shard)
+from pruning.modes import MODE_OPTIONS, MODES, either, saving_modes, users
+from pruning.rules import RULES
 from utils.errors import KitError
 
-MERGE = "merge"
-# Modes that read results CSVs instead of evaluating a model.
-CSV_MODES = ("report", MERGE)
+# Mode-specific options that earlier versions ignored silently outside their modes: a warning, not an error,
+# so that existing scripts keep running.
+IGNORED_WITH_WARNING = ("max_remove", "num_remove")
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,12 +60,15 @@ def shard_spec(text: str) -> Shard:
         raise argparse.ArgumentTypeError(str(exc))
 
 
+def used_by(option: str) -> str:
+    return ", ".join(users(option))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="main.py", description="Remove transformer blocks from a GPT-2 model and measure "
                "perplexity, latency and size.")
-    p.add_argument("--mode", required=True, choices=sorted([*PLANNERS, *CHOOSERS, *CSV_MODES]),
-                   help="what to evaluate; report: figures and report.md again from --input; "
-                        "merge: join the results files of --shard runs")
+    p.add_argument("--mode", required=True, choices=sorted(MODES),
+                   help="; ".join(f"{m.name}: {m.help}" for m in MODES.values()))
 
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="distilgpt2", help="Hub id or local directory (default: distilgpt2)")
@@ -82,49 +90,53 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (default: 1)")
 
     g = p.add_argument_group("which blocks")
-    g.add_argument("--remove", type=removal_list, help="custom mode: blocks to remove, e.g. 1,3")
-    g.add_argument("--min-remove", type=positive_int, default=2, help="combinatorial: fewest blocks removed (default 2)")
+    g.add_argument("--remove", type=removal_list, help=f"{used_by('remove')}: blocks to remove, e.g. 1,3")
+    g.add_argument("--min-remove", type=positive_int, default=2,
+                   help=f"{used_by('min_remove')}: fewest blocks removed (default 2)")
     g.add_argument("--max-remove", type=positive_int,
-                   help="combinatorial, compare: most blocks removed (default: L-1)")
+                   help=f"{used_by('max_remove')}: most blocks removed (default: L-1)")
     g.add_argument("--ratio", type=float, default=0.5,
-                   help="random, importance, greedy, beam: fraction of blocks to remove (default 0.5)")
+                   help=f"{used_by('ratio')}: fraction of blocks to remove (default 0.5)")
     g.add_argument("--num-remove", type=positive_int,
-                   help="random, importance, greedy, beam: number of blocks to remove (overrides --ratio)")
+                   help=f"{used_by('num_remove')}: number of blocks to remove (overrides --ratio)")
 
-    g = p.add_argument_group("choosing blocks on calibration tokens (importance, greedy, beam, compare)")
-    g.add_argument("--metric", choices=METRICS, help="importance: bi (ShortGPT), angular (Gromov et al.) or ppl "
-                   "(Shortened LLaMA); default bi")
-    g.add_argument("--beam-width", type=positive_int, help="beam, compare: sets kept per search step (default 4)")
+    g = p.add_argument_group(f"choosing blocks on calibration tokens ({used_by('calib_tokens')})")
+    g.add_argument("--metric", choices=list(RULES), help=f"{used_by('metric')}: "
+                   + ", ".join(f"{name} ({rule.title})" for name, rule in RULES.items()) + "; default bi")
+    g.add_argument("--beam-width", type=positive_int,
+                   help=f"{used_by('beam_width')}: sets kept per search step (default 4)")
     g.add_argument("--calib-tokens", type=positive_int, default=16384,
                    help="calibration tokens from the train split (default 16384)")
     g.add_argument("--max-configs", type=positive_int, default=5000,
-                   help="compare: exhaustive optimum only where C(L, k) <= this (default 5000)")
+                   help=f"{used_by('max_configs')}: exhaustive optimum only where C(L, k) <= this (default 5000)")
 
     g = p.add_argument_group("speed")
     g.add_argument("--no-speed", action="store_true", help="skip the latency measurement")
     g.add_argument("--speed-runs", type=positive_int, default=10, help="timed generate() runs (default 10)")
     g.add_argument("--speed-warmup", type=non_negative_int, default=2, help="untimed warm-up runs (default 2)")
     g.add_argument("--gen-tokens", type=positive_int, default=64, help="tokens generated per run (default 64)")
-    g.add_argument("--prompt", default="The future of artificial intelligence is", help="prompt for the speed test")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the speed test")
 
+    saving = "/".join(saving_modes())
     g = p.add_argument_group("output")
     g.add_argument("--save_results", "--save-results", dest="save_results", action="store_true",
                    help="write a CSV row per configuration to --output-dir")
     g.add_argument("--output-dir", default="results", help="folder for results files (default: results/)")
     g.add_argument("--resume", metavar="FILE", help="continue a results CSV, skipping configurations it holds")
-    g.add_argument("--save-model", metavar="DIR", help="custom/random/importance/greedy/beam: write the pruned "
+    g.add_argument("--save-model", metavar="DIR", help=f"{saving}: write the pruned "
                    "(and healed) model, tokenizer and a model card to DIR")
     g.add_argument("--plot", action="store_true",
                    help="also write PNG figures beside the CSV (implies --save_results)")
-    g.add_argument("--input", metavar="CSV", help="--mode report: the results CSV to report on")
+    g.add_argument("--input", metavar="CSV", help=f"--mode {used_by('input')}: the results CSV to report on")
     g.add_argument("--quiet", action="store_true", help="print only errors and output paths")
 
     g = p.add_argument_group("splitting a sweep (see also: accelerate launch main.py ...)")
     g.add_argument("--shard", type=shard_spec, metavar="I/N",
                    help="evaluate only job I's share (0 <= I < N) of the configurations, plus the baseline")
-    g.add_argument("--inputs", nargs="+", metavar="CSV", help="--mode merge: the shard results files to join")
+    g.add_argument("--inputs", nargs="+", metavar="CSV",
+                   help=f"--mode {used_by('inputs')}: the shard results files to join")
 
-    g = p.add_argument_group("healing (fine-tune the pruned model; custom/random/importance/greedy/beam)")
+    g = p.add_argument_group(f"healing (fine-tune the pruned model; {saving})")
     g.add_argument("--heal-steps", type=non_negative_int, default=0, help="training steps (default 0: no healing)")
     g.add_argument("--heal-mode", default="lora", choices=["lora", "full"],
                    help="lora: adapters merged into the weights (default); full: train every weight")
@@ -141,52 +153,65 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Checks that need no model; those that need its depth run after loading it."""
+    mode = MODES[args.mode]
+    for option, flag in MODE_OPTIONS.items():
+        if getattr(args, option) is None or option in mode.options or parser.get_default(option) is not None:
+            continue
+        where = f"--mode {either(users(option))}"
+        if option in IGNORED_WITH_WARNING:
+            sys.stderr.write(f"warning: {flag} is only used by {where}; --mode {args.mode} ignores it\n")
+        else:
+            parser.error(f"{flag} is only used by {where}, not {args.mode}")
+    for option, message in mode.needs:
+        if not getattr(args, option):
+            parser.error(message)
     if not 0.0 < args.ratio < 1.0:
         parser.error(f"--ratio must be strictly between 0 and 1, got {args.ratio}")
     if args.max_length and args.stride and args.stride > args.max_length:
         parser.error(f"--stride {args.stride} is larger than --max-length {args.max_length}")
-    if args.mode == "combinatorial" and args.max_remove is not None and args.max_remove < args.min_remove:
+    if args.max_remove is not None and "min_remove" in mode.options and args.max_remove < args.min_remove:
         parser.error(f"--max-remove ({args.max_remove}) is smaller than --min-remove ({args.min_remove})")
-    if args.remove is not None and args.mode != "custom":
-        parser.error(f"--remove is only used by --mode custom, not {args.mode}")
-    if args.metric is not None and args.mode != "importance":
-        parser.error(f"--metric is only used by --mode importance, not {args.mode}")
-    if args.beam_width is not None and args.mode not in ("beam", "compare"):
-        parser.error(f"--beam-width is only used by --mode beam or compare, not {args.mode}")
-    if args.shard and args.mode in CHOOSERS:
+    if args.shard and mode.calibrates:
         parser.error(f"--shard splits a planned sweep; --mode {args.mode} chooses its blocks on calibration tokens "
                      "and needs every row (run it in one job, or with accelerate launch)")
-    args.metric = args.metric or "bi"
-    args.beam_width = args.beam_width or 4
-    if args.mode == "report" and not args.input:
-        parser.error("--mode report needs --input RESULTS.csv (a CSV written with --save_results)")
-    if args.input and args.mode != "report":
-        parser.error(f"--input is only used by --mode report, not {args.mode}")
-    if args.mode == MERGE and not args.inputs:
-        parser.error("--mode merge needs --inputs A.csv B.csv ...")
-    if args.inputs and args.mode != MERGE:
-        parser.error(f"--inputs is only used by --mode merge, not {args.mode}")
-    if args.mode == MERGE and (args.shard or args.resume):
-        parser.error("--mode merge takes neither --shard nor --resume; it writes a new file in --output-dir")
+    if not mode.evaluates and (args.shard or args.resume):
+        parser.error(f"--mode {args.mode} takes neither --shard nor --resume; it evaluates nothing and writes "
+                     "new files")
     if not args.heal_steps and (args.heal_kd or args.train_dataset or args.heal_lr is not None):
         parser.error("--heal-kd, --heal-lr and --train-dataset need --heal-steps N (N > 0)")
+
+
+def to_config(args: argparse.Namespace, command_line: list[str]) -> RunConfig:
+    """The one place where argparse's Namespace becomes the run's settings."""
+    return RunConfig(
+        mode=args.mode,
+        data=DataSpec(args.model, args.dataset, args.split, args.text_column, args.max_tokens, args.cache_dir,
+                      args.no_cache),
+        windows=WindowSpec(args.max_length, args.stride, args.batch_size),
+        select=SelectSpec(tuple(args.remove) if args.remove is not None else None, args.min_remove,
+                          args.max_remove, args.ratio, args.num_remove, args.metric or "bi", args.beam_width or 4,
+                          args.calib_tokens, args.max_configs),
+        speed=SpeedSpec(not args.no_speed, args.speed_runs, args.speed_warmup, args.gen_tokens, args.prompt),
+        heal=HealSpec(args.heal_steps, args.heal_mode, args.heal_lr, args.heal_batch_size, args.heal_seq_len,
+                      args.lora_rank, args.heal_kd, args.train_dataset, args.seed),
+        output=OutputSpec(args.save_results, args.output_dir, args.resume, args.save_model, args.plot, args.quiet,
+                          args.input, tuple(args.inputs or ()), args.shard),
+        device=args.device, dtype=args.dtype, seed=args.seed, command_line=tuple(command_line),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(args, parser)
-    args.command_line = ["python", "main.py", *(sys.argv[1:] if argv is None else argv)]
+    config = to_config(args, ["python", "main.py", *(sys.argv[1:] if argv is None else argv)])
 
+    from runner import run
     from utils.log import setup_logging
-    from utils.pipeline import merge, run
-    from utils.report import report_from_csv
 
-    setup_logging(args.quiet)
+    setup_logging(config.output.quiet)
     try:
-        if args.mode == "report":
-            return report_from_csv(args)
-        return merge(args) if args.mode == MERGE else run(args)
+        return run(config)
     except KitError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

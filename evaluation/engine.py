@@ -1,7 +1,7 @@
 """Shared-prefix perplexity for a whole sweep of removal sets in one pass.
 
-A GPT-2 with some blocks removed computes embeddings, then its kept blocks in
-order, then the final layer norm and the LM head. Two configurations that keep
+A decoder with some blocks removed computes embeddings, then its kept blocks
+in order, then the final norm and the LM head. Two configurations that keep
 the same first blocks therefore share the hidden states up to the point where
 their kept lists part. For every batch of evaluation windows this module
 computes the embeddings once and walks the configurations' kept lists as a
@@ -15,8 +15,11 @@ A sequential sweep ("remove block i" for every i) becomes the baseline's chain
 of blocks plus, for each i, blocks i+1..L-1 on top of the chain's state
 entering block i: L(L-1)/2 + L block evaluations instead of L(L-1). Every
 branch runs the very modules of the model on the very inputs the pruned model
-would feed them (same batch shapes, same mask, same position ids), and the loss
-is evaluation.perplexity.scored_nll, so each perplexity equals the one-model-at-
+would feed them: the model's own forward is run once per window batch with
+recorders in place of its blocks (models.families.record_block_calls), and
+each block is called with the arguments it received at its own position
+(its attention kind's mask, rotary embeddings, position ids). The loss is
+evaluation.perplexity.scored_nll, so each perplexity equals the one-model-at-
 a-time evaluation of evaluation.perplexity.perplexity to the last bit on a given
 device and batch size.
 
@@ -34,27 +37,11 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers.masking_utils import create_causal_mask
 
-from evaluation.perplexity import (PerplexityResult, Window, batch_inputs, lm_parts, scored_nll, sliding_windows,
+from evaluation.perplexity import (PerplexityResult, Window, batch_inputs, scored_nll, sliding_windows,
                                    to_perplexity, window_batches)
-from pruning.blocks import get_blocks, kept_blocks
-
-# Architectures whose forward pass the engine reproduces block by block.
-ENGINE_MODEL_TYPES = ("gpt2",)
-
-
-def engine_supports(model: nn.Module) -> bool:
-    """Whether the shared-prefix engine reproduces this model's forward pass.
-
-    GPT-2 models that scale attention by the layer index change what a kept
-    block computes when it moves, so they go through the per-configuration
-    path (which refuses them with a clear error).
-    """
-    config = model.config
-    return (getattr(config, "model_type", None) in ENGINE_MODEL_TYPES
-            and not getattr(config, "scale_attn_by_inverse_layer_idx", False)
-            and not getattr(config, "add_cross_attention", False))
+from models.families import block_output, check_prunable, final_modules, get_blocks, record_block_calls
+from models.units import kept_blocks
 
 
 @dataclass
@@ -137,28 +124,27 @@ def head_flops(model: nn.Module, tokens: int) -> float:
 
 
 class _BatchRunner:
-    """Runs embeddings and single blocks of a GPT-2 exactly as GPT2Model.forward does."""
+    """Embeds a window batch and runs single blocks exactly as the model's own forward does."""
 
     def __init__(self, model: nn.Module):
-        self.base, self.head = lm_parts(model)
+        self.model = model
         self.blocks = get_blocks(model)
+        self.final = final_modules(model)
+        self.head = model.get_output_embeddings()
         self.device = next(model.parameters()).device
+        self.calls: list = []
 
-    def embed(self, inputs: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        inputs = inputs.to(self.device)
-        embeds = self.base.wte(inputs)
-        position_ids = torch.arange(inputs.shape[1], device=self.device).unsqueeze(0)
-        hidden = embeds + self.base.wpe(position_ids).to(embeds.device)
-        mask = create_causal_mask(config=self.base.config, inputs_embeds=embeds, attention_mask=None,
-                                  past_key_values=None, position_ids=position_ids)
-        return self.base.drop(hidden), {"attention_mask": mask, "position_ids": position_ids}
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden, self.calls = record_block_calls(self.model, inputs.to(self.device))
+        return hidden
 
-    def block(self, index: int, hidden: torch.Tensor, extras: dict) -> torch.Tensor:
-        return self.blocks[index](hidden, None, extras["attention_mask"], None, encoder_attention_mask=None,
-                                  use_cache=False, position_ids=extras["position_ids"])
+    def block(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        return block_output(self.model, self.calls[index](self.blocks[index], hidden))
 
     def nll(self, hidden: torch.Tensor, rows, positions, targets) -> float:
-        return scored_nll(self.head, self.base.ln_f(hidden), rows, positions, targets)
+        for module in self.final:
+            hidden = module(hidden)
+        return scored_nll(self.head, hidden, rows, positions, targets)
 
 
 def _walk(node: _Node, hidden: torch.Tensor, step: Callable[[int, torch.Tensor], torch.Tensor],
@@ -176,10 +162,11 @@ def sweep_perplexities(model: nn.Module, ids: torch.Tensor, removals: Sequence[S
                        desc: str = "windows") -> tuple[list[PerplexityResult], Work]:
     """Perplexity of every removal set on ``ids``, in one pass over the windows.
 
-    ``removals`` must be valid for the model (pruning.blocks.validate_removal)
-    and the model must satisfy engine_supports. Results are in the order of
-    ``removals``.
+    ``removals`` must be valid for the model (models.removal.validate_removal).
+    Results are in the order of ``removals``.
     """
+    if any(removals):
+        check_prunable(model)
     n_blocks = len(get_blocks(model))
     kept_lists = [kept_blocks(n_blocks, removed) for removed in removals]
     tree = prefix_tree(kept_lists)
@@ -193,13 +180,13 @@ def sweep_perplexities(model: nn.Module, ids: torch.Tensor, removals: Sequence[S
     start = time.perf_counter()
     for batch in window_batches(windows, batch_size):
         inputs, rows, positions, targets = batch_inputs(ids, batch)
-        hidden, extras = runner.embed(inputs)
+        hidden = runner.embed(inputs)
 
         def finish(config: int, state: torch.Tensor) -> None:
             nll[config] += runner.nll(state, rows, positions, targets)
             tokens[config] += len(targets)
 
-        _walk(tree, hidden, lambda index, state: runner.block(index, state, extras), finish)
+        _walk(tree, hidden, runner.block, finish)
         _account(work, model, batch, nodes, kept_lists, len(targets))
         bar.update(len(batch))
     bar.close()

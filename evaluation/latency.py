@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pruning.blocks import context_size
+from models.removal import context_size
 
 PREFILL_TOKENS = 256
 

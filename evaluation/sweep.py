@@ -2,21 +2,21 @@
 
 Each configuration is measured on the original model, never a copy: the
 speed test and the parameter count temporarily prune the model in place
-(pruning.blocks.removed_blocks), so the kept blocks are the very tensors of the
+(models.removal.removed_blocks), so the kept blocks are the very tensors of the
 original model and the model is intact afterwards.
 
-For GPT-2, perplexity comes from the shared-prefix engine (evaluation.engine):
-a group of configurations is evaluated in one pass over the windows, each
-distinct prefix of kept blocks computed once. Every perplexity of a group is
-known only at the end of its pass, so rows come in bursts: after a group's
-pass, each configuration's speed test runs and its Measurement is yielded as
-soon as that finishes. GROUP_SIZE is the trade-off: a larger group shares more
-prefixes (a sequential sweep of up to GROUP_SIZE blocks is one group, so it
-gets all of its sharing), a smaller one loses less work to a crash and reports
-its first rows sooner. Groups are consecutive runs of the configurations in
-the order given (the planners list them so that neighbours share prefixes),
-and rows come out in that order. Other architectures are evaluated one
-configuration at a time (``measure``).
+Perplexity comes from the shared-prefix engine (evaluation.engine): a group
+of configurations is evaluated in one pass over the windows, each distinct
+prefix of kept blocks computed once. Every perplexity of a group is known only
+at the end of its pass, so rows come in bursts: after a group's pass, each
+configuration's speed test runs and its Measurement is yielded as soon as that
+finishes. GROUP_SIZE is the trade-off: a larger group shares more prefixes (a
+sequential sweep of up to GROUP_SIZE blocks is one group, so it gets all of
+its sharing), a smaller one loses less work to a crash and reports its first
+rows sooner. Groups are consecutive runs of the configurations in the order
+given (the planners list them so that neighbours share prefixes), and rows
+come out in that order. ``measure`` evaluates one configuration on its own,
+the reference the engine is tested against.
 """
 
 from __future__ import annotations
@@ -28,11 +28,14 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from evaluation.engine import Work, engine_supports, one_model_work, sweep_perplexities
+from config import SpeedSpec, WindowSpec
+from evaluation.engine import Work, one_model_work, sweep_perplexities
 from evaluation.latency import Latency, measure_latency
 from evaluation.params import count_parameters
 from evaluation.perplexity import PerplexityResult, perplexity
-from pruning.blocks import num_blocks, removed_blocks, validate_removal
+from models.families import num_blocks
+from models.removal import removed_blocks
+from models.units import validate_removal
 
 # Configurations evaluated together in one shared-prefix pass.
 GROUP_SIZE = 64
@@ -40,13 +43,10 @@ GROUP_SIZE = 64
 
 @dataclass(frozen=True)
 class EvalSettings:
-    max_length: int
-    stride: int
-    batch_size: int = 1
-    speed: bool = True
-    speed_runs: int = 10
-    speed_warmup: int = 2
-    gen_tokens: int = 64
+    """Resolved windows (WindowSpec.resolved) and the speed test; ``speed.enabled`` False skips it."""
+
+    windows: WindowSpec
+    speed: SpeedSpec = SpeedSpec(enabled=False)
     progress: bool = True
 
 
@@ -62,42 +62,38 @@ class Measurement:
     work: Work | None = None
 
 
-def _finish(model: nn.Module, prompt_ids: torch.Tensor, removed: Sequence[int], ppl: PerplexityResult,
+def _finish(model: nn.Module, prompt_ids: torch.Tensor | None, removed: Sequence[int], ppl: PerplexityResult,
             settings: EvalSettings, work: Work | None) -> Measurement:
     """The measurements that need the pruned model itself: size and speed."""
+    speed = settings.speed
     with removed_blocks(model, removed) as pruned:
-        latency = (measure_latency(pruned, prompt_ids, settings.gen_tokens, settings.speed_runs,
-                                   settings.speed_warmup) if settings.speed else None)
+        latency = (measure_latency(pruned, prompt_ids, speed.gen_tokens, speed.runs, speed.warmup)
+                   if speed.enabled else None)
         return Measurement(tuple(removed), num_blocks(pruned), ppl, count_parameters(pruned), latency, work)
 
 
-def measure(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor, removed: Sequence[int],
+def measure(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None, removed: Sequence[int],
             settings: EvalSettings) -> Measurement:
     """One configuration on its own: the reference the engine must agree with."""
+    w = settings.windows
     start = time.perf_counter()
     with removed_blocks(model, removed) as pruned:
-        ppl = perplexity(pruned, ids, settings.max_length, settings.stride, settings.batch_size,
-                         progress=settings.progress)
-    work = one_model_work(model, len(ids), removed, settings.max_length, settings.stride,
-                          time.perf_counter() - start)
+        ppl = perplexity(pruned, ids, w.max_length, w.stride, w.batch_size, progress=settings.progress)
+    work = one_model_work(model, len(ids), removed, w.max_length, w.stride, time.perf_counter() - start)
     return _finish(model, prompt_ids, removed, ppl, settings, work)
 
 
-def measure_all(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor,
+def measure_all(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None,
                 removals: Iterable[Sequence[int]], settings: EvalSettings) -> Iterator[Measurement]:
     """Measurements of every removal set, in the order given, in groups (see the module docstring)."""
-    removals = [tuple(r) for r in removals]
-    if not engine_supports(model):
-        for removed in removals:
-            yield measure(model, ids, prompt_ids, removed, settings)
-        return
     n = num_blocks(model)
     removals = [validate_removal(r, n) for r in removals]
+    w = settings.windows
     for start in range(0, len(removals), GROUP_SIZE):
         group = removals[start : start + GROUP_SIZE]
         desc = (f"windows (configurations {start + 1}-{start + len(group)} of {len(removals)})"
                 if len(removals) > GROUP_SIZE else "windows")
-        ppls, work = sweep_perplexities(model, ids, group, settings.max_length, settings.stride,
-                                        settings.batch_size, progress=settings.progress, desc=desc)
+        ppls, work = sweep_perplexities(model, ids, group, w.max_length, w.stride, w.batch_size,
+                                        progress=settings.progress, desc=desc)
         for i, (removed, ppl) in enumerate(zip(group, ppls)):
             yield _finish(model, prompt_ids, removed, ppl, settings, work if i == 0 else None)

@@ -1,4 +1,4 @@
-"""What a choosing mode hands the pipeline, and how rules' scores are shown and saved."""
+"""What a choosing mode hands the run, and how rules' scores are shown and saved."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pruning.blocks import Removal
-from pruning.search import rank_key
-from utils.results import format_table, removal_key, removed_label
-
+from models.units import Removal
+from pruning.rules import ranked
+from utils.text import format_table, removal_key, removed_label
 
 
 @dataclass(frozen=True)
@@ -26,8 +25,6 @@ def scores_json(scores: dict[Removal, float]) -> str:
 
 
 def scores_table(scores: dict[Removal, float], chosen: Removal, header: str) -> str:
-    ranked = sorted(scores, key=lambda c: rank_key(scores[c], c))
     return format_table(["Candidate", header, "Removed"],
-                        ([removed_label(c), f"{scores[c]:.6g}", "yes" if set(c) <= set(chosen) else ""] for c in ranked))
-
-
+                        ([removed_label(c), f"{scores[c]:.6g}", "yes" if set(c) <= set(chosen) else ""]
+                         for c in ranked(scores)))

@@ -13,16 +13,16 @@ Exhaustive search costs C(L, k) evaluations, out of reach for deep models
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 from tqdm.auto import tqdm
 
-from pruning.blocks import Removal
+from models.units import Removal
+from pruning.rules import rank_key
 
 # Scores a search step's candidate sets together (lower is better), so that an
-# evaluator can share work between them (importance.Calibration.perplexities).
+# evaluator can share work between them (pruning.calibration.Calibration.perplexities).
 Scorer = Callable[[list[Removal]], list[float]]
 
 
@@ -33,11 +33,6 @@ class Step:
     removed: Removal
     score: float
     candidates: dict[Removal, float]
-
-
-def rank_key(score: float, removal: Removal) -> tuple[float, Removal]:
-    """Sort key: lower score first, NaN (a broken evaluation) last, ties by the set."""
-    return (math.inf if math.isnan(score) else score, removal)
 
 
 def _extensions(removed: Removal, n_blocks: int) -> list[Removal]:

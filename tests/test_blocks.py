@@ -5,8 +5,10 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from evaluation.params import count_parameters
-from pruning import blocks
-from pruning.blocks import get_blocks, removed_blocks, validate_removal
+from models.families import get_blocks
+from models import removal
+from models.removal import removed_blocks
+from models.units import validate_removal
 from utils.errors import KitError
 
 IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 61, 7]])
@@ -92,7 +94,7 @@ def test_a_failure_while_pruning_leaves_the_original_model(model, monkeypatch):
     def broken(*args):
         raise IndexError("a per-layer config field too short")
 
-    monkeypatch.setattr(blocks, "_set_depth", broken)
+    monkeypatch.setattr(removal, "_set_depth", broken)
     with pytest.raises(IndexError):
         with removed_blocks(model, [1]):
             pass

@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM
 
 import main
 from conftest import IDENTITY_BLOCK, N_LAYER, ROOT
-from pruning.strategies import removal_count
-from utils.results import ResultsFile, read_rows, results_path
+from config import SelectSpec
+from pruning.plans import removal_count
+from reporting.csvfile import ResultsFile, read_rows, results_path
 
 FAST = ["--no-speed", "--max-tokens", "1500"]
 
@@ -84,7 +85,7 @@ def test_random_removes_ratio_of_blocks_chosen_by_seed(model_dir, text_file, tmp
 
 @pytest.mark.parametrize("ratio, depth, k", [(0.5, 3, 2), (0.5, 6, 3), (0.58, 25, 15), (0.7, 45, 32), (0.25, 12, 3)])
 def test_ratio_rounds_half_up_exactly(ratio, depth, k):
-    assert removal_count(Namespace(num_remove=None, ratio=ratio), depth) == k
+    assert removal_count(SelectSpec(ratio=ratio), depth) == k
 
 
 def test_speed_columns_are_filled_when_timed(model_dir, text_file, tmp_path):

@@ -16,7 +16,7 @@ import torch
 import main
 from conftest import ROOT
 from tiny import make_model, make_text, make_tokenizer, save_model_dir
-from utils.distributed import WORLD_SIZE_VARS, current_processes, share
+from runner.processes import WORLD_SIZE_VARS, current_processes, share
 
 FAST = ["--mode", "combinatorial", "--max-tokens", "300", "--max-length", "64", "--no-speed"]
 N_CONFIGS = 1 + 6 + 4  # baseline, C(4,2), C(4,3)

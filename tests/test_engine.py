@@ -11,11 +11,11 @@ import torch
 
 import main
 from conftest import IDENTITY_BLOCK, N_LAYER
-from evaluation import engine
 from evaluation.engine import Work, count_nodes, prefix_tree, sweep_perplexities
 from evaluation.perplexity import perplexity, sliding_windows
-from evaluation.sweep import EvalSettings, measure_all
-from pruning.blocks import removed_blocks
+from config import WindowSpec
+from evaluation.sweep import EvalSettings, measure, measure_all
+from models.removal import removed_blocks
 from utils import cache
 
 # Windows of 48 tokens every 20: overlapping, and a shorter last window.
@@ -95,16 +95,15 @@ def test_work_counts_add_up():
     assert total.as_dict()["block_evals_saved"] == pytest.approx(3 / 11)
 
 
-def test_other_architectures_fall_back_to_one_model_at_a_time(model, ids, monkeypatch):
-    settings = EvalSettings(MAX_LENGTH, STRIDE, speed=False, progress=False)
+def test_measurements_equal_one_model_at_a_time(model, ids):
+    settings = EvalSettings(WindowSpec(MAX_LENGTH, STRIDE), progress=False)
     removals = [(1, 3), (0,)]
     shared = list(measure_all(model, ids, None, removals, settings))
-    monkeypatch.setattr(engine, "ENGINE_MODEL_TYPES", ())
-    alone = list(measure_all(model, ids, None, removals, settings))
+    alone = [measure(model, ids, None, removed, settings) for removed in removals]
     assert [m.removed for m in alone] == [m.removed for m in shared] == removals
     for a, s in zip(alone, shared):
         assert a.ppl == s.ppl and a.params == s.params and a.num_layers == N_LAYER - len(a.removed)
-    # one pass for the group, one per configuration without the engine
+    # one pass for the group, one per configuration one at a time
     assert [m.work is not None for m in shared] == [True, False]
     assert all(m.work.block_evals == m.work.naive_block_evals > 0 for m in alone)
 

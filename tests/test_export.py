@@ -17,10 +17,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import main
-from pruning.blocks import removed_blocks
+from models.removal import removed_blocks
 from tiny import make_model, make_text, make_tokenizer, save_model_dir
-from utils.export import REPORT_FILE, healing_table
-from utils.results import read_rows
+from export.checkpoint import REPORT_FILE, healing_table
+from reporting.csvfile import read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,9 @@ from transformers import (AutoModelForCausalLM, GPTJConfig, GPTJForCausalLM, GPT
 
 import main
 from evaluation.perplexity import perplexity
-from pruning.blocks import BLOCK_PATHS, get_blocks, num_blocks, removed_blocks
+from models.families import FAMILIES as REGISTRY
+from models.families import get_blocks, num_blocks
+from models.removal import removed_blocks
 from tiny import make_model, make_text, make_tokenizer
 
 N_LAYER = 4
@@ -57,7 +59,7 @@ def build(family: str, vocab: int) -> torch.nn.Module:
     raise ValueError(family)
 
 
-FAMILIES = sorted(BLOCK_PATHS)
+FAMILIES = sorted(REGISTRY)
 
 
 

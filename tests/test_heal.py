@@ -11,9 +11,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import main
 from evaluation.perplexity import perplexity
-from pruning.blocks import removed_blocks
-import pruning.heal
-from pruning.heal import HealSettings, heal, kd_loss, training_ids
+import export.heal
+from config import HealSpec
+from export.heal import heal, kd_loss, training_ids
+from models.removal import removed_blocks
 from tiny import make_model, make_text, make_tokenizer, save_model_dir
 from utils.data import tokenize
 
@@ -46,7 +47,7 @@ def test_lora_healing_lowers_training_loss_and_evaluation_perplexity(corpus):
     with removed_blocks(model, [1]) as pruned:
         before = eval_ppl(pruned, eval_ids)
 
-    result = heal(model, [1], train_ids, HealSettings(steps=20, lr=1e-2, batch_size=4, seq_len=64), progress=False)
+    result = heal(model, [1], train_ids, HealSpec(steps=20, lr=1e-2, batch_size=4, seq_len=64), progress=False)
 
     assert len(result.losses) == 20
     assert mean(result.losses[-5:]) < mean(result.losses[:5])
@@ -57,7 +58,7 @@ def test_lora_healing_lowers_training_loss_and_evaluation_perplexity(corpus):
 def test_merged_lora_model_is_a_plain_gpt2_of_the_pruned_shape(corpus):
     _, train_ids, _ = corpus
     model = make_model(n_layer=4)
-    result = heal(model, [0, 2], train_ids, HealSettings(steps=3, lr=1e-2, batch_size=2, seq_len=32),
+    result = heal(model, [0, 2], train_ids, HealSpec(steps=3, lr=1e-2, batch_size=2, seq_len=32),
                   progress=False)
     healed = result.model
 
@@ -87,7 +88,7 @@ def test_full_distillation_moves_the_student_towards_the_unpruned_teacher(corpus
         with removed_blocks(model, [1, 2]) as pruned:
             kl_before = kd_loss(pruned(held_out).logits, teacher).item()
 
-    result = heal(model, [1, 2], train_ids, HealSettings(steps=15, mode="full", kd=True, lr=1e-3, batch_size=4,
+    result = heal(model, [1, 2], train_ids, HealSpec(steps=15, mode="full", kd=True, lr=1e-3, batch_size=4,
                                                          seq_len=64), progress=False)
 
     with torch.no_grad():
@@ -135,12 +136,12 @@ def test_healing_options_need_heal_steps_and_a_mode_with_one_chosen_configuratio
     assert "need --heal-steps" in capsys.readouterr().err
     assert main.main(["--mode", "sequential", "--heal-steps", "2", "--train-dataset", str(files / "train.txt"),
                       *common]) == 2
-    assert "--heal-steps works with --mode custom" in capsys.readouterr().err
+    assert "--heal-steps works with --mode random, custom, importance, greedy, beam, not sequential" in capsys.readouterr().err
 
 
 def test_training_text_defaults_to_the_train_split_of_a_hub_dataset(monkeypatch):
     asked = []
-    monkeypatch.setattr(pruning.heal, "cached_token_ids",
+    monkeypatch.setattr(export.heal, "cached_token_ids",
                         lambda tokenizer, name, split, column, cache_dir: asked.append((name, split)) or "text")
     assert training_ids(None, None, "wikitext-2-raw-v1") == "text"
     assert training_ids(None, "my/corpus", "wikitext-2-raw-v1") == "text"
@@ -156,7 +157,7 @@ def test_lora_healing_merges_into_a_plain_model_of_every_family(family, corpus):
     original = snapshot(model)
     with removed_blocks(model, [1]) as pruned:
         pruned_keys, pruned_class = set(pruned.state_dict()), type(pruned)
-    result = heal(model, [1], train_ids, HealSettings(steps=2, lr=1e-2, batch_size=2, seq_len=16), progress=False)
+    result = heal(model, [1], train_ids, HealSpec(steps=2, lr=1e-2, batch_size=2, seq_len=16), progress=False)
     assert type(result.model) is pruned_class
     assert set(result.model.state_dict()) == pruned_keys
     assert unchanged(model, original)

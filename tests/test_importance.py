@@ -9,7 +9,6 @@ frozen) still adds exactly nothing. Every rule must then remove it first.
 import json
 import math
 import re
-from argparse import Namespace
 
 import pandas as pd
 import pytest
@@ -18,10 +17,12 @@ import torch
 import main
 from conftest import IDENTITY_BLOCK, N_LAYER
 from evaluation.perplexity import perplexity
-from pruning import importance
-from pruning.blocks import removed_blocks
+from pruning import calibration
+from models.removal import removed_blocks
 from pruning.compare import spearman
-from pruning.importance import Calibration, calibration_ids, candidate_scores, choose, one_pass_scores
+from config import DataSpec
+from pruning.calibration import Calibration, calibration_ids, one_pass_scores
+from pruning.rules import RULES
 from pruning.search import beam, greedy
 from tiny import make_model, save_model_dir, train_briefly
 
@@ -56,11 +57,11 @@ def only_csv(folder) -> pd.DataFrame:
 
 
 def test_a_local_file_calibrates_on_tokens_after_the_evaluated_ones(tokenizer, text_file, ids, caplog):
-    args = Namespace(dataset=str(text_file), split="test", text_column="text", max_tokens=1000, calib_tokens=3000)
-    assert torch.equal(calibration_ids(args, tokenizer), ids[1000:4000])
+    data = DataSpec(dataset=str(text_file), max_tokens=1000)
+    assert torch.equal(calibration_ids(data, 3000, tokenizer), ids[1000:4000])
     assert "WARNING" not in caplog.text
-    args.max_tokens = len(ids) - 100  # too few tokens left: calibrate on the evaluated ones, and say so
-    assert torch.equal(calibration_ids(args, tokenizer), ids[:3000])
+    data = DataSpec(dataset=str(text_file), max_tokens=len(ids) - 100)  # too few left: calibrate on the evaluated
+    assert torch.equal(calibration_ids(data, 3000, tokenizer), ids[:3000])  # ones, and say so
     assert "chosen on the tokens they are judged on" in caplog.text
 
 
@@ -108,8 +109,8 @@ def test_one_greedy_step_equals_the_ppl_rule(trained, ids):
     ppl_rule = Calibration(trained, lambda: calib_ids, **settings)
     search = Calibration(trained, lambda: calib_ids, **settings)
     (step,) = greedy(search.perplexities, N_LAYER, 1, progress=False)
-    scores = candidate_scores(ppl_rule, "ppl", 1)
-    assert step.removed == choose("ppl", scores, 1) == (IDENTITY_BLOCK,)
+    scores = RULES["ppl"].scores(ppl_rule, 1)
+    assert step.removed == RULES["ppl"].select(scores, 1) == (IDENTITY_BLOCK,)
     assert step.candidates == scores
 
 
@@ -219,8 +220,8 @@ def test_calibration_scores_a_step_in_one_pass_with_the_numbers_of_each_pruned_m
     calib_ids = ids[:600]
     calib = Calibration(model, lambda: calib_ids, max_length=128, stride=64, progress=False)
     passes = []
-    real = importance.sweep_perplexities
-    monkeypatch.setattr(importance, "sweep_perplexities", lambda *a, **k: passes.append(a[2]) or real(*a, **k))
+    real = calibration.sweep_perplexities
+    monkeypatch.setattr(calibration, "sweep_perplexities", lambda *a, **k: passes.append(a[2]) or real(*a, **k))
     sets = [(0,), (1, 2), (3,), (0,)]
     got = calib.perplexities(sets)
     assert passes == [[(0,), (1, 2), (3,)]]  # one pass, each distinct set once

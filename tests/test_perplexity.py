@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evaluation.perplexity import perplexity, sliding_windows, to_perplexity, token_nll
-from pruning.blocks import removed_blocks
+from models.removal import removed_blocks
 
 
 @pytest.mark.parametrize("n, max_length, stride", [(100, 16, 8), (100, 16, 5), (37, 10, 3), (64, 16, 16)])

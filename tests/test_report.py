@@ -15,9 +15,11 @@ import pytest
 
 import main
 from utils import metadata
-from utils.plots import importance_figure, pair_heatmap, pareto_front, per_block_figure, tradeoff_figure
-from utils.report import report_markdown
-from utils.results import ResultsFile, compact_label, read_rows, sweep_table
+from reporting.figures import importance_figure, pair_heatmap, pareto_front, per_block_figure, tradeoff_figure
+from reporting.markdown import report_markdown
+from reporting.csvfile import ResultsFile, read_rows
+from reporting.tables import sweep_table
+from utils.text import compact_label
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The seed README's distilgpt2 numbers: perplexity and latency (ms) with each block removed.
@@ -204,8 +206,8 @@ def test_importance_figure_draws_the_scores_the_choosing_modes_write(model_dir, 
     compare_rows = [{"removed_layers": [b], "metric": "bi,single",
                      "scores": json.dumps({"bi": 0.1 * b, "angular": 0.2 * b})} for b in range(3)]
     fig = importance_figure(compare_rows)
-    assert [ax.get_title() for ax in fig.axes] == ["angular", "bi"]
-    assert bar_tops(fig.axes[0]) == pytest.approx({b: 0.2 * b for b in range(3)})
+    assert [ax.get_title() for ax in fig.axes] == ["bi", "angular"]  # registry order
+    assert bar_tops(fig.axes[1]) == pytest.approx({b: 0.2 * b for b in range(3)})
 
 
 def test_console_table_fits_80_columns():
@@ -263,7 +265,7 @@ def test_plot_writes_figures_report_and_sidecar_and_report_mode_remakes_them(tin
     assert f"({stem.name}_pairs.png)" in report
 
     meta = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
-    assert meta["arguments"]["mode"] == "combinatorial" and meta["arguments"]["plot"] is True
+    assert meta["config"]["mode"] == "combinatorial" and meta["config"]["output"]["plot"] is True
     assert meta["started"] < meta["finished"]
     assert meta["libraries"]["torch"] and meta["libraries"]["transformers"] and meta["device_name"]
     assert meta["dtype"] == "float32" and "work" in meta
@@ -306,7 +308,7 @@ def test_resumed_file_keeps_the_earlier_runs_metadata(tiny, tmp_path):
     first = json.loads(csv_path.with_suffix(".json").read_text(encoding="utf-8"))
     assert main.main(["--mode", "sequential", *tiny, "--no-speed", "--resume", str(csv_path), "--quiet"]) == 0
     second = json.loads(csv_path.with_suffix(".json").read_text(encoding="utf-8"))
-    assert second["configurations_evaluated"] == 0 and second["arguments"]["resume"] == str(csv_path)
+    assert second["configurations_evaluated"] == 0 and second["config"]["output"]["resume"] == str(csv_path)
     assert second["previous_runs"] == [first]
 
 
@@ -342,9 +344,9 @@ def test_report_mode_rejects_an_empty_csv(tmp_path, capsys):
 
 
 def test_an_interrupted_sweep_still_has_its_sidecar(tiny, tmp_path, monkeypatch):
-    import utils.pipeline
+    import runner.evaluate
 
-    real = utils.pipeline.measure_all
+    real = runner.evaluate.measure_all
 
     def crash_after_baseline(model, ids, prompt_ids, removals, settings):
         for removed in removals:
@@ -352,7 +354,7 @@ def test_an_interrupted_sweep_still_has_its_sidecar(tiny, tmp_path, monkeypatch)
                 raise KeyboardInterrupt
             yield from real(model, ids, prompt_ids, [removed], settings)
 
-    monkeypatch.setattr(utils.pipeline, "measure_all", crash_after_baseline)
+    monkeypatch.setattr(runner.evaluate, "measure_all", crash_after_baseline)
     with pytest.raises(KeyboardInterrupt):
         main.main(["--mode", "sequential", *tiny, "--no-speed", "--save_results", "--output-dir", str(tmp_path),
                    "--quiet"])

@@ -7,8 +7,7 @@ import os
 import pandas as pd
 import torch
 
-from utils.errors import KitError, first_line
-from utils.models import OFFLINE_HINT
+from utils.errors import OFFLINE_HINT, KitError, first_line
 
 # Short names for the configurations of the Hub's "wikitext" dataset.
 WIKITEXT_CONFIGS = ("wikitext-2-raw-v1", "wikitext-2-v1", "wikitext-103-raw-v1", "wikitext-103-v1")

@@ -14,3 +14,7 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, for one-line errors."""
     text = str(exc).strip().splitlines()
     return text[0].rstrip(".") if text else type(exc).__name__
+
+
+OFFLINE_HINT = ("the machine may be offline: pass a local directory written by save_pretrained as --model "
+                "and a local text file as --dataset")

@@ -1,27 +1,18 @@
-"""The JSON sidecar beside every results CSV: what produced the file (arguments,
-library versions, kit commit, device) and what the run cost, so any CSV can be
-reproduced and two CSVs compared.
-
-A resumed CSV keeps the sidecars of its earlier runs under "previous_runs":
-its rows came from all of them.
-"""
+"""Facts about the machine and the software a run used: library versions, the
+kit's commit, the device's name, the time. The results sidecar records them."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import logging
 import subprocess
-from argparse import Namespace
 from datetime import datetime
 from importlib import metadata as importlib_metadata
 from typing import Any
 
 KIT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-log = logging.getLogger("gpt2-pruning-kit")
 LIBRARIES = ("torch", "transformers", "tokenizers", "datasets", "safetensors", "accelerate", "numpy", "pandas",
-             "matplotlib", "tqdm")
+             "matplotlib", "tqdm", "peft", "huggingface_hub")
 
 
 def now() -> str:
@@ -75,44 +66,3 @@ def _cpu_model() -> str | None:
     except OSError:
         pass
     return None
-
-
-def sidecar_path(csv_path: str) -> str:
-    return os.path.splitext(csv_path)[0] + ".json"
-
-
-def build_metadata(args: Namespace, run_info: dict[str, Any]) -> dict[str, Any]:
-    """One run's record; ``run_info`` is what the pipeline measured (times, device, tokens, work)."""
-    return {
-        "arguments": vars(args),
-        **run_info,
-        "work": run_info.get("work"),
-        "libraries": library_versions(),
-        "kit": git_state(),
-        "platform": platform.platform(),
-    }
-
-
-def write_sidecar(csv_path: str, args: Namespace, run_info: dict[str, Any]) -> str:
-    """Write (or update, when called again in the same run) the sidecar of ``csv_path``."""
-    path = sidecar_path(csv_path)
-    record = build_metadata(args, run_info)
-    previous: list[dict] = []
-    if os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
-        except ValueError:
-            log.warning(f"Replacing unreadable metadata file {path}")
-            old = {}
-        previous = old.pop("previous_runs", [])
-        if old and old.get("started") != record.get("started"):  # an earlier run of a resumed file
-            previous.append(old)
-    if previous:
-        record["previous_runs"] = previous
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path

@@ -7,7 +7,7 @@ efficient fine-tune; this module does that for the kit's pruned GPT-2 models.
 Design, and why:
 
 - The pruned model of the sweep shares its tensors with the original
-  (pruning.blocks.removed_blocks prunes in place), so training it would change
+  (models.removal.removed_blocks prunes in place), so training it would change
   the original model too, and with it the teacher and any later measurement.
   The student is therefore a deep copy of the pruned model, taken once when
   healing starts; the original model is never written to and is the teacher.
@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from argparse import Namespace
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -41,7 +40,8 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from pruning.blocks import removed_blocks
+from config import HealSpec
+from models.removal import context_size, removed_blocks
 from utils.cache import cached_token_ids
 from utils.data import is_local_dataset
 from utils.errors import KitError
@@ -51,51 +51,23 @@ log = logging.getLogger("gpt2-pruning-kit")
 HEAL_MODES = ("lora", "full")
 # peft's name for every linear (and GPT-2 Conv1D) layer except the LM head.
 LORA_TARGETS = "all-linear"
-# Learning rates that suit a short heal: adapters tolerate a larger step than full weights.
-DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
-DEFAULT_SEQ_LEN = 256
 MAX_GRAD_NORM = 1.0
 
 
-@dataclass(frozen=True)
-class HealSettings:
-    steps: int
-    mode: str = "lora"
-    lr: float | None = None  # None: DEFAULT_LR[mode]
-    batch_size: int = 4
-    seq_len: int = DEFAULT_SEQ_LEN
-    lora_rank: int = 8
-    kd: bool = False
-    seed: int = 42
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
-
-    def describe(self) -> dict:
-        """The settings as they went into training, for the model card."""
-        out = {"mode": self.mode, "steps": self.steps, "lr": self.learning_rate, "batch_size": self.batch_size,
-               "seq_len": self.seq_len, "loss": "KL to the unpruned model (distillation)" if self.kd
-               else "next-token cross-entropy", "seed": self.seed}
-        if self.mode == "lora":
-            out.update(lora_rank=self.lora_rank, lora_alpha=2 * self.lora_rank, lora_targets=LORA_TARGETS)
-        return out
+def describe(spec: HealSpec) -> dict:
+    """The settings as they went into training, for the model card."""
+    out = {"mode": spec.mode, "steps": spec.steps, "lr": spec.learning_rate, "batch_size": spec.batch_size,
+           "seq_len": spec.seq_len, "loss": "KL to the unpruned model (distillation)" if spec.kd
+           else "next-token cross-entropy", "seed": spec.seed}
+    if spec.mode == "lora":
+        out.update(lora_rank=spec.lora_rank, lora_alpha=2 * spec.lora_rank, lora_targets=LORA_TARGETS)
+    return out
 
 
 @dataclass
 class HealResult:
     model: nn.Module  # standalone healed pruned model (eval mode, no peft)
     losses: list[float]  # training loss of every step
-
-
-def settings_from_args(args: Namespace, context_size: int) -> HealSettings:
-    seq_len = args.heal_seq_len or min(DEFAULT_SEQ_LEN, context_size)
-    if seq_len > context_size:
-        raise KitError(f"--heal-seq-len {seq_len} exceeds the model's context size of {context_size} tokens")
-    if args.heal_lr is not None and not args.heal_lr > 0:
-        raise KitError(f"--heal-lr must be positive, got {args.heal_lr}")
-    return HealSettings(steps=args.heal_steps, mode=args.heal_mode, lr=args.heal_lr, batch_size=args.heal_batch_size,
-                        seq_len=seq_len, lora_rank=args.lora_rank, kd=args.heal_kd, seed=args.seed)
 
 
 def training_ids(tokenizer, train_dataset: str | None, dataset: str, text_column: str = "text",
@@ -127,7 +99,7 @@ def check_disjoint(train_ids: torch.Tensor, eval_ids: torch.Tensor) -> None:
                        "meaningless: pass a different --train-dataset")
 
 
-def check_trainable(model: nn.Module, train_ids: torch.Tensor, settings: HealSettings) -> None:
+def check_trainable(model: nn.Module, train_ids: torch.Tensor, settings: HealSpec) -> None:
     if next(model.parameters()).dtype == torch.float16:
         raise KitError("healing needs float32 or bfloat16 weights (float16 training without loss scaling diverges); "
                        "pass --dtype float32 or --dtype bfloat16")
@@ -136,13 +108,15 @@ def check_trainable(model: nn.Module, train_ids: torch.Tensor, settings: HealSet
                        f"{settings.seq_len} + 1; pass more text or a smaller --heal-seq-len")
 
 
-def healing_inputs(args: Namespace, model: nn.Module, tokenizer, eval_ids: torch.Tensor, context_size: int,
-                   cache_dir: str | None = None) -> tuple[HealSettings | None, torch.Tensor | None]:
-    """Settings and training ids for --heal-steps, checked before any measurement starts (None, None without it)."""
-    if not args.heal_steps:
+def healing_inputs(spec: HealSpec, dataset: str, text_column: str, model: nn.Module, tokenizer,
+                   eval_ids: torch.Tensor, context_size: int,
+                   cache_dir: str | None = None) -> tuple[HealSpec | None, torch.Tensor | None]:
+    """The resolved spec and training ids for --heal-steps, checked before any measurement starts
+    (None, None without it)."""
+    if not spec.steps:
         return None, None
-    settings = settings_from_args(args, context_size)
-    train_ids = training_ids(tokenizer, args.train_dataset, args.dataset, args.text_column, cache_dir)
+    settings = spec.resolved(context_size)
+    train_ids = training_ids(tokenizer, spec.train_dataset, dataset, text_column, cache_dir)
     check_disjoint(train_ids, eval_ids)
     check_trainable(model, train_ids, settings)
     return settings, train_ids
@@ -179,13 +153,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
-def heal(model: nn.Module, removed: Sequence[int], train_ids: torch.Tensor, settings: HealSettings,
+def heal(model: nn.Module, removed: Sequence[int], train_ids: torch.Tensor, settings: HealSpec,
          progress: bool = True) -> HealResult:
     """Fine-tune a copy of ``model`` with blocks ``removed`` on ``train_ids`` (1-D).
 
     ``model`` is the unpruned model; it is only read (as the teacher with
     distillation) and is unchanged afterwards.
     """
+    if settings.seq_len is None:
+        settings = settings.resolved(context_size(model))
     if settings.mode not in HEAL_MODES:
         raise KitError(f"unknown heal mode '{settings.mode}' (choices: {', '.join(HEAL_MODES)})")
     check_trainable(model, train_ids, settings)

@@ -1,4 +1,4 @@
-"""Sweeps spread over several workers, and shard files merged back into one.
+"""Sweeps spread over several workers.
 
 Two ways to split a sweep, which combine:
 
@@ -7,8 +7,8 @@ Two ways to split a sweep, which combine:
   its share of the configurations and sends each row to the main process,
   which writes the one results file as rows arrive.
 - ``--shard I/N`` for schedulers that start independent jobs (Slurm arrays):
-  job I evaluates its share and writes its own file; ``--mode merge`` joins
-  the files.
+  job I evaluates its share and writes its own file; ``--mode merge``
+  (runner.merge) joins the files.
 
 Shares are taken round-robin from the planned order. Neighbouring
 configurations of a sweep remove about as many blocks and so cost about the
@@ -22,14 +22,12 @@ plain ``python main.py`` pays nothing for it.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from utils.errors import KitError
-from utils.results import removal_key
 
 T = TypeVar("T")
 
@@ -44,35 +42,9 @@ WORLD_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_W
 # longer than torch's 10-30 minute default. A crashed peer is caught by the
 # launcher, which stops all processes, not by this timeout.
 COLLECTIVE_TIMEOUT = timedelta(hours=24)
-# Relative difference allowed between the baselines of shards merged together:
-# a different GPU or library build may change the last bits of a float32 sum,
-# not more.
-BASELINE_RTOL = 1e-6
 
 
 # ---- splitting -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Shard:
-    index: int  # 0-based
-    count: int
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
-
-
-def parse_shard(text: str) -> Shard:
-    """'I/N' with 0 <= I < N (Slurm: --shard $SLURM_ARRAY_TASK_ID/N with --array=0-(N-1))."""
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise KitError(f"expected I/N such as 0/4 (job I of N, counting from 0), got '{text}'") from None
-    if count < 1:
-        raise KitError(f"'{text}' has N = {count}; N must be at least 1")
-    if not 0 <= index < count:
-        raise KitError(f"'{text}' has I = {index}; I counts from 0, so valid values are 0..{count - 1}")
-    return Shard(index, count)
-
 
 def share(items: Sequence[T], index: int, count: int) -> list[T]:
     """Worker ``index`` of ``count``: every count-th item, starting at its own index."""
@@ -165,55 +137,3 @@ def in_rounds(processes: Processes, items: Iterable[T]) -> Iterator[list[T]]:
         if not batch:
             return
         yield batch
-
-
-# ---- merging shard files ---------------------------------------------------------------------
-
-def merge_rows(tables: Sequence[tuple[str, list[dict]]]) -> list[dict]:
-    """One table from the results files of the shards of one sweep.
-
-    Every shard evaluates the baseline; they must agree, and the first is
-    kept. Any other configuration must appear once over all the files: a
-    repeat means overlapping shards or a file given twice, and picking one of
-    two measurements silently would hide that. Rows come back in sweep order
-    (fewest removed blocks first, then by block index) with their changes
-    recomputed against the kept baseline.
-    """
-    if not tables:
-        raise KitError("--mode merge needs --inputs with at least one results file")
-    paths = [os.path.realpath(path) for path, _ in tables]
-    for i, path in enumerate(paths):
-        if path in paths[:i]:
-            raise KitError(f"'{tables[i][0]}' is given twice in --inputs")
-    first_path, first_rows = tables[0]
-    if not first_rows:
-        raise KitError(f"'{first_path}' holds no rows")
-    reference = first_rows[0]
-    baseline: dict | None = None
-    seen: dict[str, str] = {}
-    pruned: list[dict] = []
-    for path, rows in tables:
-        for row in rows:
-            for column in ("model", "dataset", "mode", "eval_tokens"):
-                if row.get(column) != reference.get(column):
-                    raise KitError(f"'{path}' has {column} {row.get(column)!r} but '{first_path}' has "
-                                   f"{reference.get(column)!r}; merge only the shards of one sweep")
-            key = removal_key(row["removed_layers"])
-            if not row["removed_layers"]:
-                if baseline is None:
-                    baseline = row
-                elif not math.isclose(row["perplexity"], baseline["perplexity"], rel_tol=BASELINE_RTOL):
-                    raise KitError(f"the baseline perplexity in '{path}' ({row['perplexity']}) differs from the "
-                                   f"first one ({baseline['perplexity']}); the shards did not evaluate the same "
-                                   "model and data")
-                continue
-            if key in seen:
-                where = f"in '{path}'" if seen[key] == path else f"in '{seen[key]}' and in '{path}'"
-                raise KitError(f"configuration {key} appears twice, {where}; the inputs must be disjoint shards "
-                               "of one sweep")
-            seen[key] = path
-            pruned.append(row)
-    if baseline is None:
-        raise KitError("none of the --inputs holds a baseline row (removed_layers []); every shard writes one")
-    pruned.sort(key=lambda r: (len(r["removed_layers"]), sorted(r["removed_layers"])))
-    return [baseline] + pruned

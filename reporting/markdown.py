@@ -1,26 +1,23 @@
 """report.md: the seed README's tables and key observations, generated from a
-results CSV and ready to paste into a README; and `--mode report`, which
-makes the report and the figures again from any saved CSV."""
+results CSV and ready to paste into a README."""
 
 from __future__ import annotations
 
 import logging
 import os
-from argparse import Namespace
 from typing import Sequence
 
+from reporting.figures import write_figures
+from reporting.schema import REQUIRED_COLUMNS
+from reporting.tables import COMPARISON_HEADERS, comparison_cells, observations, sweep_cells
 from utils.errors import KitError
-from utils.plots import write_figures
-from utils.results import (COMPARISON_HEADERS, comparison_cells, format_number, observations, read_rows,
-                           removed_label, sweep_cells, with_changes)
+from utils.text import format_number, removed_label
 
 log = logging.getLogger("gpt2-pruning-kit")
 
 # The seed README's column names; the console table shortens them to fit 80 columns.
 SWEEP_HEADERS = ["Layers Removed", "Layers", "Perplexity (↓)", "Speed (ms) ↓", "Parameters (M)", "PPL Change (%)",
                  "Speed Change (%)"]
-REQUIRED_COLUMNS = ("removed_layers", "num_layers", "perplexity")
-CHANGE_COLUMNS = ("ppl_change_pct", "params_change_pct", "speed_change_pct")
 
 
 def markdown_table(headers: Sequence[str], cells: Sequence[Sequence[str]], left: int = 1) -> str:
@@ -108,15 +105,3 @@ def check_rows(rows: Sequence[dict], path: str) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
     if missing:
         raise KitError(f"results file '{path}' lacks the column(s) {', '.join(missing)}")
-
-
-def report_from_csv(args: Namespace) -> int:
-    """--mode report: figures and report.md again from a saved CSV, beside it."""
-    rows = read_rows(args.input)
-    check_rows(rows, args.input)
-    # a file written by hand or by another tool may lack the change columns: recomputed against its
-    # baseline row, or left empty without one
-    base = next((r for r in rows if not r["removed_layers"]), None)
-    rows = [with_changes(r, base) if base else {**dict.fromkeys(CHANGE_COLUMNS), **r} for r in rows]
-    write_outputs(rows, args.input, plot=True)
-    return 0

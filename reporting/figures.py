@@ -22,7 +22,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from utils.results import compact_label
+from pruning.rules import RULES
+from utils.text import compact_label
 
 log = logging.getLogger("gpt2-pruning-kit")
 
@@ -247,7 +248,9 @@ def importance_figure(rows: Sequence[dict]) -> Figure | None:
     if not scores:
         return None
     fig = Figure(figsize=(4.5 * len(scores) + 1, 4), layout="constrained")
-    for n, metric in enumerate(sorted(scores), start=1):
+    # the scoring rules in registry order, then the searches' candidate scores
+    order = [m for m in RULES if m in scores] + sorted(m for m in scores if m not in RULES)
+    for n, metric in enumerate(order, start=1):
         ax = fig.add_subplot(1, len(scores), n)
         blocks = sorted(scores[metric])
         ax.bar(blocks, [scores[metric][b] for b in blocks], color="#8e44ad")

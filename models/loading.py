@@ -8,12 +8,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from utils.errors import KitError, first_line
+from utils.errors import OFFLINE_HINT, KitError, first_line
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-OFFLINE_HINT = ("the machine may be offline: pass a local directory written by save_pretrained as --model "
-                "and a local text file as --dataset")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,32 +1,31 @@
-"""Which blocks to remove: each mode turns the model depth and the options
-into the list of removal sets to evaluate (the baseline is always added by the
-caller). Add a mode by adding a function to PLANNERS."""
+"""Modes that plan their configurations from the depth alone: each turns the
+depth and the options into the removal sets to evaluate (the baseline is
+always added by the caller). They are pure functions, registered in
+pruning.modes."""
 
 from __future__ import annotations
 
 import math
 import random
-from argparse import Namespace
 from fractions import Fraction
 from itertools import combinations
-from typing import Callable
 
-from pruning.blocks import Removal, validate_removal
+from config import RunConfig, SelectSpec
+from models.units import Removal, validate_removal
 from utils.errors import KitError
 
 
-
-def baseline(args: Namespace, n_blocks: int) -> list[Removal]:
+def baseline(config: RunConfig, n_blocks: int) -> list[Removal]:
     return []
 
 
-def sequential(args: Namespace, n_blocks: int) -> list[Removal]:
+def sequential(config: RunConfig, n_blocks: int) -> list[Removal]:
     return [(i,) for i in range(n_blocks)]
 
 
-def combinatorial(args: Namespace, n_blocks: int) -> list[Removal]:
-    low = args.min_remove
-    high = n_blocks - 1 if args.max_remove is None else args.max_remove
+def combinatorial(config: RunConfig, n_blocks: int) -> list[Removal]:
+    low = config.select.min_remove
+    high = n_blocks - 1 if config.select.max_remove is None else config.select.max_remove
     if low < 1:
         raise KitError(f"--min-remove must be at least 1 (got {low})")
     if high >= n_blocks:
@@ -37,17 +36,17 @@ def combinatorial(args: Namespace, n_blocks: int) -> list[Removal]:
     return [c for k in range(low, high + 1) for c in combinations(range(n_blocks), k)]
 
 
-def removal_count(args: Namespace, n_blocks: int) -> int:
+def removal_count(select: SelectSpec, n_blocks: int) -> int:
     """--num-remove, or --ratio x depth rounded half up (0.5 x 3 blocks -> 2)."""
-    if args.num_remove is not None:
-        k = args.num_remove
+    if select.num_remove is not None:
+        k = select.num_remove
         if not 1 <= k < n_blocks:
             raise KitError(f"--num-remove must be between 1 and {n_blocks - 1} for a {n_blocks}-block model (got {k})")
         return k
     # exact decimal arithmetic: in floats 0.58 x 25 rounds to 14 instead of 15
-    k = math.floor(Fraction(str(args.ratio)) * n_blocks + Fraction(1, 2))
+    k = math.floor(Fraction(str(select.ratio)) * n_blocks + Fraction(1, 2))
     if k == 0 or k == n_blocks:
-        raise KitError(f"--ratio {args.ratio} removes {k} of {n_blocks} blocks; choose a ratio that removes "
+        raise KitError(f"--ratio {select.ratio} removes {k} of {n_blocks} blocks; choose a ratio that removes "
                        f"between 1 and {n_blocks - 1}, or use --num-remove")
     return k
 
@@ -57,20 +56,11 @@ def random_blocks(seed: int, n_blocks: int, k: int) -> Removal:
     return tuple(sorted(random.Random(seed).sample(range(n_blocks), k)))
 
 
-def random_removal(args: Namespace, n_blocks: int) -> list[Removal]:
-    return [random_blocks(args.seed, n_blocks, removal_count(args, n_blocks))]
+def random_removal(config: RunConfig, n_blocks: int) -> list[Removal]:
+    return [random_blocks(config.seed, n_blocks, removal_count(config.select, n_blocks))]
 
 
-def custom(args: Namespace, n_blocks: int) -> list[Removal]:
-    if not args.remove:
+def custom(config: RunConfig, n_blocks: int) -> list[Removal]:
+    if not config.select.remove:
         raise KitError("--mode custom needs --remove, e.g. --remove 1,3")
-    return [validate_removal(args.remove, n_blocks)]
-
-
-PLANNERS: dict[str, Callable[[Namespace, int], list[Removal]]] = {
-    "baseline": baseline,
-    "sequential": sequential,
-    "combinatorial": combinatorial,
-    "random": random_removal,
-    "custom": custom,
-}
+    return [validate_removal(config.select.remove, n_blocks)]

@@ -1,29 +1,17 @@
-"""Block importance scores measured on calibration tokens.
+"""What the choosing modes look at: the model on calibration tokens.
 
-Three published criteria, all "lower means safer to remove":
-
-- Block Influence (bi), ShortGPT (Men et al. 2024): 1 minus the cosine
-  similarity between the hidden state entering and leaving a block, averaged
-  over tokens. A block that barely turns the residual stream does little.
-- Angular distance, Gromov et al. 2024 ("The Unreasonable Ineffectiveness of
-  the Deeper Layers"): arccos(cosine)/pi between the hidden state entering
-  block i and leaving block i+n-1; the span of n blocks that moves the stream
-  least is removed together. Gromov et al. measure it at each sequence's last
-  token; here it is averaged over every calibration token, the same quantity
-  with many more samples.
-- ppl, the perplexity criterion of Shortened LLaMA (Kim et al. 2024): the
-  calibration perplexity of the model with the block removed alone.
-
-bi and every span's angular distance come from one forward pass over the
-calibration tokens (hooks record the residual stream between blocks); ppl
-costs one calibration evaluation per block.
+Calibration holds the model and the calibration tokens, and answers the two
+questions the scoring rules (pruning.rules) and searches (pruning.search) ask:
+the calibration perplexity of any removal sets (evaluated together in one
+shared-prefix pass, and cached), and the residual stream's cosines and angles
+between every pair of block boundaries (from one forward pass, with hooks
+between the blocks).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -31,20 +19,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from evaluation.engine import engine_supports, sweep_perplexities
-from evaluation.perplexity import Window, perplexity, window_batches
-from pruning.blocks import Removal, get_blocks, removed_blocks
-from pruning.search import rank_key
-from utils.data import is_local_dataset, load_text, tokenize
+from config import DataSpec
+from evaluation.engine import sweep_perplexities
+from evaluation.perplexity import Window, window_batches
+from models.families import get_blocks
+from models.units import Removal
 from utils.cache import cached_token_ids
+from utils.data import is_local_dataset, load_text, tokenize
 from utils.errors import KitError
 
 log = logging.getLogger("gpt2-pruning-kit")
 
-METRICS = ("bi", "angular", "ppl")
-
-
-def calibration_ids(args: Namespace, tokenizer, stream: torch.Tensor | None = None,
+def calibration_ids(data: DataSpec, calib_tokens: int, tokenizer, stream: torch.Tensor | None = None,
                     cache_dir: str | None = None) -> torch.Tensor:
     """The first --calib-tokens tokens of the dataset's train split.
 
@@ -55,33 +41,33 @@ def calibration_ids(args: Namespace, tokenizer, stream: torch.Tensor | None = No
     does a Hub dataset without a train split. ``stream``, the local file's
     token ids when the caller has them already, saves reading them again.
     """
-    if is_local_dataset(args.dataset):
-        ids = stream if stream is not None else cached_token_ids(tokenizer, args.dataset, args.split,
-                                                                 args.text_column, cache_dir)
-        held_out = ids[args.max_tokens :] if args.max_tokens else ids[:0]
-        if len(held_out) >= args.calib_tokens:
-            log.info(f"Calibrating on tokens {args.max_tokens:,}.. of '{args.dataset}', after the evaluated ones "
+    if is_local_dataset(data.dataset):
+        ids = stream if stream is not None else cached_token_ids(tokenizer, data.dataset, data.split,
+                                                                 data.text_column, cache_dir)
+        held_out = ids[data.max_tokens :] if data.max_tokens else ids[:0]
+        if len(held_out) >= calib_tokens:
+            log.info(f"Calibrating on tokens {data.max_tokens:,}.. of '{data.dataset}', after the evaluated ones "
                      "(a local file has no train split)")
-            return held_out[: args.calib_tokens]
-        log.warning(f"Calibration uses the evaluated tokens of '{args.dataset}' (a local file has no train split, "
+            return held_out[:calib_tokens]
+        log.warning(f"Calibration uses the evaluated tokens of '{data.dataset}' (a local file has no train split, "
                     "and --max-tokens leaves too few after them), so blocks are chosen on the tokens they are "
                     "judged on")
-        return ids[: args.calib_tokens]
-    if args.split == "train":
+        return ids[:calib_tokens]
+    if data.split == "train":
         log.warning("Evaluating on the train split, which is also the calibration text: blocks are chosen "
                     "on the tokens they are judged on")
     try:
-        text = load_text(args.dataset, "train", args.text_column)
+        text = load_text(data.dataset, "train", data.text_column)
     except KitError as exc:
         if "no split" not in str(exc):
             raise
-        log.warning(f"Dataset '{args.dataset}' has no train split; calibrating on the '{args.split}' split, "
+        log.warning(f"Dataset '{data.dataset}' has no train split; calibrating on the '{data.split}' split, "
                     "the one perplexity is evaluated on")
-        text = load_text(args.dataset, args.split, args.text_column)
-    ids = leading_ids(tokenizer, text, args.calib_tokens)
+        text = load_text(data.dataset, data.split, data.text_column)
+    ids = leading_ids(tokenizer, text, calib_tokens)
     log.info(f"Calibrating on {len(ids):,} tokens")
-    if len(ids) < args.calib_tokens:
-        log.warning(f"Calibration text has only {len(ids):,} tokens (--calib-tokens {args.calib_tokens:,})")
+    if len(ids) < calib_tokens:
+        log.warning(f"Calibration text has only {len(ids):,} tokens (--calib-tokens {calib_tokens:,})")
     return ids
 
 
@@ -211,20 +197,14 @@ class Calibration:
         """Calibration perplexity of each removal set.
 
         The sets not yet cached are evaluated together, in one shared-prefix
-        pass where the engine supports the model: a search step's candidates
-        share most of their blocks.
+        pass: a search step's candidates share most of their blocks.
         """
         keys = [tuple(sorted(r)) for r in removals]
         todo = list(dict.fromkeys(k for k in keys if k not in self._ppl))
-        if todo and engine_supports(self.model):
+        results = []
+        if todo:
             results, _ = sweep_perplexities(self.model, self.ids, todo, self.max_length, self.stride,
                                             self.batch_size, progress=self.progress, desc="calibration")
-        else:
-            results = []
-            for key in todo:
-                with removed_blocks(self.model, key) as pruned:
-                    results.append(perplexity(pruned, self.ids, self.max_length, self.stride, self.batch_size,
-                                              progress=self.progress, desc="calibration"))
         self._ppl.update((key, result.perplexity) for key, result in zip(todo, results))
         return [self._ppl[key] for key in keys]
 
@@ -237,27 +217,3 @@ class Calibration:
         """Calibration perplexity with each block removed alone (the ppl criterion)."""
         singles = [(i,) for i in range(self.n_blocks)]
         return dict(zip(singles, self.perplexities(singles)))
-
-
-def candidate_scores(calib: Calibration, metric: str, k: int) -> dict[Removal, float]:
-    """The candidates ``metric`` ranks when removing k blocks, with their scores (lower: removed first)."""
-    if metric == "bi":
-        return {(i,): s for i, s in enumerate(calib.one_pass().bi())}
-    if metric == "angular":
-        return calib.one_pass().angular(k)
-    if metric == "ppl":
-        return calib.single_removal()
-    raise KitError(f"unknown metric '{metric}' (choices: {', '.join(METRICS)})")
-
-
-def choose(metric: str, scores: dict[Removal, float], k: int) -> Removal:
-    """The k blocks a rule removes given its candidates' scores.
-
-    bi and ppl score single blocks and take the k lowest; angular scores spans
-    of k blocks and takes the lowest span. Ties go to the earlier block, so the
-    choice is deterministic.
-    """
-    ranked = sorted(scores, key=lambda c: rank_key(scores[c], c))
-    if metric == "angular":
-        return ranked[0]
-    return tuple(sorted(c[0] for c in ranked[:k]))

@@ -1,0 +1,180 @@
+"""A run's settings as frozen data.
+
+main.py turns the command line into one RunConfig, once; everything below it
+takes the part it needs (a WindowSpec, a HealSpec, ...) and never sees
+argparse. Being plain data, a config is written into the results file's JSON
+sidecar as it is (``to_dict``), so a resumed or merged file can be compared
+with the run that continues it field by field.
+
+This module imports nothing heavy: `python main.py --help` builds its parser
+from here and from the mode registry without loading torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from utils.errors import KitError
+
+DEFAULT_PROMPT = "The future of artificial intelligence is"
+# Learning rates that suit a short heal: adapters tolerate a larger step than full weights.
+DEFAULT_HEAL_LR = {"lora": 2e-4, "full": 2e-5}
+DEFAULT_HEAL_SEQ_LEN = 256
+DEFAULT_STRIDE = 512
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Job ``index`` (0-based) of ``count`` independent jobs of one sweep."""
+
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def parse_shard(text: str) -> Shard:
+    """'I/N' with 0 <= I < N (Slurm: --shard $SLURM_ARRAY_TASK_ID/N with --array=0-(N-1))."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise KitError(f"expected I/N such as 0/4 (job I of N, counting from 0), got '{text}'") from None
+    if count < 1:
+        raise KitError(f"'{text}' has N = {count}; N must be at least 1")
+    if not 0 <= index < count:
+        raise KitError(f"'{text}' has I = {index}; I counts from 0, so valid values are 0..{count - 1}")
+    return Shard(index, count)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which model is pruned and which text it is judged on."""
+
+    model: str = "distilgpt2"
+    dataset: str = "wikitext-2-raw-v1"
+    split: str = "test"
+    text_column: str = "text"
+    max_tokens: int | None = None
+    cache_dir: str | None = None
+    no_cache: bool = False
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """Perplexity windows; max_length and stride None until resolved against the model's context."""
+
+    max_length: int | None = None
+    stride: int | None = None
+    batch_size: int = 1
+
+    def resolved(self, context: int) -> "WindowSpec":
+        """The spec with the model's defaults filled in, checked against its context size."""
+        max_length = self.max_length or context
+        if max_length > context:
+            raise KitError(f"--max-length {max_length} exceeds the model's context size of {context} tokens")
+        if max_length < 2:
+            raise KitError(f"--max-length {max_length} leaves no token to score: a window needs at least 2 tokens")
+        stride = self.stride or max(1, min(DEFAULT_STRIDE, max_length // 2))
+        if stride > max_length:
+            raise KitError(f"--stride {stride} is larger than --max-length {max_length}")
+        return replace(self, max_length=max_length, stride=stride)
+
+
+@dataclass(frozen=True)
+class SelectSpec:
+    """How the modes pick the blocks to remove."""
+
+    remove: tuple[int, ...] | None = None
+    min_remove: int = 2
+    max_remove: int | None = None
+    ratio: float = 0.5
+    num_remove: int | None = None
+    metric: str = "bi"
+    beam_width: int = 4
+    calib_tokens: int = 16384
+    max_configs: int = 5000
+
+
+@dataclass(frozen=True)
+class SpeedSpec:
+    """The latency measurement; ``enabled`` False is --no-speed."""
+
+    enabled: bool = True
+    runs: int = 10
+    warmup: int = 2
+    gen_tokens: int = 64
+    prompt: str = DEFAULT_PROMPT
+
+
+@dataclass(frozen=True)
+class HealSpec:
+    """Fine-tuning the pruned model; steps 0 means no healing."""
+
+    steps: int = 0
+    mode: str = "lora"
+    lr: float | None = None
+    batch_size: int = 4
+    seq_len: int | None = None  # None: DEFAULT_HEAL_SEQ_LEN or the context size
+    lora_rank: int = 8
+    kd: bool = False
+    train_dataset: str | None = None
+    seed: int = 42
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_HEAL_LR[self.mode]
+
+    def resolved(self, context: int) -> "HealSpec":
+        seq_len = self.seq_len or min(DEFAULT_HEAL_SEQ_LEN, context)
+        if seq_len > context:
+            raise KitError(f"--heal-seq-len {seq_len} exceeds the model's context size of {context} tokens")
+        if self.lr is not None and not self.lr > 0:
+            raise KitError(f"--heal-lr must be positive, got {self.lr}")
+        return replace(self, seq_len=seq_len)
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What a run writes, and the files the CSV-reading modes read."""
+
+    save_results: bool = False
+    output_dir: str = "results"
+    resume: str | None = None
+    save_model: str | None = None
+    plot: bool = False
+    quiet: bool = False
+    input: str | None = None
+    inputs: tuple[str, ...] = ()
+    shard: Shard | None = None
+
+    @property
+    def writes_csv(self) -> bool:
+        # --plot draws from the CSV, so it writes one too
+        return self.save_results or self.plot or self.resume is not None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    mode: str
+    data: DataSpec = field(default_factory=DataSpec)
+    windows: WindowSpec = field(default_factory=WindowSpec)
+    select: SelectSpec = field(default_factory=SelectSpec)
+    speed: SpeedSpec = field(default_factory=SpeedSpec)
+    heal: HealSpec = field(default_factory=HealSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 42
+    command_line: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready data (a shard as 'I/N')."""
+        data = asdict(self)
+        data["output"]["shard"] = str(self.output.shard) if self.output.shard else None
+        return data
+
+
+def spec_fields(spec_type: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(spec_type))

@@ -1,0 +1,122 @@
+"""Handing the user the pruned model: optional healing, then a standard
+Hugging Face checkpoint with a model card.
+
+The checkpoint is what save_pretrained writes (config.json with the pruned
+depth, model.safetensors, generation config) plus the tokenizer, so it loads
+with AutoModelForCausalLM.from_pretrained and no custom code or peft. Next to
+it go README.md, a model card a person reads, and pruning_report.json, the
+same facts for a program (export.card). The perplexity the card states for the
+checkpoint is measured on the model object that was saved, and the card gives
+the kit command that measures it again from the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from config import HealSpec, RunConfig
+from evaluation.perplexity import perplexity
+from evaluation.sweep import EvalSettings
+from export.card import build_report, model_card
+from export.heal import HealResult, describe, heal
+from models.loading import dtype_name
+from models.removal import removed_blocks
+from reporting.schema import change_pct
+from utils.text import format_table
+
+log = logging.getLogger("gpt2-pruning-kit")
+
+REPORT_FILE = "pruning_report.json"
+# Tokens of the evaluation text used to check that the written checkpoint reloads to the same model.
+CHECK_TOKENS = 64
+CHECK_GEN_TOKENS = 8
+
+
+@torch.no_grad()
+def verify_reload(path: str, model: nn.Module, sample_ids: torch.Tensor) -> bool:
+    """Reload the checkpoint with plain transformers and compare it with ``model``.
+
+    Logits on ``sample_ids`` and a short greedy generation with the KV cache
+    must match; a mismatch is logged (the files are already written) and
+    returns False.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = next(model.parameters()).device
+    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype).to(device).eval()
+    inputs = sample_ids.view(1, -1).to(device)
+    diff = (reloaded(input_ids=inputs).logits - model(input_ids=inputs).logits).abs().max().item()
+    pad = model.config.eos_token_id if model.config.eos_token_id is not None else 0
+    gen = dict(max_new_tokens=CHECK_GEN_TOKENS, do_sample=False, use_cache=True, pad_token_id=pad,
+               attention_mask=torch.ones_like(inputs))
+    same_text = torch.equal(reloaded.generate(inputs, **gen), model.generate(inputs, **gen))
+    if diff == 0.0 and same_text:
+        log.info(f"Checked: {path} reloads with AutoModelForCausalLM to identical logits and generation")
+        return True
+    log.warning(f"{path} reloads to a different model: max logit difference {diff:.3g}, "
+                f"generation {'identical' if same_text else 'differs'}")
+    return False
+
+
+def export_model(model: nn.Module, tokenizer, path: str, report: dict, sample_ids: torch.Tensor) -> None:
+    """Write checkpoint, tokenizer, model card and report to ``path``."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with open(os.path.join(path, "README.md"), "w", encoding="utf-8") as f:
+        f.write(model_card(report))
+    with open(os.path.join(path, REPORT_FILE), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    verify_reload(path, model, sample_ids)
+    log.warning(f"Pruned model written to {path}")
+    log.info(f"Model card: {os.path.join(path, 'README.md')}")
+
+
+def healing_table(rows: Sequence[dict], healed_ppl: float) -> str:
+    original, pruned = rows[0], rows[-1]
+    body = [[name, str(pruned["num_layers"] if name != "Original" else original["num_layers"]), f"{ppl:,.2f}",
+             "" if name == "Original" else f"{change_pct(ppl, original['perplexity']):+,.2f}"]
+            for name, ppl in (("Original", original["perplexity"]), ("Pruned", pruned["perplexity"]),
+                              ("Pruned + healed", healed_ppl))]
+    return format_table(["Model", "Layers", "Perplexity", "PPL Chg (%)"], body)
+
+
+def deliver(config: RunConfig, model: nn.Module, tokenizer, rows: Sequence[dict], ids: torch.Tensor,
+            settings: EvalSettings, heal_spec: HealSpec | None, train_ids: torch.Tensor | None) -> None:
+    """Heal the run's final configuration if asked, then export it if asked.
+
+    rows[0] is the unpruned baseline and rows[-1] the configuration the mode
+    chose. The pruned perplexity before healing is that row's: the student
+    starts as an exact copy of the model it measured. ``heal_spec`` is the
+    resolved HealSpec (None: no healing).
+    """
+    removed = list(rows[-1]["removed_layers"])
+    device, dtype = next(model.parameters()).device.type, dtype_name(model)
+    w, target = settings.windows, config.output.save_model
+    healing, healed = None, None
+    if heal_spec is not None:
+        result: HealResult = heal(model, removed, train_ids, heal_spec, progress=settings.progress)
+        healed = result.model
+        healed_ppl = perplexity(healed, ids, w.max_length, w.stride, w.batch_size, progress=settings.progress,
+                                desc="healed windows").perplexity
+        healing = {**describe(heal_spec),
+                   "train_dataset": heal_spec.train_dataset or f"{config.data.dataset} (train split)",
+                   "first_loss": result.losses[0], "last_loss": result.losses[-1], "perplexity": healed_ppl}
+        if not config.output.quiet:
+            print(f"\nHealing ({heal_spec.mode}, {heal_spec.steps} steps, training loss "
+                  f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}; perplexity on the evaluation text)\n")
+            print(healing_table(rows, healed_ppl))
+    if not target:
+        return
+    checkpoint_ppl = healing["perplexity"] if healed is not None else rows[-1]["perplexity"]
+    report = build_report(config, rows, w, healing, checkpoint_ppl, dtype, device, model.config.model_type)
+    if healed is not None:
+        export_model(healed, tokenizer, target, report, ids[:CHECK_TOKENS])
+        return
+    with removed_blocks(model, removed) as pruned:
+        export_model(pruned, tokenizer, target, report, ids[:CHECK_TOKENS])

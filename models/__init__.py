@@ -1,0 +1,1 @@
+"""Ground floor for models: loading a checkpoint, the family registry, removing blocks."""

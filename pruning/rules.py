@@ -1,0 +1,97 @@
+"""Scoring rules: which blocks matter least, judged on calibration tokens.
+
+A rule is a small object with one job: ``scores`` maps candidates (removal
+sets) to a score, lower meaning safer to remove, and ``select`` turns those
+scores into the k blocks it removes. The importance mode runs the rule named
+by --metric; compare runs every rule of RULES; the importance figure lays
+their scores out in this order. Add a rule with one class and one RULES entry
+(and a test that an exact identity block scores as safest).
+
+The three published criteria:
+
+- Block Influence (bi), ShortGPT (Men et al. 2024): 1 minus the cosine
+  similarity between the hidden state entering and leaving a block, averaged
+  over tokens. A block that barely turns the residual stream does little.
+- Angular distance, Gromov et al. 2024 ("The Unreasonable Ineffectiveness of
+  the Deeper Layers"): arccos(cosine)/pi between the hidden state entering
+  block i and leaving block i+n-1; the span of n blocks that moves the stream
+  least is removed together. Gromov et al. measure it at each sequence's last
+  token; here it is averaged over every calibration token, the same quantity
+  with many more samples.
+- ppl, the perplexity criterion of Shortened LLaMA (Kim et al. 2024): the
+  calibration perplexity of the model with the block removed alone.
+
+bi and every span's angular distance come from one forward pass over the
+calibration tokens; ppl costs one calibration evaluation per block (shared
+prefixes: about L(L+1)/2 block evaluations per window in all).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from models.units import Removal
+
+if TYPE_CHECKING:  # the rules only call its methods; importing it would load torch for --help
+    from pruning.calibration import Calibration
+
+
+def rank_key(score: float, removal: Removal) -> tuple[float, Removal]:
+    """Sort key: lower score first, NaN (a broken evaluation) last, ties by the set."""
+    return (math.inf if math.isnan(score) else score, removal)
+
+
+def ranked(scores: dict[Removal, float]) -> list[Removal]:
+    return sorted(scores, key=lambda c: rank_key(scores[c], c))
+
+
+class BlockRule:
+    """A rule that scores each block on its own and removes the k lowest (ties: the earlier block)."""
+
+    name = ""
+    title = ""
+    per_block = True  # its scores are one per block, whatever k is
+
+    def scores(self, calib: "Calibration", k: int) -> dict[Removal, float]:
+        raise NotImplementedError
+
+    def select(self, scores: dict[Removal, float], k: int) -> Removal:
+        return tuple(sorted(c[0] for c in ranked(scores)[:k]))
+
+
+class BlockInfluence(BlockRule):
+    name, title = "bi", "Block Influence"
+
+    def scores(self, calib: "Calibration", k: int) -> dict[Removal, float]:
+        return {(i,): s for i, s in enumerate(calib.one_pass().bi())}
+
+
+class CalibrationPerplexity(BlockRule):
+    name, title = "ppl", "Calibration PPL"
+
+    def scores(self, calib: "Calibration", k: int) -> dict[Removal, float]:
+        return calib.single_removal()
+
+
+class AngularDistance(BlockRule):
+    """Scores every span of k consecutive blocks and removes the lowest span."""
+
+    name, title = "angular", "Angular distance"
+    per_block = False
+
+    def scores(self, calib: "Calibration", k: int) -> dict[Removal, float]:
+        return calib.one_pass().angular(k)
+
+    def select(self, scores: dict[Removal, float], k: int) -> Removal:
+        return ranked(scores)[0]
+
+
+RULES: dict[str, BlockRule] = {rule.name: rule for rule in (BlockInfluence(), AngularDistance(),
+                                                             CalibrationPerplexity())}
+
+
+def choose(rule: BlockRule, calib: "Calibration", k: int) -> tuple[Removal, dict[Removal, float]]:
+    """The k blocks ``rule`` removes, and the scores it chose them by."""
+    scores = rule.scores(calib, k)
+    return rule.select(scores, k), scores

@@ -1,0 +1,19 @@
+"""--mode report: figures and report.md again from a saved results CSV, beside it."""
+
+from __future__ import annotations
+
+from config import RunConfig
+from reporting.csvfile import read_rows
+from reporting.markdown import check_rows, write_outputs
+from reporting.schema import with_changes
+
+
+def run(config: RunConfig) -> int:
+    path = config.output.input
+    rows = read_rows(path)
+    check_rows(rows, path)
+    # a file written by hand or by another tool may lack the change columns: recomputed against its
+    # baseline row, or left empty without one
+    base = next((r for r in rows if not r["removed_layers"]), None)
+    write_outputs([with_changes(r, base) for r in rows], path, plot=True)
+    return 0
