@@ -12,7 +12,7 @@ from here and from the mode registry without loading torch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from utils.errors import KitError
@@ -175,6 +175,3 @@ class RunConfig:
         data["output"]["shard"] = str(self.output.shard) if self.output.shard else None
         return data
 
-
-def spec_fields(spec_type: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(spec_type))

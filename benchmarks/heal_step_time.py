@@ -16,7 +16,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pruning.heal import HealSettings, heal  # noqa: E402
+from config import HealSpec  # noqa: E402
+from export.heal import heal  # noqa: E402
 
 
 def main() -> None:
@@ -34,8 +35,7 @@ def main() -> None:
     print(f"{torch.get_num_threads()} threads; {args.steps} steps of {args.batch_size} x {args.seq_len} tokens, "
           f"blocks {removed} removed")
     for mode, kd in (("lora", False), ("lora", True), ("full", False), ("full", True)):
-        settings = HealSettings(steps=args.steps + 1, mode=mode, kd=kd, batch_size=args.batch_size,
-                                seq_len=args.seq_len)
+        settings = HealSpec(steps=args.steps + 1, mode=mode, kd=kd, batch_size=args.batch_size, seq_len=args.seq_len)
         start = time.perf_counter()
         heal(model, removed, train_ids, settings, progress=False)
         seconds = time.perf_counter() - start

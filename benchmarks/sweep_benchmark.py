@@ -4,7 +4,7 @@ The naive reference is what the seed kit did for every configuration: deep-copy
 the model, delete the removed blocks, and evaluate the copy with the
 transformers perplexity guide's loop (``model(input_ids, labels=...)``, which
 runs the LM head and the loss on every position of every window). The kit is
-evaluation.sweep.measure_all called the way utils/pipeline.py calls it: one
+evaluation.sweep.measure_all called the way runner/evaluate.py calls it: one
 call for the baseline and the sweep, so the baseline's chain of blocks is
 computed once and shared by every configuration. Both run on the same random token ids, the
 same windows and the same random-weight model, with the speed test off, and
@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.engine import Work  # noqa: E402
 from evaluation.perplexity import sliding_windows  # noqa: E402
+from config import WindowSpec  # noqa: E402
 from evaluation.sweep import EvalSettings, measure_all  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
@@ -109,7 +110,7 @@ def run_case(case: Case, batch_size: int) -> dict:
     model = make_model(case.n_layer)
     ids = torch.randint(0, VOCAB, (case.tokens,), generator=torch.Generator().manual_seed(1))
     removals = removals_for(case)
-    settings = EvalSettings(case.max_length, case.stride, batch_size, speed=False, progress=False)
+    settings = EvalSettings(WindowSpec(case.max_length, case.stride, batch_size), progress=False)
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()

@@ -6,6 +6,12 @@ every timed run greedily generates exactly ``gen_tokens`` new tokens (EOS is
 suppressed until then), after untimed warm-up runs, with the device
 synchronized around each run. The median and interquartile range are reported
 because a few slow outliers (page faults, frequency changes) are common.
+
+torch.utils.benchmark.Timer was considered and not used: it picks its own
+number of runs (blocked_autorange), synchronizes CUDA but not MPS, and cannot
+take a controlled clock in tests; the kit needs exactly --speed-runs runs, a
+synchronization around every run on every accelerator, and a tested median and
+IQR.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 For every k = 1..--max-remove each rule picks k blocks on calibration tokens
 (bi, angular, ppl, greedy, beam, random with --seed, the last k blocks); the
-pipeline then measures every picked set on the evaluation tokens, along with
+run then measures every picked set on the evaluation tokens, along with
 every k-subset where C(L, k) <= --max-configs (the exhaustive optimum) and
 every single removal. Choosing and judging on different tokens keeps the
 table honest: a rule that overfits its calibration text shows a gap.

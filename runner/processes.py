@@ -67,7 +67,7 @@ class Processes:
     """This process's place among the processes of a run, and how they talk.
 
     A single process is its own main process and every exchange returns its
-    own data, so the pipeline reads the same either way.
+    own data, so the run reads the same either way.
     """
 
     index: int = 0

@@ -17,10 +17,13 @@ from transformers import (AutoModelForCausalLM, GPTJConfig, GPTJForCausalLM, GPT
                           MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 import main
+from evaluation.engine import sweep_perplexities
 from evaluation.perplexity import perplexity
 from models.families import FAMILIES as REGISTRY
 from models.families import get_blocks, num_blocks
 from models.removal import removed_blocks
+from pruning.calibration import Calibration
+from pruning.search import beam, greedy
 from tiny import make_model, make_text, make_tokenizer
 
 N_LAYER = 4
@@ -191,3 +194,44 @@ def test_other_model_types_get_a_clear_error(tokenizer, text, tmp_path, capsys):
     assert err.startswith("error: model type 'gptj' is not supported") and err.count("\n") == 1
     assert all(name in err for name in FAMILIES)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def long_ids(tokenizer, text) -> torch.Tensor:
+    return torch.tensor(tokenizer(text)["input_ids"][:200])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_engine_equals_one_model_at_a_time(family, batch_size, tokenizer, long_ids):
+    """Every family through the shared-prefix engine: each pruned model's perplexity is the one
+    it gets evaluated alone, to the last bit, with the first and the last block among those removed;
+    windows shorter than the sequence and (GPT-Neo, Mistral, Qwen2) than the local attention span."""
+    model = build(family, len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    removals = [(), (0,), (N_LAYER - 1,), (1, 2), (0, N_LAYER - 1)]
+    shared, _ = sweep_perplexities(model, long_ids, removals, 32, 16, batch_size, progress=False)
+    for removed, result in zip(removals, shared):
+        with removed_blocks(model, removed) as pruned:
+            alone = perplexity(pruned, long_ids, 32, 16, batch_size, progress=False)
+        assert result == alone, (family, removed)
+    assert num_blocks(model) == N_LAYER
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neo"])
+def test_search_chooses_the_same_through_the_engine_and_one_model_at_a_time(family, tokenizer, long_ids):
+    model = build(family, len(tokenizer))
+
+    def one_at_a_time(sets):
+        out = []
+        for removed in sets:
+            with removed_blocks(model, removed) as pruned:
+                out.append(perplexity(pruned, long_ids, 32, 16, progress=False).perplexity)
+        return out
+
+    calib = Calibration(model, lambda: long_ids, 32, 16, progress=False)
+    assert beam(calib.perplexities, N_LAYER, 2, 2, progress=False) == beam(one_at_a_time, N_LAYER, 2, 2,
+                                                                            progress=False)
+    assert greedy(calib.perplexities, N_LAYER, 3, progress=False) == greedy(one_at_a_time, N_LAYER, 3,
+                                                                             progress=False)
