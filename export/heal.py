@@ -41,6 +41,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from config import HealSpec
+from models.families import family_of
 from models.removal import context_size, removed_blocks
 from utils.cache import cached_token_ids
 from utils.data import is_local_dataset
@@ -49,7 +50,7 @@ from utils.errors import KitError
 log = logging.getLogger("gpt2-pruning-kit")
 
 HEAL_MODES = ("lora", "full")
-# peft's name for every linear (and GPT-2 Conv1D) layer except the LM head.
+# peft's name for every linear (and Conv1D) layer except the LM head.
 LORA_TARGETS = "all-linear"
 MAX_GRAD_NORM = 1.0
 
@@ -136,11 +137,9 @@ def student_copy(model: nn.Module, removed: Sequence[int]) -> nn.Module:
 
 def with_lora(model: nn.Module, rank: int) -> nn.Module:
     from peft import LoraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
 
-    transposed = any(isinstance(m, Conv1D) for m in model.modules())  # GPT-2's Conv1D stores weights as (in, out)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, lora_dropout=0.0,
-                        fan_in_fan_out=transposed, task_type="CAUSAL_LM")
+                        fan_in_fan_out=family_of(model).transposed_linears, task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # peft calls a transformers property deprecated in 5.x
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, config)

@@ -40,6 +40,7 @@ class Family:
     per_layer_fields: tuple[str, ...] = ()  # config lists with one entry per block
     index_attrs: tuple[str, ...] = ("layer_idx",)  # attributes through which modules know their position
     returns_tuple: bool = False  # the block returns (hidden_states, ...) instead of a tensor
+    transposed_linears: bool = False  # linear weights stored (in, out), as transformers' Conv1D (LoRA must know)
     # family-specific config fields rewritten for the kept blocks: (config, keep, state before removal)
     rewrite: Callable[[Any, Sequence[int], dict], None] | None = None
     saved: tuple[str, ...] = ()  # config fields ``rewrite`` changes, saved and restored with the depth
@@ -79,7 +80,7 @@ def _qwen2_rewrite(config, keep: Sequence[int], state: dict) -> None:
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("gpt2", "transformer.h", ("transformer.ln_f",), refuse=_gpt2_refuse),
+    Family("gpt2", "transformer.h", ("transformer.ln_f",), transposed_linears=True, refuse=_gpt2_refuse),
     Family("gpt_neo", "transformer.h", ("transformer.ln_f",), per_layer_fields=("attention_layers",),
            index_attrs=("layer_id",), returns_tuple=True, rewrite=_gpt_neo_rewrite, saved=("attention_types",)),
     Family("gpt_neox", "gpt_neox.layers", ("gpt_neox.final_layer_norm",), per_layer_fields=("layer_types",)),
