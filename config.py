@@ -59,6 +59,7 @@ class DataSpec:
     max_tokens: int | None = None
     cache_dir: str | None = None
     no_cache: bool = False
+    trust_remote_code: bool = False  # run code shipped with the model (auto_map); never by default
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ class OutputSpec:
     input: str | None = None
     inputs: tuple[str, ...] = ()
     shard: Shard | None = None
+    allow_partial: bool = False  # merge: accept missing shards
 
     @property
     def writes_csv(self) -> bool:

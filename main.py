@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--cache-dir", help="where tokenized datasets are cached (default: ~/.cache/gpt2-pruning-kit)")
     g.add_argument("--no-cache", action="store_true", help="tokenize the dataset afresh and cache nothing")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a model directory's own code (auto_map) to run; without it such a model is refused")
 
     g = p.add_argument_group("perplexity")
     g.add_argument("--max-length", type=positive_int, help="window length (default: the model's context size)")
@@ -135,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only job I's share (0 <= I < N) of the configurations, plus the baseline")
     g.add_argument("--inputs", nargs="+", metavar="CSV",
                    help=f"--mode {used_by('inputs')}: the shard results files to join")
+    g.add_argument("--allow-partial", action="store_true", default=None,
+                   help=f"--mode {used_by('allow_partial')}: join the files given even if shards are missing "
+                        "(the merged file is then named and reported as partial)")
 
     g = p.add_argument_group(f"healing (fine-tune the pruned model; {saving})")
     g.add_argument("--heal-steps", type=non_negative_int, default=0, help="training steps (default 0: no healing)")
@@ -171,6 +176,9 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--stride {args.stride} is larger than --max-length {args.max_length}")
     if args.max_remove is not None and "min_remove" in mode.options and args.max_remove < args.min_remove:
         parser.error(f"--max-remove ({args.max_remove}) is smaller than --min-remove ({args.min_remove})")
+    if args.shard and (args.save_model or args.heal_steps):
+        parser.error("--save-model and --heal-steps need the whole run's result; a --shard job evaluates only "
+                     "its share (save or heal in an unsharded run)")
     if args.shard and mode.calibrates:
         parser.error(f"--shard splits a planned sweep; --mode {args.mode} chooses its blocks on calibration tokens "
                      "and needs every row (run it in one job, or with accelerate launch)")
@@ -186,7 +194,7 @@ def to_config(args: argparse.Namespace, command_line: list[str]) -> RunConfig:
     return RunConfig(
         mode=args.mode,
         data=DataSpec(args.model, args.dataset, args.split, args.text_column, args.max_tokens, args.cache_dir,
-                      args.no_cache),
+                      args.no_cache, args.trust_remote_code),
         windows=WindowSpec(args.max_length, args.stride, args.batch_size),
         select=SelectSpec(tuple(args.remove) if args.remove is not None else None, args.min_remove,
                           args.max_remove, args.ratio, args.num_remove, args.metric or "bi", args.beam_width or 4,
@@ -195,7 +203,7 @@ def to_config(args: argparse.Namespace, command_line: list[str]) -> RunConfig:
         heal=HealSpec(args.heal_steps, args.heal_mode, args.heal_lr, args.heal_batch_size, args.heal_seq_len,
                       args.lora_rank, args.heal_kd, args.train_dataset, args.seed),
         output=OutputSpec(args.save_results, args.output_dir, args.resume, args.save_model, args.plot, args.quiet,
-                          args.input, tuple(args.inputs or ()), args.shard),
+                          args.input, tuple(args.inputs or ()), args.shard, bool(args.allow_partial)),
         device=args.device, dtype=args.dtype, seed=args.seed, command_line=tuple(command_line),
     )
 
@@ -213,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(config)
     except KitError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
+        sys.stderr.write(f"{'interrupted' if exc.exit_status == 130 else 'error'}: {exc}\n")
+        return exc.exit_status
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from utils.log import progress_bar
 
 from evaluation.perplexity import (PerplexityResult, Window, batch_inputs, scored_nll, sliding_windows,
                                    to_perplexity, window_batches)
@@ -176,7 +176,7 @@ def sweep_perplexities(model: nn.Module, ids: torch.Tensor, removals: Sequence[S
     nll = [0.0] * len(kept_lists)
     tokens = [0] * len(kept_lists)
     work = Work(configurations=len(kept_lists))
-    bar = tqdm(total=len(windows), desc=desc, unit="win", leave=False, disable=not progress)
+    bar = progress_bar(total=len(windows), desc=desc, unit="win", leave=False, disable=not progress)
     start = time.perf_counter()
     for batch in window_batches(windows, batch_size):
         inputs, rows, positions, targets = batch_inputs(ids, batch)

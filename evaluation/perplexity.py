@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
+from utils.log import progress_bar
 
 # Rows of hidden states sent through the LM head at once.
 LOGIT_ROWS = 1024
@@ -152,7 +152,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, max_length: int, stride: int
     device = next(model.parameters()).device
     windows = sliding_windows(len(ids), max_length, stride)
     nll_sum, tokens = 0.0, 0
-    bar = tqdm(total=len(windows), desc=desc, unit="win", leave=False, disable=not progress)
+    bar = progress_bar(total=len(windows), desc=desc, unit="win", leave=False, disable=not progress)
     for batch in window_batches(windows, batch_size):
         inputs, rows, positions, targets = batch_inputs(ids, batch)
         hidden = base(input_ids=inputs.to(device), use_cache=False).last_hidden_state

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from typing import Sequence
 
 import torch
@@ -28,6 +30,7 @@ from export.heal import HealResult, describe, heal
 from models.loading import dtype_name
 from models.removal import removed_blocks
 from reporting.schema import change_pct
+from utils.errors import WriteError
 from utils.text import format_table
 
 log = logging.getLogger("gpt2-pruning-kit")
@@ -49,7 +52,7 @@ def verify_reload(path: str, model: nn.Module, sample_ids: torch.Tensor) -> bool
     from transformers import AutoModelForCausalLM
 
     device = next(model.parameters()).device
-    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype).to(device).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype, trust_remote_code=False).to(device).eval()
     inputs = sample_ids.view(1, -1).to(device)
     diff = (reloaded(input_ids=inputs).logits - model(input_ids=inputs).logits).abs().max().item()
     pad = model.config.eos_token_id if model.config.eos_token_id is not None else 0
@@ -57,22 +60,41 @@ def verify_reload(path: str, model: nn.Module, sample_ids: torch.Tensor) -> bool
                attention_mask=torch.ones_like(inputs))
     same_text = torch.equal(reloaded.generate(inputs, **gen), model.generate(inputs, **gen))
     if diff == 0.0 and same_text:
-        log.info(f"Checked: {path} reloads with AutoModelForCausalLM to identical logits and generation")
+        log.info("Checked: the checkpoint reloads with AutoModelForCausalLM to identical logits and generation")
         return True
-    log.warning(f"{path} reloads to a different model: max logit difference {diff:.3g}, "
+    log.warning(f"The checkpoint reloads to a different model: max logit difference {diff:.3g}, "
                 f"generation {'identical' if same_text else 'differs'}")
     return False
 
 
 def export_model(model: nn.Module, tokenizer, path: str, report: dict, sample_ids: torch.Tensor) -> None:
-    """Write checkpoint, tokenizer, model card and report to ``path``."""
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    with open(os.path.join(path, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(report))
-    with open(os.path.join(path, REPORT_FILE), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    verify_reload(path, model, sample_ids)
+    """Write checkpoint, tokenizer, model card and report to ``path``, all or nothing.
+
+    Everything is written into a temporary directory beside ``path``, reloaded
+    and checked there, and only then renamed to ``path``: a full disk, a
+    read-only folder or a checkpoint that reloads differently leaves ``path``
+    as it was (absent or empty) and no partial directory behind.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.partial-", dir=parent)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(report))
+        with open(os.path.join(staging, REPORT_FILE), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        if not verify_reload(staging, model, sample_ids):
+            raise WriteError(f"the checkpoint written for '{path}' reloads to a different model; nothing was saved")
+        if os.path.isdir(path):
+            os.rmdir(path)  # checked empty before the run
+        os.rename(staging, path)
+    except OSError as exc:
+        raise WriteError(f"cannot write the pruned model to '{path}': {exc.strerror or exc}; nothing was saved "
+                         "there (the results files are intact)") from None
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
     log.warning(f"Pruned model written to {path}")
     log.info(f"Model card: {os.path.join(path, 'README.md')}")
 

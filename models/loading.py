@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from utils.errors import OFFLINE_HINT, KitError, first_line
 
@@ -33,24 +34,50 @@ def looks_local(name: str) -> bool:
             or name.endswith(("/", "\\")) or "\\" in name)
 
 
-def load_model(name: str, device: torch.device, dtype: str = "auto") -> tuple[Any, Any]:
+def load_model(name: str, device: torch.device, dtype: str = "auto",
+               trust_remote_code: bool = False) -> tuple[Any, Any]:
     """Model (eval mode, on ``device``) and tokenizer.
 
     dtype 'auto' means float32 on CPU (half precision is slow and inaccurate
-    there) and the checkpoint's own dtype elsewhere. trust_remote_code is never
-    set: the kit only runs architectures that ship with transformers.
+    there) and the checkpoint's own dtype elsewhere. A model's own code (a
+    config with ``auto_map``) never runs unless ``trust_remote_code`` is set
+    (--trust-remote-code): transformers would otherwise ask on stdin, which
+    hangs a batch job, and answering yes runs code from the model directory.
     """
-    if looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
+    path = os.path.expanduser(name)
+    local = looks_local(name)
+    if local and not os.path.isdir(path):
         raise KitError(f"model directory '{name}' does not exist")
+    if local and not trust_remote_code:
+        refuse_own_code(path)
     torch_dtype: Any = DTYPES[dtype] if dtype != "auto" else (torch.float32 if device.type == "cpu" else "auto")
+    where = "" if local else f"; {OFFLINE_HINT}"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=torch_dtype)
-    except (OSError, ValueError) as exc:
-        where = "" if looks_local(name) else f"; {OFFLINE_HINT}"
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # missing files, a broken tokenizer.json, a download that failed
+        raise KitError(f"cannot load the tokenizer of '{name}': {first_line(exc)}{where}") from None
+    if not isinstance(tokenizer, PreTrainedTokenizerBase) or not tokenizer.get_vocab():
+        raise KitError(f"'{name}' has no usable tokenizer (tokenizer.json, or vocab.json and merges.txt); "
+                       "save the tokenizer beside the model with tokenizer.save_pretrained")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # truncated weights (SafetensorError), unknown architectures, failed downloads
         raise KitError(f"cannot load model '{name}': {first_line(exc)}{where}") from None
     model.to(device).eval()
     return model, tokenizer
+
+
+def refuse_own_code(path: str) -> None:
+    """A local model whose config maps its classes to code in the directory (auto_map) is refused."""
+    for file in ("config.json", "tokenizer_config.json"):
+        try:
+            with open(os.path.join(path, file), encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict) and config.get("auto_map"):
+            raise KitError(f"'{path}' asks to run its own code ({file} has auto_map); the kit runs only the "
+                           "architectures that ship with transformers unless you pass --trust-remote-code")
 
 
 def dtype_name(model: Any) -> str:

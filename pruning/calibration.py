@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from utils.log import progress_bar
 
 from config import DataSpec
 from evaluation.engine import sweep_perplexities
@@ -141,7 +141,7 @@ def one_pass_scores(model: nn.Module, ids: torch.Tensor, max_length: int, batch_
     windows = [Window(begin, min(begin + max_length, len(ids)), begin) for begin in range(0, len(ids), max_length)]
     states: list[torch.Tensor] = []
     handles = _stream_hooks(blocks, states)
-    bar = tqdm(total=len(windows), desc="calibration pass", unit="win", leave=False, disable=not progress)
+    bar = progress_bar(total=len(windows), desc="calibration pass", unit="win", leave=False, disable=not progress)
     try:
         for batch in window_batches(windows, batch_size):
             inputs = torch.stack([ids[w.begin : w.end] for w in batch]).to(device)

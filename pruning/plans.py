@@ -33,6 +33,11 @@ def combinatorial(config: RunConfig, n_blocks: int) -> list[Removal]:
                        f"valid: {low}..{n_blocks - 1}")
     if high < low:
         raise KitError(f"--max-remove ({high}) is smaller than --min-remove ({low})")
+    count = sum(math.comb(n_blocks, k) for k in range(low, high + 1))
+    if count > config.select.max_configs:
+        raise KitError(f"--mode combinatorial would evaluate {count:,} configurations of a {n_blocks}-block model "
+                       f"(removing {low}..{high} blocks), more than --max-configs {config.select.max_configs:,}; "
+                       "narrow --min-remove/--max-remove or raise --max-configs")
     return [c for k in range(low, high + 1) for c in combinations(range(n_blocks), k)]
 
 

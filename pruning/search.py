@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from tqdm.auto import tqdm
+from utils.log import progress_bar
 
 from models.units import Removal
 from pruning.rules import rank_key
@@ -56,7 +56,7 @@ def beam(score: Scorer, n_blocks: int, k: int, width: int, progress: bool = True
         raise ValueError(f"width must be positive, got {width}")
     frontier: list[Removal] = [()]
     steps = []
-    for size in tqdm(range(1, k + 1), desc="search", unit="step", leave=False, disable=not progress):
+    for size in progress_bar(range(1, k + 1), desc="search", unit="step", leave=False, disable=not progress):
         todo = list(dict.fromkeys(c for base in frontier for c in _extensions(base, n_blocks)))
         candidates = dict(zip(todo, score(todo)))
         ranked = sorted(candidates, key=lambda c: rank_key(candidates[c], c))

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
+import io
 import json
+import logging
 import math
 import os
 import re
 from datetime import datetime
 
 from reporting.schema import COLUMNS
-from utils.errors import KitError
+from utils.errors import KitError, WriteError
+
+log = logging.getLogger("gpt2-pruning-kit")
 
 
 def results_path(output_dir: str, model: str, mode: str, now: datetime | None = None) -> str:
@@ -20,47 +26,100 @@ def results_path(output_dir: str, model: str, mode: str, now: datetime | None = 
     return os.path.join(output_dir, f"{slug}_{mode}_{stamp}.csv")
 
 
+def _make_dir(folder: str) -> None:
+    try:
+        os.makedirs(folder or ".", exist_ok=True)
+    except FileExistsError:
+        raise KitError(f"--output-dir '{folder}' is a file, not a folder") from None
+    except OSError as exc:
+        raise KitError(f"cannot create --output-dir '{folder}': {exc.strerror}") from None
+
+
 def claim(path: str) -> str:
-    """Create ``path``, or the first free ``<stem>-N.csv`` beside it, and return its name.
+    """Create ``path`` (and its folder), or the first free ``<stem>-N.csv`` beside it, and return its name.
 
     Creating the file exclusively is what makes the name unique: two runs
     started in the same second (a Slurm array) cannot both get it.
     """
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    _make_dir(os.path.dirname(path))
     stem, n, candidate = os.path.splitext(path)[0], 1, path
     while True:
         try:
-            with open(candidate, "x", encoding="utf-8"):
-                return candidate
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.close(fd)
+            return candidate
         except FileExistsError:
             candidate, n = f"{stem}-{n}.csv", n + 1
+        except OSError as exc:
+            raise KitError(f"cannot create a results file in '{os.path.dirname(path) or '.'}': {exc.strerror}") from None
+
+
+def encode_row(row: dict, columns: list[str] = COLUMNS) -> bytes:
+    """One CSV line (with its line ending) as bytes, so that it is written in one piece."""
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow([_csv_value(row.get(k)) for k in columns])
+    return buffer.getvalue().encode("utf-8")
 
 
 class ResultsFile:
-    """Appends rows to a CSV, flushing each one to disk as it is written.
+    """The results CSV of one run, held locked for the run's lifetime.
 
-    The file is created only when the first row arrives, so a run that fails
-    on bad input leaves nothing behind; a crash loses at most the row being
-    evaluated.
+    A new file is created exclusively with its header when the run starts,
+    before any work, so an unwritable --output-dir fails at once. Each row
+    is one write of its encoded line, then fsync: a crash leaves whole rows
+    only (at worst an unterminated last line, which read_rows drops). A failed
+    write (disk full) is cut back to the rows before it and raised as a
+    WriteError. The lock stops a second run from appending to the same file.
     """
 
-    def __init__(self, path: str, exclusive: bool = True):
-        self.path = path
-        self.exclusive = exclusive  # a new file of its own (else: appending to --resume's file)
-        self.rows = 0
+    def __init__(self, path: str, resume: bool = False):
+        self.resumed = resume
+        folder = os.path.dirname(path) or "."
+        self.new_folder = None if resume or os.path.isdir(folder) else folder  # removed again by discard
+        self.path = path if resume else claim(path)
+        self.rows = 0  # rows written by this run
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            raise KitError(f"cannot open '{self.path}' for writing: {exc.strerror}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise KitError(f"'{self.path}' is being written by another run of the kit; wait for it to finish") from None
+        if not resume:
+            self._append(encode_row(dict(zip(COLUMNS, COLUMNS))), "its header")
+
+    def _append(self, data: bytes, what: str) -> None:
+        size = os.fstat(self.fd).st_size
+        try:
+            written = os.write(self.fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(self.fd)
+        except OSError as exc:
+            os.ftruncate(self.fd, size)  # no half row
+            raise WriteError(f"cannot write {what} to '{self.path}': {exc.strerror}; the rows already in it "
+                             "are intact (continue with --resume once there is room)") from None
 
     def write(self, row: dict) -> None:
-        if self.exclusive and not self.rows:
-            self.path = claim(self.path)
-        new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow({k: _csv_value(row.get(k)) for k in COLUMNS})
-            f.flush()
-            os.fsync(f.fileno())
+        self._append(encode_row(row), "a row")
         self.rows += 1
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
+
+    def discard(self) -> None:
+        """Remove a file this run created and wrote no row to (the run failed before its first result)."""
+        self.close()
+        if not self.resumed and not self.rows:
+            for path in (self.path, os.path.splitext(self.path)[0] + ".json"):
+                if os.path.exists(path):
+                    os.remove(path)
+            if self.new_folder and not os.listdir(self.new_folder):
+                os.rmdir(self.new_folder)
 
 
 def _csv_value(value):
@@ -72,27 +131,53 @@ def _csv_value(value):
 
 
 def read_rows(path: str) -> list[dict]:
-    """Rows of a results CSV, with numbers parsed back (empty cells -> None)."""
+    """Rows of a results CSV, with numbers parsed back (empty cells -> None).
+
+    A half-written last row (no line ending: a crash while writing it) is
+    ignored with a warning; a row with missing or extra cells is refused.
+    """
     if not os.path.isfile(path):
         raise KitError(f"results file '{path}' does not exist")
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or "removed_layers" not in reader.fieldnames:
-                raise KitError(f"'{path}' is not a results file of this kit (no removed_layers column)")
-            rows = []
-            for raw in reader:
-                if None in raw:  # more cells than the header names
-                    raise KitError(f"'{path}' has a row with more cells than its header (line {reader.line_num})")
-                row = {k: _parse(v) for k, v in raw.items()}
-                try:
-                    row["removed_layers"] = [int(i) for i in json.loads(raw["removed_layers"])]
-                except (ValueError, TypeError):
-                    raise KitError(f"'{path}' has a malformed removed_layers value: {raw['removed_layers']!r}") from None
-                rows.append(row)
+            text = f.read()
     except UnicodeDecodeError as exc:
         raise KitError(f"'{path}' is not a UTF-8 results file ({exc.reason} at byte {exc.start})") from None
+    complete = complete_part(text)
+    if len(complete) < len(text):
+        log.warning(f"'{path}' ends in a half-written row (a crash while writing it); that row is ignored")
+    reader = csv.DictReader(io.StringIO(complete, newline=""))
+    if reader.fieldnames is None or "removed_layers" not in reader.fieldnames:
+        raise KitError(f"'{path}' is not a results file of this kit (no removed_layers column)")
+    rows = []
+    for raw in reader:
+        if None in raw:  # more cells than the header names
+            raise KitError(f"'{path}' has a row with more cells than its header (line {reader.line_num})")
+        if any(v is None for v in raw.values()):
+            raise KitError(f"'{path}' has a row with fewer cells than its header (line {reader.line_num})")
+        row = {k: _parse(v) for k, v in raw.items()}
+        try:
+            row["removed_layers"] = [int(i) for i in json.loads(raw["removed_layers"])]
+        except (ValueError, TypeError):
+            raise KitError(f"'{path}' has a malformed removed_layers value: {raw['removed_layers']!r}") from None
+        rows.append(row)
     return rows
+
+
+def complete_part(text: str) -> str:
+    """``text`` up to its last line ending: a row without one was cut off mid-write."""
+    return text if not text or text.endswith("\n") else text[: text.rfind("\n") + 1]
+
+
+def drop_partial_row(path: str) -> bool:
+    """Cut a half-written last row off a results file (before resuming it); whether there was one."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data or data.endswith(b"\n"):
+        return False
+    with open(path, "r+b") as f:
+        f.truncate(data.rfind(b"\n") + 1)
+    return True
 
 
 def check_columns(path: str) -> None:

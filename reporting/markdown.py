@@ -39,8 +39,13 @@ def best_per_depth(rows: Sequence[dict]) -> list[dict]:
     return [best[k] for k in sorted(best)]
 
 
-def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: str | None = None) -> str:
-    """The report for one results file; figure paths are linked relative to the report."""
+def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: str | None = None,
+                    mode_report: str | None = None, partial: bool = False) -> str:
+    """The report for one results file; figure paths are linked relative to the report.
+
+    ``mode_report`` is the text a choosing mode printed after its runs (compare's gaps to the optimum,
+    a search's steps), kept here so that --quiet and batch jobs have it too.
+    """
     first = rows[0]
     mode = str(first.get("mode") or "results")
     base = next((r for r in rows if not r["removed_layers"]), None)
@@ -75,6 +80,10 @@ def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: s
     notes = observations(rows) if len(pruned) > 1 else []
     if notes:
         lines += ["## Key Observations", "", *(f"- {n}" for n in notes), ""]
+    if partial:
+        lines[1:1] = ["", "**Partial results**: some shards of this sweep were not merged (`--allow-partial`)."]
+    if mode_report:
+        lines += [f"## {mode.capitalize()} report", "", "```text", mode_report.strip("\n"), "```", ""]
     if figures:
         lines += ["## Figures", ""]
         lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.basename(p)})" for p in figures] + [""]
@@ -86,11 +95,12 @@ def report_path(csv_path: str) -> str:
     return f"{os.path.splitext(csv_path)[0]}_report.md"
 
 
-def write_outputs(rows: Sequence[dict], csv_path: str, plot: bool) -> list[str]:
+def write_outputs(rows: Sequence[dict], csv_path: str, plot: bool, mode_report: str | None = None,
+                  partial: bool = False) -> list[str]:
     """report.md (and with ``plot`` the figures) beside ``csv_path``; the paths written."""
     figures = write_figures(rows, csv_path) if plot else []
     path = report_path(csv_path)
-    text = report_markdown(rows, figures, csv_path)  # before opening: a failure leaves no empty report
+    text = report_markdown(rows, figures, csv_path, mode_report, partial)  # first: a failure leaves no empty report
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     for figure in figures:

@@ -14,6 +14,7 @@ import os
 import platform
 from typing import Any
 
+from utils.errors import WriteError
 from utils.metadata import git_state, library_versions
 
 log = logging.getLogger("gpt2-pruning-kit")
@@ -52,9 +53,31 @@ def write_sidecar(csv_path: str, config: dict[str, Any], run_info: dict[str, Any
             previous.append(old)
     if previous:
         record["previous_runs"] = previous
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, record)
     return path
+
+
+def read_sidecar(csv_path: str) -> dict | None:
+    """The sidecar of ``csv_path`` as written, or None when it is missing or unreadable."""
+    try:
+        with open(sidecar_path(csv_path), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Replace ``path`` with ``data`` as JSON in one step: a crash leaves the old file or the new one,
+    never a mix, and a failure (disk full) leaves no temporary file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise WriteError(f"cannot write '{path}': {exc.strerror}; the results file beside it is intact") from None

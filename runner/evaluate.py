@@ -1,18 +1,24 @@
-"""One evaluating run of the kit, as named stages: check the outputs, load,
-plan (or choose), measure and write. main.py only parses; runner.run
-dispatches here for every mode that evaluates a model."""
+"""One evaluating run of the kit, as named stages: check and open the outputs,
+load the model, plan, load the data, choose, measure and write. main.py only
+parses; runner.run dispatches here for every mode that evaluates a model.
+
+The order is what keeps work from being lost: everything that can make a run
+impossible (an unwritable output, a model that cannot be pruned, a prompt
+longer than the context, a plan too large) is checked before the first
+forward pass, and the results file and its sidecar exist before it too.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from tqdm.auto import tqdm
 
-from config import HealSpec, RunConfig
+from config import HealSpec, RunConfig, WindowSpec
 from evaluation.engine import Work
 from evaluation.params import count_parameters
 from evaluation.perplexity import sliding_windows
@@ -26,15 +32,17 @@ from models.units import Removal
 from pruning.calibration import Calibration, calibration_ids
 from pruning.choice import Choice
 from pruning.modes import MODES, saving_modes
-from reporting.csvfile import ResultsFile, check_columns, read_rows, results_path
+from reporting.csvfile import ResultsFile, read_rows, results_path
 from reporting.markdown import write_outputs
 from reporting.schema import to_row, with_changes
 from reporting.sidecar import write_sidecar
 from runner.processes import Processes, current_processes, in_rounds, share
+from runner.resume import check_same_experiment, resumed_rows, run_identity
 from runner.summary import print_summary
 from utils.cache import cached_token_ids, default_cache_dir
 from utils.data import tokenize
-from utils.errors import KitError
+from utils.errors import Interrupted, KitError
+from utils.log import progress_bar
 from utils.metadata import device_name, now
 from utils.text import removal_key
 
@@ -46,11 +54,12 @@ CPU_SLOW_TOKENS = 50_000
 
 @dataclass(frozen=True)
 class Loaded:
-    """What the load stage hands the others: the model, its evaluation tokens and resolved settings."""
+    """What the load stages hand the others: the model, its evaluation tokens and resolved settings."""
 
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
+    planned: list[Removal] | None  # a planning mode's configurations (None: the mode chooses them)
     stream: torch.Tensor  # the dataset's whole token stream
     ids: torch.Tensor  # the evaluated tokens (the first --max-tokens of the stream)
     prompt_ids: torch.Tensor | None
@@ -61,86 +70,102 @@ class Loaded:
 
 
 def check_outputs(config: RunConfig) -> None:
-    """Options that the mode cannot honour, and a --save-model directory that is not free."""
-    mode, out = MODES[config.mode], config.output
+    """Options the mode cannot honour, and a --save-model directory that is taken or not writable."""
+    mode, target = MODES[config.mode], config.output.save_model
     if config.heal.steps and not mode.saves:
         raise KitError(f"--heal-steps works with --mode {', '.join(saving_modes())}, not {config.mode}")
-    if out.save_model is None:
+    if target is None:
         return
     if not mode.saves:
         raise KitError(f"--save-model works with --mode {', '.join(saving_modes())}, not {config.mode}")
-    if os.path.exists(out.save_model) and (not os.path.isdir(out.save_model) or os.listdir(out.save_model)):
-        raise KitError(f"--save-model directory '{out.save_model}' exists and is not empty; choose a new one")
+    if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
+        raise KitError(f"--save-model directory '{target}' exists and is not empty; choose a new one")
+    parent = os.path.dirname(os.path.abspath(target))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=parent))
+    except OSError as exc:
+        raise KitError(f"--save-model cannot write into '{parent}': {exc.strerror}") from None
 
 
-def resumed_rows(config: RunConfig) -> list[dict]:
-    path = config.output.resume
-    if not path:
-        return []
-    rows = read_rows(path)
-    check_columns(path)
-    for row in rows:
-        for key in ("model", "dataset"):
-            if str(row.get(key)) != str(getattr(config.data, key)):
-                raise KitError(f"--resume file '{path}' holds results for {key} '{row.get(key)}', "
-                               f"not '{getattr(config.data, key)}'")
-    return rows
+def open_results(config: RunConfig) -> ResultsFile | None:
+    """The results file, created (or, for --resume, locked) before any work; None without a CSV."""
+    out, shard = config.output, config.output.shard
+    if not out.writes_csv:
+        return None
+    if out.resume:
+        return ResultsFile(out.resume, resume=True)
+    # Shards of a Slurm array may start in the same second: their names differ.
+    name = f"{config.mode}-shard{shard.index}of{shard.count}" if shard else config.mode
+    return ResultsFile(results_path(out.output_dir, config.data.model, name))
 
 
 def load(config: RunConfig, procs: Processes) -> Loaded:
-    """Model, tokens, prompt and healing text, every input checked before any measurement."""
+    """Model, plan, tokens, prompt and healing text: every input checked before any measurement."""
     device = resolve_device(config.device)
     if procs.device is not None and config.device in ("auto", "cuda"):
         device = procs.device  # one accelerator per process
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model(config.data.model, device, config.dtype)
-    if MODES[config.mode].removes:
+    mode, data = MODES[config.mode], config.data
+    model, tokenizer = load_model(data.model, device, config.dtype, data.trust_remote_code)
+    if mode.removes:
         check_prunable(model)
-    windows = config.windows.resolved(context_size(model))
-    data = config.data
+    context = context_size(model)
+    windows = config.windows.resolved(context)
+    prompt_ids = prompt_tokens(config, tokenizer, context)
+    # Planning is cheap and may refuse (a plan too large): before the data is read.
+    planned = mode.plan(config, num_blocks(model)) if mode.plan else None
     cache_dir = None if data.no_cache else (data.cache_dir or str(default_cache_dir()))
     stream = cached_token_ids(tokenizer, data.dataset, data.split, data.text_column, cache_dir)
     ids = stream[: data.max_tokens] if data.max_tokens else stream
     if len(ids) < 2:
         raise KitError("--max-tokens must be at least 2")
-    prompt_ids = None
-    if config.speed.enabled:
-        if not config.speed.prompt.strip():
-            raise KitError("--prompt is empty")
-        prompt_ids = tokenize(tokenizer, config.speed.prompt, "--prompt", min_tokens=1)
-    heal, train_ids = healing_inputs(config.heal, data.dataset, data.text_column, model, tokenizer, ids,
-                                     context_size(model), cache_dir)
+    heal, train_ids = healing_inputs(config.heal, data.dataset, data.text_column, model, tokenizer, ids, context,
+                                     cache_dir)
     settings = EvalSettings(windows, config.speed, progress=not config.output.quiet and procs.is_main)
-    return Loaded(model, tokenizer, device, stream, ids, prompt_ids, settings, heal, train_ids, cache_dir)
+    return Loaded(model, tokenizer, device, planned, stream, ids, prompt_ids, settings, heal, train_ids, cache_dir)
 
 
-def check_resumed(config: RunConfig, loaded: Loaded, resumed: list[dict]) -> None:
-    """Rows of a --resume file compare with this run's only if measured the same way."""
-    w = loaded.settings.windows
-    scored = sum(x.end - x.first_target for x in sliding_windows(len(loaded.ids), w.max_length, w.stride))
-    mismatched = [r for r in resumed if r.get("eval_tokens") != scored]
-    if mismatched:
-        raise KitError(f"--resume file '{config.output.resume}' was evaluated on {mismatched[0].get('eval_tokens')} "
-                       f"tokens, this run scores {scored}: use the same --dataset, --max-tokens, --max-length and "
-                       "--stride")
-    for key, value in (("device", loaded.device.type), ("dtype", dtype_name(loaded.model))):
-        other = next((r[key] for r in resumed if r.get(key) != value), None)
-        if other is not None:
-            raise KitError(f"--resume file '{config.output.resume}' was measured with {key} {other}, this run uses "
-                           f"{value}: its latencies and perplexities would not compare with this run's")
+def prompt_tokens(config: RunConfig, tokenizer, context: int) -> torch.Tensor | None:
+    """The speed test's prompt, checked against the context with the tokens it generates."""
+    speed = config.speed
+    if not speed.enabled:
+        return None
+    if not speed.prompt.strip():
+        raise KitError("--prompt is empty")
+    ids = tokenize(tokenizer, speed.prompt, "--prompt", min_tokens=1)
+    if len(ids) + speed.gen_tokens > context:
+        raise KitError(f"--prompt ({len(ids)} tokens) plus --gen-tokens {speed.gen_tokens} exceeds the model's "
+                       f"context size of {context} tokens; shorten them or pass --no-speed")
+    return ids
 
 
-def plan(config: RunConfig, loaded: Loaded) -> tuple[list[Removal], Choice | None]:
-    """The configurations to evaluate (baseline excluded), and a choosing mode's Choice."""
-    mode, n = MODES[config.mode], num_blocks(loaded.model)
-    if mode.plan:
-        return mode.plan(config, n), None
+def scored_tokens(ids: torch.Tensor, windows: WindowSpec) -> int:
+    return sum(w.end - w.first_target for w in sliding_windows(len(ids), windows.max_length, windows.stride))
+
+
+def plan(config: RunConfig, loaded: Loaded, procs: Processes) -> tuple[list[Removal], Choice | None]:
+    """The configurations to evaluate (baseline excluded), and a choosing mode's Choice.
+
+    A choosing mode chooses on the main process only, and the others receive
+    its removal sets and row columns: processes that chose on their own could
+    break near-ties differently and work from different plans.
+    """
+    mode = MODES[config.mode]
+    if loaded.planned is not None:
+        return loaded.planned, None
     w = loaded.settings.windows
     calib = Calibration(loaded.model, lambda: calibration_ids(config.data, config.select.calib_tokens,
                                                               loaded.tokenizer, loaded.stream, loaded.cache_dir),
                         w.max_length, w.stride, w.batch_size, progress=loaded.settings.progress)
-    choice = mode.choose(config, calib)
-    return choice.removals, choice
+    chosen: list[Choice] = []
+
+    def choose() -> tuple[list[Removal], dict]:
+        chosen.append(mode.choose(config, calib))
+        return chosen[0].removals, chosen[0].extras
+
+    removals, extras = procs.from_main(choose)
+    return removals, (chosen[0] if chosen else Choice(removals, extras))
 
 
 def announce(config: RunConfig, loaded: Loaded, removals: list[Removal]) -> None:
@@ -155,70 +180,103 @@ def announce(config: RunConfig, loaded: Loaded, removals: list[Removal]) -> None
                  "configuration. Use --max-tokens (e.g. --max-tokens 20000) for a quick estimate.")
 
 
-def counted(rows: Iterator, work: Work) -> Iterator:
+def counted(measurements: Iterator, work: Work) -> Iterator:
     """Passes measurements through, adding the cost of their perplexity passes to ``work``."""
-    for m in rows:
+    for m in measurements:
         if m.work is not None:
             work.add(m.work)
         yield m
 
 
+@dataclass
+class Record:
+    """The results file of the run (main process only) and the sidecar's record of the run."""
+
+    config: RunConfig
+    out: ResultsFile | None
+    info: dict
+
+    def save(self) -> None:
+        if self.out:
+            write_sidecar(self.out.path, self.config.to_dict(), self.info)
+
+
 def run(config: RunConfig) -> int:
-    started = now()
     procs = current_processes(config.device)
     if not procs.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     procs.from_main(lambda: check_outputs(config))
-    resumed = procs.from_main(lambda: resumed_rows(config))
+    opened: list[ResultsFile | None] = [None]
+
+    def open_and_read() -> list[dict]:
+        opened[0] = open_results(config)
+        return resumed_rows(config.output.resume) if config.output.resume else []
+
+    resumed = procs.from_main(open_and_read)
+    record = Record(config, opened[0], {"started": now(), "finished": None})
+    try:
+        status = run_stages(config, procs, resumed, record)
+    except KitError:
+        if record.out:
+            record.out.discard()  # nothing measured: leave nothing behind
+        raise
+    except KeyboardInterrupt:
+        record.info.update(finished=now(), interrupted=True)
+        record.save()
+        raise Interrupted(interrupted_message(record.out)) from None
+    finally:
+        if record.out:
+            record.out.close()
+    return status
+
+
+def interrupted_message(out: ResultsFile | None) -> str:
+    if out is None:
+        return "nothing was saved (no --save_results)"
+    return f"{len(read_rows(out.path))} rows in {out.path}; continue with --resume {out.path}"
+
+
+def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record: Record) -> int:
     loaded = load(config, procs)
-    check_resumed(config, loaded, resumed)
-    # Choosing blocks costs calibration passes, so it starts once every input has been checked.
-    removals, choice = plan(config, loaded)
+    w, device, dtype = loaded.settings.windows, loaded.device.type, dtype_name(loaded.model)
+    identity = run_identity(config, w, device, dtype)
+    if config.output.resume:
+        record.info["baseline"] = procs.from_main(lambda: check_same_experiment(
+            config.output.resume, resumed, identity, scored_tokens(loaded.ids, w)))
+    record.info.update(identity=identity, device=device, device_name=device_name(loaded.device), dtype=dtype,
+                       stream_tokens=len(loaded.ids), max_length=w.max_length, stride=w.stride,
+                       configurations_evaluated=0, tokens_evaluated=0)
+    record.save()  # before the first forward pass: a crashed run's CSV has its sidecar
+    removals, choice = plan(config, loaded, procs)
     shard = config.output.shard
     if shard:
+        record.info["plan_size"] = len(removals)
         mine = share(removals, shard.index, shard.count)
         log.info(f"Shard {shard}: {len(mine)} of the sweep's {len(removals)} configurations, and the baseline")
         removals = mine
     announce(config, loaded, removals)
-
-    out = open_results(config, procs)
-    rows, run_info = measure_rows(config, loaded, procs, removals, resumed, choice, out, started)
+    rows = measure_rows(config, loaded, procs, removals, resumed, choice, record)
     if not procs.is_main:
         return 0
     print_summary(config, rows, choice)
+    mode_report = choice.report(rows) if choice and choice.report else None
     deliver(config, loaded.model, loaded.tokenizer, rows, loaded.ids, loaded.settings, loaded.heal, loaded.train_ids)
-    if out:
-        run_info["finished"] = now()
-        log.warning(f"Results written to {out.path}")
-        log.warning(f"Run metadata written to {write_sidecar(out.path, config.to_dict(), run_info)}")
-        write_outputs(read_rows(out.path), out.path, plot=config.output.plot)
+    if record.out:
+        record.info.update(finished=now(), mode_report=mode_report)
+        record.save()
+        log.warning(f"Results written to {record.out.path}")
+        log.warning(f"Run metadata written to {os.path.splitext(record.out.path)[0]}.json")
+        write_outputs(read_rows(record.out.path), record.out.path, plot=config.output.plot, mode_report=mode_report)
     return 0
 
 
-def open_results(config: RunConfig, procs: Processes) -> ResultsFile | None:
-    """The results file the main process writes (None: no CSV asked for, or another process)."""
-    out, shard = config.output, config.output.shard
-    if not out.writes_csv or not procs.is_main:
-        return None
-    # Shards of a Slurm array may start in the same second: their names differ.
-    name = f"{config.mode}-shard{shard.index}of{shard.count}" if shard else config.mode
-    path = out.resume or results_path(out.output_dir, config.data.model, name)
-    return ResultsFile(path, exclusive=not out.resume)
-
-
 def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: list[Removal],
-                 resumed: list[dict], choice: Choice | None, out: ResultsFile | None,
-                 started: str) -> tuple[list[dict], dict]:
-    """Every configuration's row, in plan order, written as it arrives; and the sidecar's record of the run."""
-    model, device = loaded.model, loaded.device
+                 resumed: list[dict], choice: Choice | None, record: Record) -> list[dict]:
+    """Every configuration's row, in plan order, each written as it arrives."""
+    model, device, info = loaded.model, loaded.device, record.info
     context = {"mode": config.mode, "model": config.data.model, "dataset": config.data.dataset,
                "device": device.type, "dtype": dtype_name(model)}
     done = {removal_key(r["removed_layers"]): r for r in resumed}
-    w = loaded.settings.windows
-    # The sidecar's record of this run; other parts of the run add to it (e.g. "work").
-    run_info = {"started": started, "finished": None, "device": device.type, "device_name": device_name(device),
-                "dtype": dtype_name(model), "stream_tokens": len(loaded.ids), "max_length": w.max_length,
-                "stride": w.stride, "configurations_evaluated": 0, "tokens_evaluated": 0}
     work = Work()
     base = done.get(removal_key(()))
     # The baseline goes into the sweep's own pass (its chain of blocks is every other configuration's
@@ -230,8 +288,8 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: 
         workers = f" over {procs.count} processes" if procs.count > 1 else ""
         log.info(f"{len(todo)} configurations to evaluate{skipped}{workers}")
     mine = share(todo, procs.index, procs.count)
-    bar = tqdm(total=len(todo), desc="configurations", unit="cfg",
-               disable=config.output.quiet or len(todo) < 2 or not procs.is_main)
+    bar = progress_bar(total=len(todo), desc="configurations", unit="cfg",
+                   disable=config.output.quiet or len(todo) < 2 or not procs.is_main)
     extras = choice.extras if choice else {}
     measurements = counted(measure_all(model, loaded.ids, loaded.prompt_ids, mine, loaded.settings), work)
     measured = (to_row(m, {**context, **extras.get(tuple(sorted(m.removed)), {})}) for m in measurements)
@@ -243,15 +301,16 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: 
             base = base or row
             row = with_changes(row, base)
             rows[removal_key(row["removed_layers"])] = row
-            run_info["configurations_evaluated"] += 1
-            run_info["tokens_evaluated"] += row["eval_tokens"]
-            if out:
-                out.write(row)
-                if run_info["configurations_evaluated"] == 1:  # a crashed sweep's CSV still has its sidecar
-                    write_sidecar(out.path, config.to_dict(), run_info)
+            info["configurations_evaluated"] += 1
+            info["tokens_evaluated"] += row["eval_tokens"]
+            if record.out:
+                record.out.write(row)
+                if not row["removed_layers"]:  # what --resume checks the file's baseline row against
+                    info["baseline"] = {"perplexity": row["perplexity"], "params": row["params"]}
+                    record.save()
             bar.update()
     bar.close()
     if work.configurations:
         log.info(f"Perplexity work: {work.summary()}")
-    run_info["work"] = work.as_dict()
-    return [rows[removal_key(r)] for r in [(), *removals]], run_info
+    info["work"] = work.as_dict()
+    return [rows[removal_key(r)] for r in [(), *removals]]

@@ -11,7 +11,7 @@ from config import RunConfig
 from reporting.csvfile import ResultsFile, read_rows, results_path
 from reporting.markdown import write_outputs
 from reporting.schema import with_changes
-from reporting.sidecar import write_sidecar
+from reporting.sidecar import read_sidecar, write_sidecar
 from runner.summary import print_summary
 from utils.errors import KitError
 from utils.metadata import now
@@ -50,7 +50,7 @@ def merge_rows(tables: Sequence[tuple[str, list[dict]]]) -> list[dict]:
     pruned: list[dict] = []
     for path, rows in tables:
         for row in rows:
-            for column in ("model", "dataset", "mode", "eval_tokens"):
+            for column in ("model", "dataset", "mode", "eval_tokens", "dtype", "device"):
                 if row.get(column) != reference.get(column):
                     raise KitError(f"'{path}' has {column} {row.get(column)!r} but '{first_path}' has "
                                    f"{reference.get(column)!r}; merge only the shards of one sweep")
@@ -75,19 +75,56 @@ def merge_rows(tables: Sequence[tuple[str, list[dict]]]) -> list[dict]:
     return [baseline] + pruned
 
 
+def missing_shards(paths: Sequence[str]) -> tuple[list[str], int | None]:
+    """The shards of the sweep that none of ``paths`` holds ('I/N'), from the files' sidecars, and the
+    sweep's planned size; a file without a readable record counts as unknown and is reported."""
+    counts, have, sizes = set(), set(), set()
+    for path in paths:
+        record = read_sidecar(path) or {}
+        shard = (record.get("config") or {}).get("output", {}).get("shard")
+        if not shard:
+            raise KitError(f"'{path}' has no shard record (its .json sidecar is missing, or it is not a --shard "
+                           "job's file); pass --allow-partial to merge anyway")
+        index, count = (int(part) for part in shard.split("/"))
+        counts.add(count)
+        have.add(index)
+        if record.get("plan_size") is not None:
+            sizes.add(record["plan_size"])
+    if len(counts) > 1 or len(sizes) > 1:
+        raise KitError("the --inputs come from different sweeps (their shard counts or plan sizes differ)")
+    count = counts.pop()
+    return [f"{i}/{count}" for i in range(count) if i not in have], (sizes.pop() if sizes else None)
+
+
 def run(config: RunConfig) -> int:
-    inputs = config.output.inputs
+    """Refuse an incomplete set of shards unless --allow-partial; then write one results file."""
+    inputs, partial = config.output.inputs, False
     tables = [(path, read_rows(path)) for path in inputs]
     rows = merge_rows(tables)
+    missing, plan_size = missing_shards(inputs) if not config.output.allow_partial else ([], None)
+    if missing:
+        raise KitError(f"shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} of this sweep "
+                       f"{'are' if len(missing) > 1 else 'is'} missing from --inputs; pass every shard's file, "
+                       "or --allow-partial to merge what is there")
+    if plan_size is not None and len(rows) - 1 != plan_size:
+        raise KitError(f"the shards hold {len(rows) - 1} of the sweep's {plan_size} configurations (an "
+                       "interrupted shard?); finish it with --resume, or pass --allow-partial")
+    if config.output.allow_partial:
+        partial = True
+        log.warning("Merging with --allow-partial: the merged file may lack configurations of the sweep")
     base = rows[0]
     rows = [with_changes(r, base) for r in rows]
-    out = ResultsFile(results_path(config.output.output_dir, str(base["model"]), str(base["mode"])))
-    for row in rows:
-        out.write(row)
+    name = f"{base['mode']}-partial" if partial else str(base["mode"])
+    out = ResultsFile(results_path(config.output.output_dir, str(base["model"]), name))
+    try:
+        for row in rows:
+            out.write(row)
+    finally:
+        out.close()
     log.info(f"Merged {len(rows)} rows from {len(tables)} files")
     print_summary(config, rows)
     log.warning(f"Results written to {out.path}")
-    sidecar = write_sidecar(out.path, config.to_dict(), {"started": now(), "merged_from": list(inputs)})
-    log.warning(f"Run metadata written to {sidecar}")
-    write_outputs(rows, out.path, plot=config.output.plot)
+    info = {"started": now(), "merged_from": list(inputs), "partial": partial}
+    log.warning(f"Run metadata written to {write_sidecar(out.path, config.to_dict(), info)}")
+    write_outputs(rows, out.path, plot=config.output.plot, partial=partial)
     return 0

@@ -343,7 +343,7 @@ def test_report_mode_rejects_an_empty_csv(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == [path]
 
 
-def test_an_interrupted_sweep_still_has_its_sidecar(tiny, tmp_path, monkeypatch):
+def test_an_interrupted_sweep_says_what_it_kept_and_how_to_continue(tiny, tmp_path, monkeypatch, capsys):
     import runner.evaluate
 
     real = runner.evaluate.measure_all
@@ -355,12 +355,15 @@ def test_an_interrupted_sweep_still_has_its_sidecar(tiny, tmp_path, monkeypatch)
             yield from real(model, ids, prompt_ids, [removed], settings)
 
     monkeypatch.setattr(runner.evaluate, "measure_all", crash_after_baseline)
-    with pytest.raises(KeyboardInterrupt):
-        main.main(["--mode", "sequential", *tiny, "--no-speed", "--save_results", "--output-dir", str(tmp_path),
-                   "--quiet"])
+    code = main.main(["--mode", "sequential", *tiny, "--no-speed", "--save_results", "--output-dir", str(tmp_path),
+                      "--quiet"])
     [csv_path] = outputs(tmp_path, ".csv")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130
+    assert err == [f"interrupted: 1 rows in {csv_path}; continue with --resume {csv_path}"]
     meta = json.loads(csv_path.with_suffix(".json").read_text(encoding="utf-8"))
-    assert meta["finished"] is None and meta["configurations_evaluated"] == len(read_rows(str(csv_path))) == 1
+    assert meta["interrupted"] is True and meta["finished"] is not None
+    assert meta["configurations_evaluated"] == len(read_rows(str(csv_path))) == 1
 
 
 def test_report_of_a_minimal_csv_computes_its_changes_against_its_baseline(tmp_path):

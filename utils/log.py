@@ -19,3 +19,19 @@ def setup_logging(quiet: bool = False) -> None:
     datasets.utils.logging.set_verbosity_error()
     huggingface_hub.utils.logging.set_verbosity_error()  # its retry messages would bury our one-line error
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+
+
+# Seconds between progress-bar updates when stderr is a file (a batch job's log), where every update
+# is a new line: a sweep then writes a line every this many seconds, not hundreds.
+LOG_FILE_INTERVAL = 30.0
+
+
+def progress_bar(*args, **kwargs):
+    """A tqdm progress bar on stderr that redraws at most every LOG_FILE_INTERVAL seconds in a log file."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", LOG_FILE_INTERVAL)
+    return tqdm(*args, **kwargs)
