@@ -56,7 +56,8 @@ def load_model(name: str, device: torch.device, dtype: str = "auto",
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # missing files, a broken tokenizer.json, a download that failed
         raise KitError(f"cannot load the tokenizer of '{name}': {first_line(exc)}{where}") from None
-    if not isinstance(tokenizer, PreTrainedTokenizerBase) or not tokenizer.get_vocab():
+    # transformers builds an empty tokenizer for a directory without tokenizer files: it tokenizes to nothing
+    if not isinstance(tokenizer, PreTrainedTokenizerBase) or not tokenizer("The river", verbose=False)["input_ids"]:
         raise KitError(f"'{name}' has no usable tokenizer (tokenizer.json, or vocab.json and merges.txt); "
                        "save the tokenizer beside the model with tokenizer.save_pretrained")
     try:

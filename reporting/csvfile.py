@@ -15,6 +15,7 @@ from datetime import datetime
 
 from reporting.schema import COLUMNS
 from utils.errors import KitError, WriteError
+from utils.text import removal_key
 
 log = logging.getLogger("gpt2-pruning-kit")
 
@@ -162,6 +163,17 @@ def read_rows(path: str) -> list[dict]:
             raise KitError(f"'{path}' has a malformed removed_layers value: {raw['removed_layers']!r}") from None
         rows.append(row)
     return rows
+
+
+def check_unique(rows: list[dict], path: str) -> None:
+    """Each configuration once: a repeat means two runs wrote to the file at once, and its rows cannot be trusted."""
+    seen: set[str] = set()
+    for row in rows:
+        key = removal_key(row["removed_layers"])
+        if key in seen:
+            raise KitError(f"'{path}' holds configuration {key} twice (two runs wrote to it at once?); "
+                           "start a new file")
+        seen.add(key)
 
 
 def complete_part(text: str) -> str:

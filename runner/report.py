@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from config import RunConfig
-from reporting.csvfile import read_rows
+from reporting.csvfile import check_unique, read_rows
 from reporting.markdown import check_rows, write_outputs
 from reporting.schema import with_changes
 
@@ -12,6 +12,7 @@ def run(config: RunConfig) -> int:
     path = config.output.input
     rows = read_rows(path)
     check_rows(rows, path)
+    check_unique(rows, path)
     # a file written by hand or by another tool may lack the change columns: recomputed against its
     # baseline row, or left empty without one
     base = next((r for r in rows if not r["removed_layers"]), None)

@@ -16,12 +16,11 @@ from typing import Any
 
 from config import RunConfig, WindowSpec
 from pruning.modes import MODES
-from reporting.csvfile import check_columns, drop_partial_row, read_rows
+from reporting.csvfile import check_columns, check_unique, drop_partial_row, read_rows
 from reporting.sidecar import read_sidecar
 from utils.cache import file_hash
 from utils.data import is_local_dataset
 from utils.errors import KitError
-from utils.text import removal_key
 
 log = logging.getLogger("gpt2-pruning-kit")
 
@@ -53,13 +52,7 @@ def resumed_rows(path: str) -> list[dict]:
         log.warning(f"'{path}' ended in a half-written row (a crash while writing it); it was dropped and its "
                     "configuration is evaluated again")
     rows = read_rows(path)
-    seen: set[str] = set()
-    for row in rows:
-        key = removal_key(row["removed_layers"])
-        if key in seen:
-            raise KitError(f"'{path}' holds configuration {key} twice (two runs wrote to it at once?); "
-                           "it cannot be resumed")
-        seen.add(key)
+    check_unique(rows, path)
     return rows
 
 
