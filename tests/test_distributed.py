@@ -168,3 +168,45 @@ def test_two_processes_resume_a_run_into_the_rows_of_one_process(inputs, single,
     pd.testing.assert_frame_equal(pd.read_csv(partial).iloc[:3], pd.read_csv(single).iloc[:3])  # kept as written
     key = lambda frame: frame.set_index("removed_layers").sort_index()
     pd.testing.assert_frame_equal(key(comparable(partial)), key(comparable(single)))
+
+
+def test_two_processes_work_from_the_main_process_choice(inputs, tmp_path):
+    """A choosing mode under accelerate launch: the main process chooses on calibration tokens and
+    broadcasts the plan, so the two processes' rows are exactly those of a one-process run."""
+    model_dir, text_file = inputs
+    greedy = ["--mode", "greedy", "--num-remove", "2", "--calib-tokens", "400", "--max-tokens", "300",
+              "--max-length", "64", "--no-speed"]
+    alone = tmp_path / "alone"
+    assert main.main(["--model", str(model_dir), "--dataset", str(text_file), *greedy, "--quiet",
+                      "--save_results", "--output-dir", str(alone)]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in WORLD_SIZE_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]
+    together = tmp_path / "together"
+    done = subprocess.run([*launch, "main.py", "--model", str(model_dir), "--dataset", str(text_file), *greedy,
+                           "--save_results", "--output-dir", str(together)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "over 2 processes" in done.stderr
+    pd.testing.assert_frame_equal(comparable(only_csv(together)), comparable(only_csv(alone)))
+
+
+def test_only_the_main_process_chooses_the_others_receive_its_plan(monkeypatch):
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from config import RunConfig, WindowSpec
+    from pruning.modes import MODES
+    from runner.evaluate import plan
+    from runner.processes import Processes
+
+    chose = []
+    monkeypatch.setitem(MODES, "greedy", replace(MODES["greedy"], choose=lambda *a: chose.append(a)))
+    sent = ([(2,), (1, 2)], {(2,): {"metric": "greedy"}})
+    worker = Processes(index=1, count=2, _broadcast=lambda outcome: [("ok", sent)])
+    loaded = SimpleNamespace(planned=None, model=None, tokenizer=None, stream=None, cache_dir=None,
+                             settings=SimpleNamespace(windows=WindowSpec(64, 32), progress=False))
+    removals, choice = plan(RunConfig(mode="greedy"), loaded, worker)
+    assert chose == [] and removals == sent[0] and choice.extras == sent[1] and choice.report is None

@@ -355,6 +355,9 @@ def test_compare_tables_reach_report_md_and_the_sidecar(model_dir, text_file, tm
     record = json.loads(path.with_suffix(".json").read_text())
     for text in (report, record["mode_report"]):
         assert "Rules against the exhaustive optimum" in text and "Spearman correlation" in text
+    path.with_name(path.stem + "_report.md").unlink()
+    assert main.main(["--mode", "report", "--input", str(path)]) == 0  # made again from the CSV and sidecar
+    assert "Rules against the exhaustive optimum" in path.with_name(path.stem + "_report.md").read_text()
 
 
 # ---- foreign code ----------------------------------------------------------------------------
