@@ -9,7 +9,7 @@ import os
 import re
 from datetime import datetime
 
-from reporting.schema import COLUMNS
+from reporting.schema import COLUMNS, TASK_PREFIX
 from utils.errors import KitError
 
 
@@ -44,9 +44,10 @@ class ResultsFile:
     evaluated.
     """
 
-    def __init__(self, path: str, exclusive: bool = True):
+    def __init__(self, path: str, exclusive: bool = True, columns: list[str] | None = None):
         self.path = path
         self.exclusive = exclusive  # a new file of its own (else: appending to --resume's file)
+        self.columns = columns or COLUMNS  # COLUMNS, then any task columns (reporting.schema.task_columns)
         self.rows = 0
 
     def write(self, row: dict) -> None:
@@ -54,10 +55,10 @@ class ResultsFile:
             self.path = claim(self.path)
         new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
         with open(self.path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             if new:
                 writer.writeheader()
-            writer.writerow({k: _csv_value(row.get(k)) for k in COLUMNS})
+            writer.writerow({k: _csv_value(row.get(k)) for k in self.columns})
             f.flush()
             os.fsync(f.fileno())
         self.rows += 1
@@ -95,13 +96,23 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
-def check_columns(path: str) -> None:
-    """A file is resumed only if it has this version's columns, in order: rows are appended in that order."""
+def check_columns(path: str, columns: list[str] | None = None) -> None:
+    """A file is resumed only if it has this run's columns (this version's, and the same --tasks' task
+    columns), in order: rows are appended in that order."""
+    columns = columns or COLUMNS
     with open(path, newline="", encoding="utf-8") as f:
         header = next(csv.reader(f), [])
-    if header and header != COLUMNS:
-        raise KitError(f"--resume file '{path}' has other columns than this version of the kit writes; "
-                       "finish it with the version that started it, or start a new file")
+    if not header or header == columns:
+        return
+    if header[: len(COLUMNS)] == COLUMNS:
+        tasks = lambda cols: sorted({c[len(TASK_PREFIX):].rsplit(":", 1)[0] for c in cols[len(COLUMNS):]
+                                     if c.startswith(TASK_PREFIX)})
+        theirs, ours = tasks(header), tasks(columns)
+        if theirs != ours:
+            raise KitError(f"--resume file '{path}' has the task columns of --tasks {','.join(theirs) or '(none)'}, "
+                           f"this run scores {','.join(ours) or 'no tasks'}: resume with the same --tasks, or start a new file")
+    raise KitError(f"--resume file '{path}' has other columns than this version of the kit writes; "
+                   "finish it with the version that started it, or start a new file")
 
 
 def _parse(value: str | None):

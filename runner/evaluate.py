@@ -17,6 +17,7 @@ from evaluation.engine import Work
 from evaluation.params import count_parameters
 from evaluation.perplexity import sliding_windows
 from evaluation.sweep import EvalSettings, measure_all
+from evaluation.tasks import load_tasks
 from export.checkpoint import deliver
 from export.heal import healing_inputs
 from models.families import check_prunable, num_blocks
@@ -28,7 +29,7 @@ from pruning.choice import Choice
 from pruning.modes import MODES, saving_modes
 from reporting.csvfile import ResultsFile, check_columns, read_rows, results_path
 from reporting.markdown import write_outputs
-from reporting.schema import to_row, with_changes
+from reporting.schema import COLUMNS, task_columns, to_row, with_changes
 from reporting.sidecar import write_sidecar
 from runner.processes import Processes, current_processes, in_rounds, share
 from runner.summary import print_summary
@@ -78,7 +79,6 @@ def resumed_rows(config: RunConfig) -> list[dict]:
     if not path:
         return []
     rows = read_rows(path)
-    check_columns(path)
     for row in rows:
         for key in ("model", "dataset"):
             if str(row.get(key)) != str(getattr(config.data, key)):
@@ -94,6 +94,7 @@ def load(config: RunConfig, procs: Processes) -> Loaded:
         device = procs.device  # one accelerator per process
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(config.data.model, device, config.dtype)
+    tasks = load_tasks(config.tasks, tokenizer)  # a task that cannot be loaded stops the run before any work
     if MODES[config.mode].removes:
         check_prunable(model)
     windows = config.windows.resolved(context_size(model))
@@ -110,12 +111,14 @@ def load(config: RunConfig, procs: Processes) -> Loaded:
         prompt_ids = tokenize(tokenizer, config.speed.prompt, "--prompt", min_tokens=1)
     heal, train_ids = healing_inputs(config.heal, data.dataset, data.text_column, model, tokenizer, ids,
                                      context_size(model), cache_dir)
-    settings = EvalSettings(windows, config.speed, progress=not config.output.quiet and procs.is_main)
+    settings = EvalSettings(windows, config.speed, progress=not config.output.quiet and procs.is_main, tasks=tasks)
     return Loaded(model, tokenizer, device, stream, ids, prompt_ids, settings, heal, train_ids, cache_dir)
 
 
 def check_resumed(config: RunConfig, loaded: Loaded, resumed: list[dict]) -> None:
     """Rows of a --resume file compare with this run's only if measured the same way."""
+    if config.output.resume:
+        check_columns(config.output.resume, result_columns(loaded))
     w = loaded.settings.windows
     scored = sum(x.end - x.first_target for x in sliding_windows(len(loaded.ids), w.max_length, w.stride))
     mismatched = [r for r in resumed if r.get("eval_tokens") != scored]
@@ -181,7 +184,7 @@ def run(config: RunConfig) -> int:
         removals = mine
     announce(config, loaded, removals)
 
-    out = open_results(config, procs)
+    out = open_results(config, procs, result_columns(loaded))
     rows, run_info = measure_rows(config, loaded, procs, removals, resumed, choice, out, started)
     if not procs.is_main:
         return 0
@@ -195,7 +198,12 @@ def run(config: RunConfig) -> int:
     return 0
 
 
-def open_results(config: RunConfig, procs: Processes) -> ResultsFile | None:
+def result_columns(loaded: Loaded) -> list[str]:
+    """The CSV's header: the fixed columns, then those of the run's downstream tasks."""
+    return COLUMNS + (task_columns(loaded.settings.tasks.metrics) if loaded.settings.tasks else [])
+
+
+def open_results(config: RunConfig, procs: Processes, columns: list[str]) -> ResultsFile | None:
     """The results file the main process writes (None: no CSV asked for, or another process)."""
     out, shard = config.output, config.output.shard
     if not out.writes_csv or not procs.is_main:
@@ -203,7 +211,7 @@ def open_results(config: RunConfig, procs: Processes) -> ResultsFile | None:
     # Shards of a Slurm array may start in the same second: their names differ.
     name = f"{config.mode}-shard{shard.index}of{shard.count}" if shard else config.mode
     path = out.resume or results_path(out.output_dir, config.data.model, name)
-    return ResultsFile(path, exclusive=not out.resume)
+    return ResultsFile(path, exclusive=not out.resume, columns=columns)
 
 
 def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: list[Removal],
@@ -219,6 +227,8 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: 
     run_info = {"started": started, "finished": None, "device": device.type, "device_name": device_name(device),
                 "dtype": dtype_name(model), "stream_tokens": len(loaded.ids), "max_length": w.max_length,
                 "stride": w.stride, "configurations_evaluated": 0, "tokens_evaluated": 0}
+    if loaded.settings.tasks:  # lm-eval's task versions, shots and examples, filled in as configurations are scored
+        run_info["tasks"] = loaded.settings.tasks.info
     work = Work()
     base = done.get(removal_key(()))
     # The baseline goes into the sweep's own pass (its chain of blocks is every other configuration's
