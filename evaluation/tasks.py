@@ -115,7 +115,7 @@ def load_tasks(spec: TaskSpec, tokenizer) -> TaskScorer | None:
         return None
     if spec.include_path and not os.path.isdir(spec.include_path):
         raise KitError(f"--include-path '{spec.include_path}' is not a folder")
-    logging.getLogger("lm-eval").setLevel(logging.WARNING)  # its per-task set-up messages bury the kit's own
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-configuration set-up messages bury the kit's own
     manager = _manager(spec)
     loaded_objects, metrics = [], {}
     for name in spec.names:

@@ -15,7 +15,7 @@ import main
 from conftest import IDENTITY_BLOCK, N_LAYER
 from reporting.csvfile import read_rows
 from reporting.schema import COLUMNS, task_column
-from tiny import OBJECTS, SUBJECTS, VERBS
+from tiny import OBJECTS, SUBJECTS, VERBS, make_text
 
 TASK = "tiny_mc"
 N_EXAMPLES = 12
@@ -162,14 +162,34 @@ def test_resume_refuses_a_file_of_other_tasks(sweep, model_dir, text_file, capsy
     assert f"task columns of --tasks {TASK}" in capsys.readouterr().err
 
 
-def test_unknown_local_task_is_one_line_before_any_work(model_dir, text_file, task_dir, tmp_path, capsys):
+def test_a_task_whose_data_cannot_be_loaded_is_one_line_before_any_work(model_dir, text_file, tmp_path, capsys):
+    """Offline, a Hub task fails the same way: its data cannot be fetched (the line names the task and
+    --include-path)."""
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "gone.yaml").write_text(YAML.format(name="gone", data=tmp_path / "missing.jsonl"))
     code = main.main(["--mode", "sequential", "--model", str(model_dir), "--dataset", str(text_file), *FAST,
-                      "--tasks", "tiny_mc_missing", "--include-path", str(task_dir), "--save_results",
-                      "--output-dir", str(tmp_path)])
+                      "--tasks", "gone", "--include-path", str(tmp_path / "tasks"), "--save_results",
+                      "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("error: --tasks: no lm-eval task named 'tiny_mc_missing'")
+    assert code == 2 and err[-1].startswith("error: --tasks: could not load the data of task 'gone'")
     assert "--include-path" in err[-1]
-    assert not list(tmp_path.iterdir())
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_card_lists_original_pruned_and_healed_scores(model_dir, text_file, task_dir, tmp_path):
+    target, train = tmp_path / "model", tmp_path / "train.txt"
+    train.write_text(make_text(120, seed=1), encoding="utf-8")
+    assert main.main(["--mode", "custom", "--remove", "1", "--model", str(model_dir), "--dataset", str(text_file),
+                      *FAST, "--tasks", TASK, "--include-path", str(task_dir), "--heal-steps", "2", "--heal-seq-len",
+                      "32", "--heal-batch-size", "2", "--train-dataset", str(train), "--save-model", str(target),
+                      "--quiet"]) == 0
+    report = json.loads((target / "pruning_report.json").read_text(encoding="utf-8"))
+    assert set(report["tasks"]) == {"original", "pruned"}
+    healed = report["healing"]["tasks"][TASK]
+    assert healed["n"] == N_EXAMPLES and 0 <= healed["acc"] <= 1
+    card = (target / "README.md").read_text(encoding="utf-8")
+    assert "## Downstream tasks" in card and "| Original | Pruned | Healed |" in card
+    assert f"| {TASK} | acc | {N_EXAMPLES} |" in card
 
 
 def test_task_options_without_tasks_are_refused(capsys):
