@@ -21,10 +21,11 @@ import, and the kit must answer --help and run without it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -50,6 +51,7 @@ class TaskScorer:
     manager: Any  # lm_eval.tasks.TaskManager
     loaded: list  # the Task and Group objects, loaded once
     metrics: dict[str, tuple[str, ...]]  # reported name (task or group) -> the METRICS it has
+    progress: bool = True  # lm-eval's progress bars (it offers no switch: without, its stderr is dropped)
     info: dict[str, dict] = field(default_factory=dict)  # per name: task version, shots, examples (sidecar)
 
     def __call__(self, model: nn.Module) -> dict[str, dict[str, float | int | None]]:
@@ -60,8 +62,9 @@ class TaskScorer:
         lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.spec.batch_size)
         was_training = model.training
         try:
-            out = lm_eval.simple_evaluate(lm, tasks=list(self.loaded), num_fewshot=self.spec.num_fewshot,
-                                          limit=self.spec.limit, task_manager=self.manager, log_samples=False)
+            with _silenced(not self.progress):
+                out = lm_eval.simple_evaluate(lm, tasks=list(self.loaded), num_fewshot=self.spec.num_fewshot,
+                                              limit=self.spec.limit, task_manager=self.manager, log_samples=False)
         finally:
             model.train(was_training)
         scores = {}
@@ -75,6 +78,16 @@ class TaskScorer:
             self.info[name] = {"version": out.get("versions", {}).get(name), "num_fewshot": out.get("n-shot", {})
                                .get(name), "examples": scores[name]["n"]}
         return scores
+
+
+@contextlib.contextmanager
+def _silenced(on: bool) -> Iterator[None]:
+    """Drops stderr (lm-eval's progress bars) while ``on``."""
+    if not on:
+        yield
+        return
+    with open(os.devnull, "w", encoding="utf-8") as sink, contextlib.redirect_stderr(sink):
+        yield
 
 
 def _number(value: Any) -> float | None:
@@ -109,7 +122,7 @@ def _reported(name: str, loaded: dict) -> dict[str, tuple[str, ...]]:
     return reported
 
 
-def load_tasks(spec: TaskSpec, tokenizer) -> TaskScorer | None:
+def load_tasks(spec: TaskSpec, tokenizer, progress: bool = True) -> TaskScorer | None:
     """The run's tasks, loaded and checked before any measurement; None without --tasks."""
     if not spec.names:
         return None
@@ -138,7 +151,7 @@ def load_tasks(spec: TaskSpec, tokenizer) -> TaskScorer | None:
     log.info(f"Tasks: {', '.join(metrics)} ({_shots(spec)}, "
              f"{'all examples' if spec.limit is None else f'at most {spec.limit} examples each'}), "
              "scored for every configuration")
-    return TaskScorer(spec, tokenizer, manager, loaded_objects, metrics)
+    return TaskScorer(spec, tokenizer, manager, loaded_objects, metrics, progress)
 
 
 def _shots(spec: TaskSpec) -> str:

@@ -110,7 +110,8 @@ def check_columns(path: str, columns: list[str] | None = None) -> None:
         theirs, ours = tasks(header), tasks(columns)
         if theirs != ours:
             raise KitError(f"--resume file '{path}' has the task columns of --tasks {','.join(theirs) or '(none)'}, "
-                           f"this run scores {','.join(ours) or 'no tasks'}: resume with the same --tasks, or start a new file")
+                           f"this run scores {','.join(ours) or 'no tasks'}: resume with the same --tasks, or start a "
+                           "new file")
     raise KitError(f"--resume file '{path}' has other columns than this version of the kit writes; "
                    "finish it with the version that started it, or start a new file")
 

@@ -94,10 +94,11 @@ def load(config: RunConfig, procs: Processes) -> Loaded:
         device = procs.device  # one accelerator per process
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(config.data.model, device, config.dtype)
-    tasks = load_tasks(config.tasks, tokenizer)  # a task that cannot be loaded stops the run before any work
     if MODES[config.mode].removes:
         check_prunable(model)
     windows = config.windows.resolved(context_size(model))
+    progress = not config.output.quiet and procs.is_main
+    tasks = load_tasks(config.tasks, tokenizer, progress)  # a task that cannot load stops the run before any work
     data = config.data
     cache_dir = None if data.no_cache else (data.cache_dir or str(default_cache_dir()))
     stream = cached_token_ids(tokenizer, data.dataset, data.split, data.text_column, cache_dir)
@@ -111,7 +112,7 @@ def load(config: RunConfig, procs: Processes) -> Loaded:
         prompt_ids = tokenize(tokenizer, config.speed.prompt, "--prompt", min_tokens=1)
     heal, train_ids = healing_inputs(config.heal, data.dataset, data.text_column, model, tokenizer, ids,
                                      context_size(model), cache_dir)
-    settings = EvalSettings(windows, config.speed, progress=not config.output.quiet and procs.is_main, tasks=tasks)
+    settings = EvalSettings(windows, config.speed, progress=progress, tasks=tasks)
     return Loaded(model, tokenizer, device, stream, ids, prompt_ids, settings, heal, train_ids, cache_dir)
 
 

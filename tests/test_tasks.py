@@ -196,3 +196,19 @@ def test_task_options_without_tasks_are_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main.main(["--mode", "sequential", "--limit", "5"])
     assert exit_info.value.code == 2 and "need --tasks" in capsys.readouterr().err
+
+
+def test_merge_keeps_the_task_columns_of_the_shards(sweep, model_dir, text_file, task_dir, tmp_path):
+    _, whole = sweep
+    for shard in ("0/2", "1/2"):
+        assert main.main(["--mode", "sequential", "--model", str(model_dir), "--dataset", str(text_file), *FAST,
+                          "--tasks", TASK, "--include-path", str(task_dir), "--shard", shard, "--save_results",
+                          "--output-dir", str(tmp_path / "shards"), "--quiet"]) == 0
+    inputs = sorted(str(p) for p in (tmp_path / "shards").glob("*.csv"))
+    assert main.main(["--mode", "merge", "--inputs", *inputs, "--output-dir", str(tmp_path / "merged"), "--quiet"]) == 0
+    [merged] = (tmp_path / "merged").glob("*.csv")
+    rows = read_rows(str(merged))
+    assert list(rows[0])[len(COLUMNS):] == [c for c in pd.read_csv(inputs[0]).columns[len(COLUMNS):]]
+    for row in rows:
+        for metric in ("acc", "acc_norm", "acc_change_pts"):
+            assert row[task_column(TASK, metric)] == whole[tuple(row["removed_layers"])][task_column(TASK, metric)]
