@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+from importlib import metadata as importlib_metadata
 from datetime import datetime
 from typing import Any, Sequence
 
@@ -42,6 +43,9 @@ def build_report(config: RunConfig, rows: Sequence[dict], windows: WindowSpec, h
                  checkpoint_ppl: float, dtype: str, device: str, model_type: str) -> dict:
     """Everything the model card states, as data; ``windows`` are the run's resolved windows."""
     original, pruned = rows[0], rows[-1]
+    # lm-eval scores of the original and pruned model ({} without --tasks); the healed one's are in healing["tasks"]
+    tasks = {"original": row_task_scores(original), "pruned": row_task_scores(pruned)}
+    tasks = tasks if tasks["original"] else {}
     removed = list(pruned["removed_layers"])
     n = original["num_layers"]
     data, speed = config.data, config.speed
@@ -59,13 +63,12 @@ def build_report(config: RunConfig, rows: Sequence[dict], windows: WindowSpec, h
         "original": measured(original),
         "pruned": measured(pruned),
         "healing": healing,
-        # lm-eval scores of the original, pruned and (healing["tasks"]) healed model; {} without --tasks
-        "tasks": {"original": row_task_scores(original), "pruned": row_task_scores(pruned)}
-        if row_task_scores(original) else {},
+        "tasks": tasks,
         "checkpoint_perplexity": checkpoint_ppl,
         "command": shlex.join(config.command_line or ["python", "main.py"]),
         "reproduce": reproduce_command(data, config.output.save_model or "DIR", windows, dtype, device),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     **({"lm_eval": importlib_metadata.version("lm_eval")} if tasks else {})},
         "created": datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -96,8 +99,8 @@ def task_lines(report: dict) -> list[str]:
             cells = [f"{percent(scores, task, metric)} ± {percent(scores, task, metric + '_stderr')}"
                      for _, scores in models]
             table.append(f"| {task} | {metric} | {values.get('n')} | " + " | ".join(cells) + " |")
-    return ["## Downstream tasks", "", "lm-evaluation-harness scores in percent ± standard error, each model scored "
-            "in memory on the same examples.", "", *table, ""]
+    return ["## Downstream tasks", "", f"lm-evaluation-harness {report['versions'].get('lm_eval')} scores in percent "
+            "± standard error, each model scored in memory on the same examples.", "", *table, ""]
 
 
 def model_card(report: dict) -> str:

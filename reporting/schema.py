@@ -45,13 +45,8 @@ def columns_of(row: dict) -> list[str]:
 
 def task_metrics(row: dict) -> dict[str, list[str]]:
     """Task -> metrics (acc, acc_norm) whose values a row's columns hold, in column order."""
-    found: dict[str, list[str]] = {}
-    for key in row:
-        if key.startswith(TASK_PREFIX):
-            task, metric = key[len(TASK_PREFIX):].rsplit(":", 1)
-            if metric != "n" and not metric.endswith(("_stderr", "_change_pts")):
-                found.setdefault(task, []).append(metric)
-    return found
+    return {task: [m for m in values if m != "n" and not m.endswith("_stderr")]
+            for task, values in row_task_scores(row).items()}
 
 
 def task_cells(scores: dict[str, dict] | None) -> dict:

@@ -189,7 +189,7 @@ def test_model_card_lists_original_pruned_and_healed_scores(model_dir, text_file
     assert healed["n"] == N_EXAMPLES and 0 <= healed["acc"] <= 1
     card = (target / "README.md").read_text(encoding="utf-8")
     assert "## Downstream tasks" in card and "| Original | Pruned | Healed |" in card
-    assert f"| {TASK} | acc | {N_EXAMPLES} |" in card
+    assert f"| {TASK} | acc | {N_EXAMPLES} |" in card and "lm-evaluation-harness 0.4.13" in card
 
 
 def test_task_options_without_tasks_are_refused(capsys):
