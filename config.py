@@ -158,6 +158,17 @@ class OutputSpec:
 
 
 @dataclass(frozen=True)
+class TaskSpec:
+    """Downstream tasks scored with lm-evaluation-harness on every configuration; no names: none."""
+
+    names: tuple[str, ...] = ()
+    num_fewshot: int | None = None  # None: each task's own default (0 for most)
+    limit: int | None = None  # examples per task (None: all)
+    batch_size: int = 1
+    include_path: str | None = None  # a folder of lm-eval task YAML files (local data)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     mode: str
     data: DataSpec = field(default_factory=DataSpec)
@@ -166,6 +177,7 @@ class RunConfig:
     speed: SpeedSpec = field(default_factory=SpeedSpec)
     heal: HealSpec = field(default_factory=HealSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
+    tasks: TaskSpec = field(default_factory=TaskSpec)
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 42

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from config import (DEFAULT_PROMPT, DataSpec, HealSpec, OutputSpec, RunConfig, SelectSpec, Shard, SpeedSpec,
-                    WindowSpec, parse_shard)
+                    TaskSpec, WindowSpec, parse_shard)
 from pruning.modes import MODE_OPTIONS, MODES, either, saving_modes, users
 from pruning.rules import RULES
 from utils.errors import KitError
@@ -51,6 +51,16 @@ def non_negative_int(text: str) -> int:
     if value is None or value < 0:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
     return value
+
+
+def task_names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected task names such as piqa,arc_easy, got '{text}'")
+    repeated = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if repeated:
+        raise argparse.ArgumentTypeError(f"task '{repeated}' is listed twice")
+    return names
 
 
 def shard_spec(text: str) -> Shard:
@@ -119,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gen-tokens", type=positive_int, default=64, help="tokens generated per run (default 64)")
     g.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the speed test")
 
+    g = p.add_argument_group("downstream tasks (lm-evaluation-harness)")
+    g.add_argument("--tasks", type=task_names, metavar="NAME[,NAME...]",
+                   help="lm-eval tasks to score every configuration on, e.g. piqa,winogrande,hellaswag,arc_easy,"
+                   "arc_challenge. Sweeps score every configuration (sequential: L+1 full evaluations of each task), "
+                   "the choosing modes only the ones they settle on; each costs one forward pass per answer choice "
+                   "of every example (HellaSwag: 40k)")
+    g.add_argument("--num-fewshot", type=non_negative_int, help="examples shown before each question "
+                   "(default: the task's own, 0 for the five-task set)")
+    g.add_argument("--limit", type=positive_int, help="score only the first N examples of each task (quick runs)")
+    g.add_argument("--tasks-batch-size", type=positive_int, default=1, help="lm-eval batch size (default 1)")
+    g.add_argument("--include-path", metavar="DIR", help="folder of lm-eval task YAML files, e.g. over local "
+                   "jsonl data (offline or private tasks)")
+
     saving = "/".join(saving_modes())
     g = p.add_argument_group("output")
     g.add_argument("--save_results", "--save-results", dest="save_results", action="store_true",
@@ -185,6 +208,11 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if not mode.evaluates and (args.shard or args.resume):
         parser.error(f"--mode {args.mode} takes neither --shard nor --resume; it evaluates nothing and writes "
                      "new files")
+    if not args.tasks and (args.num_fewshot is not None or args.limit or args.include_path
+                           or args.tasks_batch_size != parser.get_default("tasks_batch_size")):
+        parser.error("--num-fewshot, --limit, --tasks-batch-size and --include-path need --tasks NAME[,NAME...]")
+    if args.tasks and not mode.evaluates:
+        parser.error(f"--mode {args.mode} evaluates nothing; --tasks scores the models an evaluating mode measures")
     if not args.heal_steps and (args.heal_kd or args.train_dataset or args.heal_lr is not None):
         parser.error("--heal-kd, --heal-lr and --train-dataset need --heal-steps N (N > 0)")
 
@@ -204,6 +232,7 @@ def to_config(args: argparse.Namespace, command_line: list[str]) -> RunConfig:
                       args.lora_rank, args.heal_kd, args.train_dataset, args.seed),
         output=OutputSpec(args.save_results, args.output_dir, args.resume, args.save_model, args.plot, args.quiet,
                           args.input, tuple(args.inputs or ()), args.shard, bool(args.allow_partial)),
+        tasks=TaskSpec(args.tasks or (), args.num_fewshot, args.limit, args.tasks_batch_size, args.include_path),
         device=args.device, dtype=args.dtype, seed=args.seed, command_line=tuple(command_line),
     )
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -43,11 +43,15 @@ GROUP_SIZE = 64
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """Resolved windows (WindowSpec.resolved) and the speed test; ``speed.enabled`` False skips it."""
+    """Resolved windows (WindowSpec.resolved) and the speed test; ``speed.enabled`` False skips it.
+
+    ``tasks`` scores a pruned model on downstream tasks (evaluation.tasks.TaskScorer); None: no --tasks.
+    """
 
     windows: WindowSpec
     speed: SpeedSpec = SpeedSpec(enabled=False)
     progress: bool = True
+    tasks: Callable[[nn.Module], dict[str, dict]] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,16 +64,18 @@ class Measurement:
     # The cost of the perplexity pass that produced this measurement; a pass
     # shared by a group of configurations is carried by the group's first one.
     work: Work | None = None
+    tasks: dict[str, dict] | None = None  # task -> metric -> value (evaluation.tasks), None without --tasks
 
 
 def _finish(model: nn.Module, prompt_ids: torch.Tensor | None, removed: Sequence[int], ppl: PerplexityResult,
             settings: EvalSettings, work: Work | None) -> Measurement:
-    """The measurements that need the pruned model itself: size and speed."""
+    """The measurements that need the pruned model itself: size, speed and downstream tasks."""
     speed = settings.speed
     with removed_blocks(model, removed) as pruned:
         latency = (measure_latency(pruned, prompt_ids, speed.gen_tokens, speed.runs, speed.warmup)
                    if speed.enabled else None)
-        return Measurement(tuple(removed), num_blocks(pruned), ppl, count_parameters(pruned), latency, work)
+        tasks = settings.tasks(pruned) if settings.tasks else None
+        return Measurement(tuple(removed), num_blocks(pruned), ppl, count_parameters(pruned), latency, work, tasks)
 
 
 def measure(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None, removed: Sequence[int],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+from importlib import metadata as importlib_metadata
 from datetime import datetime
 from typing import Any, Sequence
 
@@ -17,7 +18,7 @@ from config import DataSpec, RunConfig, WindowSpec
 from evaluation.latency import PREFILL_TOKENS
 from models.loading import looks_local
 from models.units import kept_blocks
-from reporting.schema import change_pct
+from reporting.schema import change_pct, row_task_scores
 from utils.data import is_local_dataset
 
 
@@ -42,6 +43,9 @@ def build_report(config: RunConfig, rows: Sequence[dict], windows: WindowSpec, h
                  checkpoint_ppl: float, dtype: str, device: str, model_type: str) -> dict:
     """Everything the model card states, as data; ``windows`` are the run's resolved windows."""
     original, pruned = rows[0], rows[-1]
+    # lm-eval scores of the original and pruned model ({} without --tasks); the healed one's are in healing["tasks"]
+    tasks = {"original": row_task_scores(original), "pruned": row_task_scores(pruned)}
+    tasks = tasks if tasks["original"] else {}
     removed = list(pruned["removed_layers"])
     n = original["num_layers"]
     data, speed = config.data, config.speed
@@ -59,10 +63,12 @@ def build_report(config: RunConfig, rows: Sequence[dict], windows: WindowSpec, h
         "original": measured(original),
         "pruned": measured(pruned),
         "healing": healing,
+        "tasks": tasks,
         "checkpoint_perplexity": checkpoint_ppl,
         "command": shlex.join(config.command_line or ["python", "main.py"]),
         "reproduce": reproduce_command(data, config.output.save_model or "DIR", windows, dtype, device),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     **({"lm_eval": importlib_metadata.version("lm_eval")} if tasks else {})},
         "created": datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -76,6 +82,25 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def _pct(value: float | None, reference: float | None) -> str:
     pct = change_pct(value, reference)
     return "" if pct is None else f"{pct:+.2f}%"
+
+
+def task_lines(report: dict) -> list[str]:
+    """The card's downstream-task table: original, pruned and (after healing) healed scores in percent."""
+    tasks = report.get("tasks") or {}
+    if not tasks:
+        return []
+    healed = (report["healing"] or {}).get("tasks")
+    models = [("Original", tasks["original"]), ("Pruned", tasks["pruned"])] + ([("Healed", healed)] if healed else [])
+    percent = lambda scores, t, m: _fmt(None if scores[t].get(m) is None else scores[t][m] * 100)
+    table = ["| Task | Metric | Examples | " + " | ".join(name for name, _ in models) + " |",
+             "|---|---|---:|" + "---:|" * len(models)]
+    for task, values in tasks["original"].items():
+        for metric in (m for m in values if m not in ("n",) and not m.endswith("_stderr")):
+            cells = [f"{percent(scores, task, metric)} ± {percent(scores, task, metric + '_stderr')}"
+                     for _, scores in models]
+            table.append(f"| {task} | {metric} | {values.get('n')} | " + " | ".join(cells) + " |")
+    return ["## Downstream tasks", "", f"lm-evaluation-harness {report['versions'].get('lm_eval')} scores in percent "
+            "± standard error, each model scored in memory on the same examples.", "", *table, ""]
 
 
 def model_card(report: dict) -> str:
@@ -121,6 +146,7 @@ def model_card(report: dict) -> str:
                   f"| Pruned and healed (this checkpoint) | {_fmt(h['perplexity'])} | "
                   f"{_pct(h['perplexity'], o['perplexity'])} |", "",
                   "Healing does not change the architecture, so the pruned speed applies to this checkpoint.", ""]
+    lines += task_lines(report)
     lines += ["## Evaluation", "",
               f"Sliding-window perplexity over {ev['scored_tokens']:,} scored tokens of `{ev['dataset']}`"
               f"{'' if is_local_dataset(ev['dataset']) else ' (split `' + ev['split'] + '`)'}, windows of {ev['max_length']} tokens every {ev['stride']} tokens, "

@@ -128,7 +128,8 @@ def deliver(config: RunConfig, model: nn.Module, tokenizer, rows: Sequence[dict]
                                 desc="healed windows").perplexity
         healing = {**describe(heal_spec),
                    "train_dataset": heal_spec.train_dataset or f"{config.data.dataset} (train split)",
-                   "first_loss": result.losses[0], "last_loss": result.losses[-1], "perplexity": healed_ppl}
+                   "first_loss": result.losses[0], "last_loss": result.losses[-1], "perplexity": healed_ppl,
+                   "tasks": settings.tasks(healed) if settings.tasks else None}
         if not config.output.quiet:
             print(f"\nHealing ({heal_spec.mode}, {heal_spec.steps} steps, training loss "
                   f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}; perplexity on the evaluation text)\n")

@@ -13,7 +13,7 @@ import os
 import re
 from datetime import datetime
 
-from reporting.schema import COLUMNS
+from reporting.schema import COLUMNS, TASK_PREFIX
 from utils.errors import KitError, WriteError
 from utils.text import removal_key
 
@@ -65,8 +65,10 @@ def encode_row(row: dict, columns: list[str] = COLUMNS) -> bytes:
 class ResultsFile:
     """The results CSV of one run, held locked for the run's lifetime.
 
-    A new file is created exclusively with its header when the run starts,
-    before any work, so an unwritable --output-dir fails at once. Each row
+    A new file is created exclusively when the run starts, before any work,
+    so an unwritable --output-dir fails at once; ``start`` writes its header
+    (or checks a resumed file's) once the columns are known (the task columns
+    depend on the tasks lm-eval loads). Each row
     is one write of its encoded line, then fsync: a crash leaves whole rows
     only (at worst an unterminated last line, which read_rows drops). A failed
     write (disk full) is cut back to the rows before it and raised as a
@@ -88,8 +90,15 @@ class ResultsFile:
         except BlockingIOError:
             os.close(self.fd)
             raise KitError(f"'{self.path}' is being written by another run of the kit; wait for it to finish") from None
-        if not resume:
-            self._append(encode_row(dict(zip(COLUMNS, COLUMNS))), "its header")
+        self.columns: list[str] = COLUMNS
+
+    def start(self, columns: list[str]) -> None:
+        """Write the header of a new file, or check that a resumed file has these columns."""
+        self.columns = columns
+        if self.resumed:
+            check_columns(self.path, columns)
+        else:
+            self._append(encode_row(dict(zip(columns, columns)), columns), "its header")
 
     def _append(self, data: bytes, what: str) -> None:
         size = os.fstat(self.fd).st_size
@@ -104,7 +113,7 @@ class ResultsFile:
                              "are intact (continue with --resume once there is room)") from None
 
     def write(self, row: dict) -> None:
-        self._append(encode_row(row), "a row")
+        self._append(encode_row(row, self.columns), "a row")
         self.rows += 1
 
     def close(self) -> None:
@@ -192,13 +201,23 @@ def drop_partial_row(path: str) -> bool:
     return True
 
 
-def check_columns(path: str) -> None:
-    """A file is resumed only if it has this version's columns, in order: rows are appended in that order."""
+def check_columns(path: str, columns: list[str] | None = None) -> None:
+    """A file is resumed only if it has this run's columns (this version's, and the same --tasks' task
+    columns), in order: rows are appended in that order. Without ``columns``, only the fixed ones are checked."""
     with open(path, newline="", encoding="utf-8") as f:
         header = next(csv.reader(f), [])
-    if header and header != COLUMNS:
-        raise KitError(f"--resume file '{path}' has other columns than this version of the kit writes; "
-                       "finish it with the version that started it, or start a new file")
+    if not header or header == columns or (columns is None and header[: len(COLUMNS)] == COLUMNS):
+        return
+    if columns is not None and header[: len(COLUMNS)] == COLUMNS:
+        tasks = lambda cols: sorted({c[len(TASK_PREFIX):].rsplit(":", 1)[0] for c in cols[len(COLUMNS):]
+                                     if c.startswith(TASK_PREFIX)})
+        theirs, ours = tasks(header), tasks(columns)
+        if theirs != ours:
+            raise KitError(f"--resume file '{path}' has the task columns of --tasks {','.join(theirs) or '(none)'}, "
+                           f"this run scores {','.join(ours) or 'no tasks'}: resume with the same --tasks, or start a "
+                           "new file")
+    raise KitError(f"--resume file '{path}' has other columns than this version of the kit writes; "
+                   "finish it with the version that started it, or start a new file")
 
 
 def _parse(value: str | None):

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from pruning.rules import RULES
+from reporting.schema import task_column, task_metrics
 from utils.text import compact_label
 
 log = logging.getLogger("gpt2-pruning-kit")
@@ -262,11 +263,50 @@ def importance_figure(rows: Sequence[dict]) -> Figure | None:
     return fig
 
 
+def tasks_figure(rows: Sequence[dict]) -> Figure | None:
+    """Each task's score per configuration (with its standard error), perplexity of the same
+    configurations beside it, so a collapse on a task that perplexity hides is visible."""
+    columns = [(t, m) for t, ms in task_metrics(rows[0]).items() for m in ms]
+    if not columns:
+        return None
+    x = np.arange(len(rows))
+    labels = [_label(r["removed_layers"]) for r in rows]
+    fig = Figure(figsize=(max(11, 0.5 * len(rows) + 6), 4.8), layout="constrained")
+    ax = fig.add_subplot(1, 2, 1)
+    offsets = np.linspace(-0.2, 0.2, len(columns)) if len(columns) > 1 else [0.0]
+    for (task, metric), dx in zip(columns, offsets):
+        values = [r.get(task_column(task, metric)) for r in rows]
+        errors = [r.get(task_column(task, f"{metric}_stderr")) for r in rows]
+        shown = [i for i, v in enumerate(values) if _finite(v)]
+        ax.errorbar([x[i] + dx for i in shown], [values[i] * 100 for i in shown],
+                    yerr=[(errors[i] or 0) * 100 if _finite(errors[i]) else 0 for i in shown],
+                    fmt="o", markersize=4, capsize=2, label=f"{task} {metric}")
+    ax.set_ylabel("score (%), bars: standard error")
+    ax.set_title("Downstream tasks (lm-eval)")
+    ax.legend(fontsize=7, loc="best")
+    ax2 = fig.add_subplot(1, 2, 2)
+    ppl = [r["perplexity"] if _finite(r.get("perplexity")) else np.nan for r in rows]
+    ax2.bar(x, ppl, color=["black" if not r["removed_layers"] else "#2e86c1" for r in rows])
+    ax2.set_yscale("log")
+    finite = [v for v in ppl if math.isfinite(v)]
+    if finite:
+        _log_ticks(ax2.yaxis, min(finite), max(finite))
+    ax2.set_ylabel("perplexity (log scale)")
+    ax2.set_title("Perplexity")
+    for a in (ax, ax2):
+        a.set_xticks(x)
+        a.set_xticklabels(labels, rotation=90 if len(rows) > ANNOTATE_MAX_BLOCKS else 0, fontsize=8)
+        a.set_xlabel("removed blocks")
+    fig.suptitle(f"{rows[0].get('model', '')}: downstream tasks and perplexity per configuration")
+    return fig
+
+
 FIGURES: dict[str, Callable[[Sequence[dict]], Figure | None]] = {
     "per-block": per_block_figure,
     "tradeoff": tradeoff_figure,
     "pairs": pair_heatmap,
     "importance": importance_figure,
+    "tasks": tasks_figure,
 }
 
 
@@ -286,5 +326,5 @@ def write_figures(rows: Sequence[dict], csv_path: str) -> list[str]:
         paths.append(path)
     if not paths:
         log.info("No figure applies to these rows (figures need single-block removals, several removal depths, "
-                 "pairs of removed blocks or per-block scores)")
+                 "pairs of removed blocks, per-block scores or task columns)")
     return paths

@@ -9,7 +9,9 @@ from typing import Sequence
 
 from reporting.figures import write_figures
 from reporting.schema import REQUIRED_COLUMNS
-from reporting.tables import COMPARISON_HEADERS, comparison_cells, observations, sweep_cells
+from reporting.schema import task_column
+from reporting.tables import (COMPARISON_HEADERS, accuracy_cell, accuracy_headers, comparison_cells, observations,
+                              sweep_cells)
 from utils.errors import KitError
 from utils.text import format_number, removed_label
 
@@ -77,6 +79,7 @@ def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: s
                                  [[str(len(r["removed_layers"])), removed_label(r["removed_layers"]),
                                    format_number(r["perplexity"]), format_number(r.get("ppl_change_pct"), sign=True)]
                                   for r in depths], left=2), ""]
+    lines += task_section(rows)
     notes = observations(rows) if len(pruned) > 1 else []
     if notes:
         lines += ["## Key Observations", "", *(f"- {n}" for n in notes), ""]
@@ -88,6 +91,20 @@ def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: s
         lines += ["## Figures", ""]
         lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.basename(p)})" for p in figures] + [""]
     return "\n".join(lines)
+
+
+def task_section(rows: Sequence[dict]) -> list[str]:
+    """Downstream-task scores per configuration (lines of report.md); none without task columns."""
+    columns = accuracy_headers(rows)
+    if not columns:
+        return []
+    counts = ", ".join(f"{t} {rows[0].get(task_column(t, 'n'))}" for t in dict.fromkeys(t for t, _ in columns))
+    return ["## Downstream tasks", "",
+            f"lm-evaluation-harness scores in percent ± standard error, change against the baseline in percentage "
+            f"points in brackets; examples per task: {counts}.", "",
+            markdown_table(["Layers Removed", *(f"{t} {m} (%)" for t, m in columns)],
+                           [[removed_label(r["removed_layers"]), *(accuracy_cell(r, t, m, 2, stderr=True)
+                                                                   for t, m in columns)] for r in rows]), ""]
 
 
 def report_path(csv_path: str) -> str:

@@ -1,5 +1,13 @@
 """The results row: its columns (users' scripts read them by name, so they
-only ever grow at the end) and how a measurement becomes a row."""
+only ever grow at the end) and how a measurement becomes a row.
+
+With --tasks, the fixed COLUMNS are followed by columns per downstream task,
+``task:<task>:<metric>``: ``n`` (examples scored), then for acc and acc_norm,
+where the task has them, the value (a fraction, as lm-eval reports it), its
+standard error and ``<metric>_change_pts``, the change against the baseline
+in percentage points. Which tasks and metrics a run has is known once its
+tasks are loaded, before the file is created, so every file has one header.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +25,50 @@ COLUMNS = [
 # The columns a file must have for --mode report to draw from it.
 REQUIRED_COLUMNS = ("removed_layers", "num_layers", "perplexity")
 CHANGE_COLUMNS = ("ppl_change_pct", "params_change_pct", "speed_change_pct")
+TASK_PREFIX = "task:"
+
+
+def task_column(task: str, metric: str) -> str:
+    return f"{TASK_PREFIX}{task}:{metric}"
+
+
+def task_columns(metrics: dict[str, tuple[str, ...]]) -> list[str]:
+    """The task columns, given each task's metrics (evaluation.tasks.TaskScorer.metrics)."""
+    return [task_column(task, name) for task, ms in metrics.items()
+            for name in ("n", *(f"{m}{suffix}" for m in ms for suffix in ("", "_stderr", "_change_pts")))]
+
+
+def columns_of(row: dict) -> list[str]:
+    """A file's columns from one of its rows: the fixed ones, then its task columns in their order."""
+    return COLUMNS + [k for k in row if k.startswith(TASK_PREFIX)]
+
+
+def task_metrics(row: dict) -> dict[str, list[str]]:
+    """Task -> metrics (acc, acc_norm) whose values a row's columns hold, in column order."""
+    return {task: [m for m in values if m != "n" and not m.endswith("_stderr")]
+            for task, values in row_task_scores(row).items()}
+
+
+def task_cells(scores: dict[str, dict] | None) -> dict:
+    """Task scores (evaluation.tasks.TaskScorer's result) as row cells."""
+    return {task_column(task, metric): value for task, values in (scores or {}).items()
+            for metric, value in values.items()}
+
+
+def row_task_scores(row: dict) -> dict[str, dict]:
+    """A row's task scores back in TaskScorer's form, {task: {"n": ..., "acc": ..., "acc_stderr": ...}}."""
+    scores: dict[str, dict] = {}
+    for key, value in row.items():
+        if key.startswith(TASK_PREFIX) and not key.endswith("_change_pts"):
+            task, metric = key[len(TASK_PREFIX):].rsplit(":", 1)
+            scores.setdefault(task, {})[metric] = value
+    return scores
+
+
+def _points(value, reference) -> float | None:
+    if not isinstance(value, (int, float)) or not isinstance(reference, (int, float)):
+        return None
+    return (value - reference) * 100.0
 
 
 def change_pct(value: float | None, reference: float | None) -> float | None:
@@ -29,12 +81,16 @@ def change_pct(value: float | None, reference: float | None) -> float | None:
 
 def with_changes(row: dict, base: dict | None) -> dict:
     """``row`` with its change columns against the baseline row ``base`` (empty without one)."""
+    tasks = task_metrics(row)
     if base is None:
-        return {**dict.fromkeys(CHANGE_COLUMNS), **row}
+        return {**dict.fromkeys(CHANGE_COLUMNS), **{task_column(t, f"{m}_change_pts"): None
+                                                    for t, ms in tasks.items() for m in ms}, **row}
     return {**row,
             "ppl_change_pct": change_pct(row["perplexity"], base["perplexity"]),
             "params_change_pct": change_pct(row.get("params"), base.get("params")),
-            "speed_change_pct": change_pct(row.get("latency_ms"), base.get("latency_ms"))}
+            "speed_change_pct": change_pct(row.get("latency_ms"), base.get("latency_ms")),
+            **{task_column(t, f"{m}_change_pts"): _points(row.get(task_column(t, m)), base.get(task_column(t, m)))
+               for t, ms in tasks.items() for m in ms}}
 
 
 def to_row(measurement: Any, context: dict) -> dict:
@@ -54,4 +110,5 @@ def to_row(measurement: Any, context: dict) -> dict:
         "tokens_per_s": lat.tokens_per_s if lat else None,
         "eval_tokens": m.ppl.tokens,
         "timestamp": datetime.now().isoformat(timespec="seconds"),
+        **task_cells(m.tasks),
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from reporting.schema import change_pct
+from reporting.schema import change_pct, task_column, task_metrics
 from utils.text import compact_label, format_number, format_table, removed_label
 
 # The final table must fit a standard terminal without wrapping.
@@ -40,6 +40,47 @@ def sweep_table(rows: Sequence[dict], width: int = CONSOLE_WIDTH) -> str:
         if len(c[0]) > room:
             c[0] = c[0][: room - 2] + ".."
     return format_table(headers, cells)
+
+
+def accuracy_headers(rows: Sequence[dict]) -> list[tuple[str, str]]:
+    """(task, metric) of every downstream-task score the rows hold, in column order."""
+    return [(t, m) for t, ms in task_metrics(rows[0]).items() for m in ms] if rows else []
+
+
+def accuracy_cell(row: dict, task: str, metric: str, digits: int = 1, stderr: bool = False) -> str:
+    """A score in percent, optionally with its standard error, and its change in points for a pruned row."""
+    value = row.get(task_column(task, metric))
+    if not isinstance(value, (int, float)):
+        return "-"
+    text = f"{value * 100:.{digits}f}"
+    err = row.get(task_column(task, f"{metric}_stderr"))
+    if stderr and isinstance(err, (int, float)):
+        text += f" ± {err * 100:.{digits}f}"
+    change = row.get(task_column(task, f"{metric}_change_pts"))
+    if row["removed_layers"] and isinstance(change, (int, float)):
+        text += f" ({change:+.{digits}f})"
+    return text
+
+
+def task_table(rows: Sequence[dict], width: int = CONSOLE_WIDTH) -> str:
+    """Each configuration's downstream-task scores (percent, change against the baseline in points), in
+    as many tables as ``width`` columns need; empty without task columns."""
+    columns = accuracy_headers(rows)
+    labels = [compact_label(r["removed_layers"]) for r in rows]
+    tables, start = [], 0
+    while start < len(columns):
+        used, end = max(len("Removed"), *map(len, labels)), start
+        while end < len(columns):
+            t, m = columns[end]
+            cell = max([len(f"{t} {m}"), *(len(accuracy_cell(r, t, m)) for r in rows)])
+            if end > start and used + 2 + cell > width:
+                break
+            used, end = used + 2 + cell, end + 1
+        tables.append(format_table(["Removed", *(f"{t} {m}" for t, m in columns[start:end])],
+                                   [[label, *(accuracy_cell(r, t, m) for t, m in columns[start:end])]
+                                    for label, r in zip(labels, rows)]))
+        start = end
+    return "\n\n".join(tables)
 
 
 def comparison_cells(original: dict, pruned: dict) -> list[list[str]]:

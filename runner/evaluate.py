@@ -23,6 +23,7 @@ from evaluation.engine import Work
 from evaluation.params import count_parameters
 from evaluation.perplexity import sliding_windows
 from evaluation.sweep import EvalSettings, measure_all
+from evaluation.tasks import load_tasks
 from export.checkpoint import deliver
 from export.heal import healing_inputs
 from models.families import check_prunable, num_blocks
@@ -34,7 +35,7 @@ from pruning.choice import Choice
 from pruning.modes import MODES, saving_modes
 from reporting.csvfile import ResultsFile, read_rows, results_path
 from reporting.markdown import write_outputs
-from reporting.schema import to_row, with_changes
+from reporting.schema import COLUMNS, task_columns, to_row, with_changes
 from reporting.sidecar import write_sidecar
 from runner.processes import Processes, current_processes, in_rounds, share
 from runner.resume import check_same_experiment, resumed_rows, run_identity
@@ -113,6 +114,8 @@ def load(config: RunConfig, procs: Processes) -> Loaded:
     context = context_size(model)
     windows = config.windows.resolved(context)
     prompt_ids = prompt_tokens(config, tokenizer, context)
+    progress = not config.output.quiet and procs.is_main
+    tasks = load_tasks(config.tasks, tokenizer, progress)  # a task that cannot load stops the run before any work
     # Planning is cheap and may refuse (a plan too large): before the data is read.
     planned = mode.plan(config, num_blocks(model)) if mode.plan else None
     cache_dir = None if data.no_cache else (data.cache_dir or str(default_cache_dir()))
@@ -122,7 +125,7 @@ def load(config: RunConfig, procs: Processes) -> Loaded:
         raise KitError("--max-tokens must be at least 2")
     heal, train_ids = healing_inputs(config.heal, data.dataset, data.text_column, model, tokenizer, ids, context,
                                      cache_dir)
-    settings = EvalSettings(windows, config.speed, progress=not config.output.quiet and procs.is_main)
+    settings = EvalSettings(windows, config.speed, progress=progress, tasks=tasks)
     return Loaded(model, tokenizer, device, planned, stream, ids, prompt_ids, settings, heal, train_ids, cache_dir)
 
 
@@ -138,6 +141,11 @@ def prompt_tokens(config: RunConfig, tokenizer, context: int) -> torch.Tensor | 
         raise KitError(f"--prompt ({len(ids)} tokens) plus --gen-tokens {speed.gen_tokens} exceeds the model's "
                        f"context size of {context} tokens; shorten them or pass --no-speed")
     return ids
+
+
+def result_columns(loaded: Loaded) -> list[str]:
+    """The CSV's header: the fixed columns, then those of the run's downstream tasks."""
+    return COLUMNS + (task_columns(loaded.settings.tasks.metrics) if loaded.settings.tasks else [])
 
 
 def scored_tokens(ids: torch.Tensor, windows: WindowSpec) -> int:
@@ -238,6 +246,8 @@ def interrupted_message(out: ResultsFile | None) -> str:
 
 def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record: Record) -> int:
     loaded = load(config, procs)
+    if record.out:
+        record.out.start(result_columns(loaded))
     w, device, dtype = loaded.settings.windows, loaded.device.type, dtype_name(loaded.model)
     identity = run_identity(config, w, device, dtype)
     if config.output.resume:
@@ -246,6 +256,8 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
     record.info.update(identity=identity, device=device, device_name=device_name(loaded.device), dtype=dtype,
                        stream_tokens=len(loaded.ids), max_length=w.max_length, stride=w.stride,
                        configurations_evaluated=0, tokens_evaluated=0)
+    if loaded.settings.tasks:  # lm-eval's task versions, shots and examples, filled in as configurations are scored
+        record.info["tasks"] = loaded.settings.tasks.info
     record.save()  # before the first forward pass: a crashed run's CSV has its sidecar
     removals, choice = plan(config, loaded, procs)
     shard = config.output.shard

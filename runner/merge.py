@@ -10,7 +10,7 @@ from typing import Sequence
 from config import RunConfig
 from reporting.csvfile import ResultsFile, read_rows, results_path
 from reporting.markdown import write_outputs
-from reporting.schema import with_changes
+from reporting.schema import columns_of, with_changes
 from reporting.sidecar import read_sidecar, write_sidecar
 from runner.summary import print_summary
 from utils.errors import KitError
@@ -54,6 +54,9 @@ def merge_rows(tables: Sequence[tuple[str, list[dict]]]) -> list[dict]:
                 if row.get(column) != reference.get(column):
                     raise KitError(f"'{path}' has {column} {row.get(column)!r} but '{first_path}' has "
                                    f"{reference.get(column)!r}; merge only the shards of one sweep")
+            if columns_of(row) != columns_of(reference):
+                raise KitError(f"'{path}' and '{first_path}' have different task columns (--tasks); merge only the "
+                               "shards of one sweep")
             key = removal_key(row["removed_layers"])
             if not row["removed_layers"]:
                 if baseline is None:
@@ -117,6 +120,7 @@ def run(config: RunConfig) -> int:
     name = f"{base['mode']}-partial" if partial else str(base["mode"])
     out = ResultsFile(results_path(config.output.output_dir, str(base["model"]), name))
     try:
+        out.start(columns_of(base))
         for row in rows:
             out.write(row)
     finally:

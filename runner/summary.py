@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from config import RunConfig
 from pruning.choice import Choice
-from reporting.tables import comparison_table, observations, sweep_table
+from reporting.tables import comparison_table, observations, sweep_table, task_table
 
 
 def print_summary(config: RunConfig, rows: list[dict], choice: Choice | None = None) -> None:
@@ -17,6 +17,9 @@ def print_summary(config: RunConfig, rows: list[dict], choice: Choice | None = N
         print("\n" + choice.report(rows))
     if not choice or choice.sweep_table:
         print("\n" + sweep_table(rows))
+    tasks = task_table(rows)
+    if tasks:
+        print("\nDownstream tasks (lm-eval; % correct, change against the baseline in points)\n\n" + tasks)
     notes = observations(rows)
     if notes:
         print("\nKey observations:\n" + "\n".join(f"- {n}" for n in notes))

@@ -18,6 +18,7 @@ from conftest import IDENTITY_BLOCK, N_LAYER, ROOT
 from config import SelectSpec
 from pruning.plans import removal_count
 from reporting.csvfile import ResultsFile, read_rows, results_path
+from reporting.schema import COLUMNS
 
 FAST = ["--no-speed", "--max-tokens", "1500"]
 
@@ -223,6 +224,7 @@ def test_runs_started_in_the_same_second_get_files_of_their_own(tmp_path):
     taken = results_path(str(tmp_path), "distilgpt2", "random")
     Path(taken).write_text("another run's rows\n")
     out = ResultsFile(taken)
+    out.start(COLUMNS)
     out.write({"removed_layers": [], "perplexity": 1.0})
     assert out.path != taken and Path(taken).read_text() == "another run's rows\n"
     assert len(read_rows(out.path)) == 1

@@ -18,6 +18,7 @@ from utils import metadata
 from reporting.figures import importance_figure, pair_heatmap, pareto_front, per_block_figure, tradeoff_figure
 from reporting.markdown import report_markdown
 from reporting.csvfile import ResultsFile, read_rows
+from reporting.schema import COLUMNS
 from reporting.tables import sweep_table
 from utils.text import compact_label
 
@@ -46,6 +47,7 @@ def sample_row(mode, removed, ppl, latency, n_blocks=6):
 
 def write_csv(path, rows):
     out = ResultsFile(str(path))
+    out.start(COLUMNS)
     for r in rows:
         out.write(r)
     return read_rows(str(path))

@@ -12,7 +12,8 @@ from typing import Any
 
 KIT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARIES = ("torch", "transformers", "tokenizers", "datasets", "safetensors", "accelerate", "numpy", "pandas",
-             "matplotlib", "tqdm", "peft", "huggingface_hub")
+             "matplotlib", "tqdm", "peft", "huggingface_hub",
+             "lm_eval")
 
 
 def now() -> str:
