@@ -29,11 +29,13 @@ IQR.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -46,6 +48,8 @@ PREFILL_TOKENS = 256
 # The speed change's interval: its confidence, and bootstrap resamples (seeded, so a file's numbers reproduce).
 CONFIDENCE = 0.95
 RESAMPLES = 2000
+# Fewer run pairs than this give no interval worth the name: the change is then unbounded, within the noise.
+MIN_PAIRS = 5
 # Beyond this interquartile range, as a share of the median, the machine is too busy for timings to mean much.
 NOISY_SPREAD = 0.10
 
@@ -92,15 +96,18 @@ def _timed(fn: Callable[[], object], device: torch.device, runs: int, warmup: in
     return times
 
 
-def _timed_pairs(first: Callable[[], object], second: Callable[[], object], device: torch.device, runs: int,
-                 warmup: int) -> tuple[list[float], list[float]]:
-    """``runs`` timings of each, alternating; each pair's order flips from the last pair's."""
-    _timed(first, device, 0, warmup)
-    _timed(second, device, 0, warmup)
+def _timed_pairs(fn: Callable[[], object], states: tuple[Callable[[], ContextManager], Callable[[], ContextManager]],
+                 device: torch.device, runs: int, warmup: int) -> tuple[list[float], list[float]]:
+    """``runs`` timings of ``fn`` in each of two states of the model, alternating; each pair's order
+    flips from the last pair's. Entering and leaving a state is outside the timed call."""
+    for state in states:
+        with state():
+            _timed(fn, device, 0, warmup)
     times: tuple[list[float], list[float]] = ([], [])
     for i in range(runs):
         for which in ((0, 1) if i % 2 == 0 else (1, 0)):
-            times[which].extend(_timed((first, second)[which], device, 1, 0))
+            with states[which]():
+                times[which].extend(_timed(fn, device, 1, 0))
     return times
 
 
@@ -147,25 +154,19 @@ def measure_latency(model: nn.Module, prompt_ids: torch.Tensor, gen_tokens: int,
     return _latency(_timed(generate, device, runs, warmup), _timed(prefill, device, runs, warmup), gen_tokens)
 
 
-def _pruned(model: nn.Module, removed: Sequence[int], fn: Callable[[], None]) -> Callable[[], None]:
-    def call() -> None:
-        with removed_blocks(model, removed):
-            fn()
-    return call
-
-
 def change_interval(baseline_ms: Sequence[float], config_ms: Sequence[float]) -> tuple[float, float, float]:
     """Change of the median latency against the baseline's, in percent, and its CONFIDENCE interval.
 
     ``baseline_ms[i]`` and ``config_ms[i]`` are the i-th pair of interleaved
     runs. The interval is a percentile bootstrap of the same statistic over
-    resampled pairs; with one pair it is the point itself.
+    resampled pairs; with fewer than MIN_PAIRS pairs it is unbounded (a
+    bootstrap of two or three pairs would claim a confidence it has not).
     """
     change = lambda b, c: (statistics.median(c) / statistics.median(b) - 1.0) * 100.0
     point = change(baseline_ms, config_ms)
     n = len(baseline_ms)
-    if n < 2:
-        return point, point, point
+    if n < MIN_PAIRS:
+        return point, -math.inf, math.inf
     rng = random.Random(0)
     draws = []
     for _ in range(RESAMPLES):
@@ -185,8 +186,9 @@ def measure_against_baseline(model: nn.Module, removed: Sequence[int], prompt_id
     """
     device = next(model.parameters()).device
     generate, prefill = _runs(model, prompt_ids, gen_tokens)
-    base_gen, config_gen = _timed_pairs(generate, _pruned(model, removed, generate), device, runs, warmup)
-    base_prefill, config_prefill = _timed_pairs(prefill, _pruned(model, removed, prefill), device, runs, warmup)
+    states = (nullcontext, lambda: removed_blocks(model, removed))
+    base_gen, config_gen = _timed_pairs(generate, states, device, runs, warmup)
+    base_prefill, config_prefill = _timed_pairs(prefill, states, device, runs, warmup)
     change, low, high = change_interval(base_gen, config_gen)
     baseline = _latency(base_gen, base_prefill, gen_tokens)
     return _latency(config_gen, config_prefill, gen_tokens), SpeedChange(baseline, change, low, high)

@@ -4,6 +4,7 @@ written as pruning_report.json) and as the README.md a person reads."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 from datetime import datetime
@@ -90,8 +91,10 @@ def _speed_changes(pruned: dict) -> dict[str, str] | None:
         return None
     change, low, high = (pruned[k] for k in ("speed_change_pct", "speed_change_low_pct", "speed_change_high_pct"))
     inverse = lambda pct: (1.0 / (1.0 + pct / 100.0) - 1.0) * 100.0
-    note = "within the timing noise" if within else "95% interval"
-    cell = lambda c, a, b: f"{c:+.2f}% ({note} {min(a, b):+.2f}% to {max(a, b):+.2f}%)"
+    note = "within the timing noise:" if within else "95% interval"
+    bounded = math.isfinite(low) and math.isfinite(high)
+    cell = lambda c, a, b: (f"{c:+.2f}% ({note} {min(a, b):+.2f}% to {max(a, b):+.2f}%)" if bounded
+                            else f"{c:+.2f}% ({note} too few runs for an interval)")
     return {"latency_ms": cell(change, low, high),
             "tokens_per_s": cell(inverse(change), inverse(low), inverse(high)),
             "prefill_ms": ""}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from reporting.schema import change_pct, speed_within_noise
@@ -58,7 +59,8 @@ def sweep_table(rows: Sequence[dict], width: int = CONSOLE_WIDTH) -> str:
 def comparison_cells(original: dict, pruned: dict) -> list[list[str]]:
     """Original against one pruned model, metric by metric (the seed's 'Random Layer Removal').
 
-    The speed change is the pruned row's own, against the baseline runs interleaved with its runs.
+    A speed change with an interval is the pruned row's own, against the baseline runs interleaved with
+    its runs; files without one (older kits) get the change between the two rows, as they always did.
     """
     metrics = [("Perplexity", "perplexity"), ("Inference Speed (ms)", "latency_ms"),
                ("Parameters (M)", "params_m"), ("Layers", "num_layers")]
@@ -66,8 +68,8 @@ def comparison_cells(original: dict, pruned: dict) -> list[list[str]]:
     for label, key in metrics:
         a, b = original.get(key), pruned.get(key)
         digits = 0 if key == "num_layers" else 2
-        change = (speed_change_cell(pruned) if key == "latency_ms"
-                  else format_number(change_pct(b, a), sign=True))
+        paired = key == "latency_ms" and speed_within_noise(pruned) is not None
+        change = speed_change_cell(pruned) if paired else format_number(change_pct(b, a), sign=True)
         body.append([label, format_number(a, digits), format_number(b, digits), change])
     return body
 
@@ -119,6 +121,8 @@ def interval_cell(row: dict) -> str:
     """The speed change's 95% interval, e.g. '-16.10% to -12.00%'; '-' where none was measured."""
     if speed_within_noise(row) is None:
         return "-"
+    if math.isinf(row["speed_change_low_pct"]) or math.isinf(row["speed_change_high_pct"]):
+        return "none (too few runs)"
     return (f"{format_number(row['speed_change_low_pct'], sign=True)}% to "
             f"{format_number(row['speed_change_high_pct'], sign=True)}%")
 
