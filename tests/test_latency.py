@@ -7,10 +7,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from evaluation import latency
+import main
+from config import WindowSpec
+from evaluation import latency, sweep
 from evaluation.latency import Latency, change_interval, measure_against_baseline, measure_latency, warn_if_noisy
 from models.families import num_blocks
 from models.removal import removed_blocks
+from runner import evaluate
 
 
 def always_eos(model):
@@ -134,3 +137,24 @@ def test_a_wide_spread_is_warned_about(caplog):
         warn_if_noisy("the baseline", Latency(1561.0, 24.0, 10.0, 41.0))
     [record] = caplog.records
     assert "removed blocks [3] is noisy" in record.message and "42% of the median 742.00 ms" in record.message
+
+
+def test_the_run_time_estimate_scales_the_first_window_batch_by_the_work(model, monkeypatch):
+    ids, windows = torch.arange(256) % 300, WindowSpec(max_length=64, stride=64, batch_size=1)  # 4 windows of 64
+    ticks = iter([0.0, 1.0, 0.0, 1.0])  # the first batch takes a second
+    monkeypatch.setattr(sweep, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    baseline, batch = sweep.estimated_seconds(model, ids, [()], windows)
+    assert batch == 1.0 and 3.9 < baseline <= 4.0  # 4 batches, the first window scoring one token less
+    everything, _ = sweep.estimated_seconds(model, ids, [(), *[(b,) for b in range(num_blocks(model))]], windows)
+    assert baseline < everything < (num_blocks(model) + 1) * baseline  # the sweep shares its prefixes
+
+
+def test_the_cpu_hint_comes_from_the_estimate(model_dir, text_file, monkeypatch, capsys):
+    argv = ["--mode", "baseline", "--model", str(model_dir), "--dataset", str(text_file), "--max-tokens", "300",
+            "--no-speed"]
+    assert main.main(argv) == 0
+    assert "On a CPU this is slow" not in capsys.readouterr().err  # a tiny model: seconds, whatever the tokens
+    monkeypatch.setattr(evaluate, "CPU_SLOW_SECONDS", 0.0)
+    assert main.main(argv) == 0
+    assert "On a CPU this is slow: about 0 minutes of perplexity passes (from the first window batch" \
+        in capsys.readouterr().err
