@@ -69,7 +69,7 @@ class Measurement:
     speed: SpeedChange | None = None
 
 
-def _timed(model: nn.Module, prompt_ids: torch.Tensor, removed: Sequence[int],
+def _speed(model: nn.Module, prompt_ids: torch.Tensor, removed: Sequence[int],
            speed: SpeedSpec) -> tuple[Latency, SpeedChange | None]:
     if not removed:
         latency = measure_latency(model, prompt_ids, speed.gen_tokens, speed.runs, speed.warmup)
@@ -85,7 +85,7 @@ def _timed(model: nn.Module, prompt_ids: torch.Tensor, removed: Sequence[int],
 def _finish(model: nn.Module, prompt_ids: torch.Tensor | None, removed: Sequence[int], ppl: PerplexityResult,
             settings: EvalSettings, work: Work | None) -> Measurement:
     """The measurements that need the pruned model itself: size and speed."""
-    latency, change = _timed(model, prompt_ids, removed, settings.speed) if settings.speed.enabled else (None, None)
+    latency, change = _speed(model, prompt_ids, removed, settings.speed) if settings.speed.enabled else (None, None)
     with removed_blocks(model, removed) as pruned:
         return Measurement(tuple(removed), num_blocks(pruned), ppl, count_parameters(pruned), latency, work, change)
 
