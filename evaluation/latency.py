@@ -194,10 +194,16 @@ def measure_against_baseline(model: nn.Module, removed: Sequence[int], prompt_id
     return _latency(config_gen, config_prefill, gen_tokens), SpeedChange(baseline, change, low, high)
 
 
-def warn_if_noisy(what: str, latency: Latency) -> None:
-    """A spread this wide means the machine was busy: say so where the user looks."""
-    if latency.latency_iqr_ms > NOISY_SPREAD * latency.latency_ms:
-        log.warning(f"Timing of {what} is noisy: interquartile range {latency.latency_iqr_ms:,.2f} ms is "
-                    f"{latency.latency_iqr_ms / latency.latency_ms:.0%} of the median {latency.latency_ms:,.2f} ms "
-                    f"(over {NOISY_SPREAD:.0%}); is the machine busy? Speed changes are reported with their "
-                    "interval; more --speed-runs narrow it.")
+def _spread(latency: Latency) -> float:
+    return latency.latency_iqr_ms / latency.latency_ms
+
+
+def warn_if_noisy(what: str, latency: Latency, baseline: Latency | None = None) -> None:
+    """A spread this wide means the machine was busy: say so where the user looks (once per configuration)."""
+    if max(_spread(x) for x in (latency, baseline) if x is not None) <= NOISY_SPREAD:
+        return
+    also = "" if baseline is None else (f"; the baseline runs interleaved with them: {baseline.latency_iqr_ms:,.2f} ms, "
+                                        f"{_spread(baseline):.0%} of {baseline.latency_ms:,.2f} ms")
+    log.warning(f"Timing of {what} is noisy (interquartile range over {NOISY_SPREAD:.0%} of the median): "
+                f"{latency.latency_iqr_ms:,.2f} ms, {_spread(latency):.0%} of {latency.latency_ms:,.2f} ms{also}. "
+                "Is the machine busy? Speed changes are reported with their interval; more --speed-runs narrow it.")

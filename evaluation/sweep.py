@@ -76,9 +76,7 @@ def _speed(model: nn.Module, prompt_ids: torch.Tensor, removed: Sequence[int],
         warn_if_noisy("the baseline", latency)
         return latency, None
     latency, change = measure_against_baseline(model, removed, prompt_ids, speed.gen_tokens, speed.runs, speed.warmup)
-    what = f"removed blocks {list(removed)}"
-    warn_if_noisy(what, latency)
-    warn_if_noisy(f"the baseline runs interleaved with {what}", change.baseline)
+    warn_if_noisy(f"removed blocks {list(removed)}", latency, change.baseline)
     return latency, change
 
 

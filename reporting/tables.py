@@ -128,6 +128,9 @@ def interval_cell(row: dict) -> str:
 
 
 def _fast_note(row: dict, name: str) -> str:
-    interval = "" if speed_within_noise(row) is None else f", 95% interval {interval_cell(row)}"
-    return (f"removing {name} ({format_number(row['latency_ms'])} ms, "
-            f"{format_number(row['speed_change_pct'], sign=True)}%{interval})")
+    change = format_number(row["speed_change_pct"], sign=True)
+    if speed_within_noise(row) is None:
+        return f"removing {name} ({format_number(row['latency_ms'])} ms, {change}%)"
+    # its latency was timed at another moment than the other rows': only the paired change compares
+    return (f"removing {name} ({change}% against the baseline runs interleaved with its own, "
+            f"95% interval {interval_cell(row)})")
