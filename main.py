@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("speed")
     g.add_argument("--no-speed", action="store_true", help="skip the latency measurement")
-    g.add_argument("--speed-runs", type=positive_int, default=10, help="timed generate() runs (default 10)")
+    g.add_argument("--speed-runs", type=positive_int, default=10, help="timed generate() runs per model (default 10); a pruned "
+                   "configuration's alternate with as many baseline runs, so it costs twice that")
     g.add_argument("--speed-warmup", type=non_negative_int, default=2, help="untimed warm-up runs (default 2)")
     g.add_argument("--gen-tokens", type=positive_int, default=64, help="tokens generated per run (default 64)")
     g.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the speed test")

@@ -5,6 +5,11 @@ speed test and the parameter count temporarily prune the model in place
 (models.removal.removed_blocks), so the kept blocks are the very tensors of the
 original model and the model is intact afterwards.
 
+The speed test of a pruned configuration alternates its runs with the
+baseline's (evaluation.latency.measure_against_baseline), so its speed change
+is measured against a baseline timed at the same moments; the baseline row's
+own latency comes from runs of its own.
+
 Perplexity comes from the shared-prefix engine (evaluation.engine): a group
 of configurations is evaluated in one pass over the windows, each distinct
 prefix of kept blocks computed once. Every perplexity of a group is known only
@@ -29,13 +34,13 @@ import torch
 from torch import nn
 
 from config import SpeedSpec, WindowSpec
-from evaluation.engine import Work, one_model_work, sweep_perplexities
-from evaluation.latency import Latency, measure_latency
+from evaluation.engine import Work, block_flops, count_nodes, head_flops, one_model_work, prefix_tree, sweep_perplexities
+from evaluation.latency import Latency, SpeedChange, measure_against_baseline, measure_latency, warn_if_noisy
 from evaluation.params import count_parameters
-from evaluation.perplexity import PerplexityResult, perplexity
+from evaluation.perplexity import PerplexityResult, batch_inputs, perplexity, sliding_windows, window_batches
 from models.families import num_blocks
 from models.removal import removed_blocks
-from models.units import validate_removal
+from models.units import kept_blocks, validate_removal
 
 # Configurations evaluated together in one shared-prefix pass.
 GROUP_SIZE = 64
@@ -65,17 +70,29 @@ class Measurement:
     # shared by a group of configurations is carried by the group's first one.
     work: Work | None = None
     tasks: dict[str, dict] | None = None  # task -> metric -> value (evaluation.tasks), None without --tasks
+    # Against the baseline runs interleaved with this configuration's; None for the baseline and untimed runs.
+    speed: SpeedChange | None = None
+
+
+def _speed(model: nn.Module, prompt_ids: torch.Tensor, removed: Sequence[int],
+           speed: SpeedSpec) -> tuple[Latency, SpeedChange | None]:
+    if not removed:
+        latency = measure_latency(model, prompt_ids, speed.gen_tokens, speed.runs, speed.warmup)
+        warn_if_noisy("the baseline", latency)
+        return latency, None
+    latency, change = measure_against_baseline(model, removed, prompt_ids, speed.gen_tokens, speed.runs, speed.warmup)
+    warn_if_noisy(f"removed blocks {list(removed)}", latency, change.baseline)
+    return latency, change
 
 
 def _finish(model: nn.Module, prompt_ids: torch.Tensor | None, removed: Sequence[int], ppl: PerplexityResult,
             settings: EvalSettings, work: Work | None) -> Measurement:
     """The measurements that need the pruned model itself: size, speed and downstream tasks."""
-    speed = settings.speed
+    latency, change = _speed(model, prompt_ids, removed, settings.speed) if settings.speed.enabled else (None, None)
     with removed_blocks(model, removed) as pruned:
-        latency = (measure_latency(pruned, prompt_ids, speed.gen_tokens, speed.runs, speed.warmup)
-                   if speed.enabled else None)
         tasks = settings.tasks(pruned) if settings.tasks else None
-        return Measurement(tuple(removed), num_blocks(pruned), ppl, count_parameters(pruned), latency, work, tasks)
+        return Measurement(tuple(removed), num_blocks(pruned), ppl, count_parameters(pruned), latency, work,
+                           tasks=tasks, speed=change)
 
 
 def measure(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None, removed: Sequence[int],
@@ -89,14 +106,43 @@ def measure(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None
     return _finish(model, prompt_ids, removed, ppl, settings, work)
 
 
+def _groups(removals: Sequence) -> Iterator[tuple[int, Sequence]]:
+    for start in range(0, len(removals), GROUP_SIZE):
+        yield start, removals[start : start + GROUP_SIZE]
+
+
+@torch.no_grad()
+def estimated_seconds(model: nn.Module, ids: torch.Tensor, removals: Sequence[Sequence[int]],
+                      windows: WindowSpec) -> tuple[float, float]:
+    """How long measure_all's perplexity passes over ``removals`` will take, and the timed batch's seconds.
+
+    One forward of the unpruned model over the first window batch is timed
+    and scaled by the passes' model FLOPs (the engine's own accounting). A
+    token count cannot say this: the time per token varies a thousandfold
+    between models.
+    """
+    w, n = windows, num_blocks(model)
+    all_windows = sliding_windows(len(ids), w.max_length, w.stride)
+    inputs = batch_inputs(ids, next(window_batches(all_windows, w.batch_size)))[0].to(next(model.parameters()).device)
+    model(input_ids=inputs[:1, :16], use_cache=False)  # first-call set-up is not the model's speed
+    start = time.perf_counter()
+    model(input_ids=inputs, use_cache=False)
+    seconds = time.perf_counter() - start
+    batch_flops = inputs.shape[0] * n * block_flops(model, inputs.shape[1]) + head_flops(model, inputs.numel())
+    per_pass = sum(block_flops(model, x.length) for x in all_windows)
+    scored = sum(x.end - x.first_target for x in all_windows)
+    flops = sum(count_nodes(prefix_tree([kept_blocks(n, r) for r in group])) * per_pass
+                + len(group) * head_flops(model, scored) for _, group in _groups(removals))
+    return seconds * flops / batch_flops, seconds
+
+
 def measure_all(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None,
                 removals: Iterable[Sequence[int]], settings: EvalSettings) -> Iterator[Measurement]:
     """Measurements of every removal set, in the order given, in groups (see the module docstring)."""
     n = num_blocks(model)
     removals = [validate_removal(r, n) for r in removals]
     w = settings.windows
-    for start in range(0, len(removals), GROUP_SIZE):
-        group = removals[start : start + GROUP_SIZE]
+    for start, group in _groups(removals):
         desc = (f"windows (configurations {start + 1}-{start + len(group)} of {len(removals)})"
                 if len(removals) > GROUP_SIZE else "windows")
         ppls, work = sweep_perplexities(model, ids, group, w.max_length, w.stride, w.batch_size,

@@ -4,6 +4,7 @@ written as pruning_report.json) and as the README.md a person reads."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 from importlib import metadata as importlib_metadata
@@ -18,14 +19,15 @@ from config import DataSpec, RunConfig, WindowSpec
 from evaluation.latency import PREFILL_TOKENS
 from models.loading import looks_local
 from models.units import kept_blocks
-from reporting.schema import change_pct, row_task_scores
+from reporting.schema import change_pct, row_task_scores, speed_within_noise
 from utils.data import is_local_dataset
 
 
 def measured(row: dict) -> dict:
     """The numbers of one result row that the model card reports."""
     return {key: row.get(key) for key in ("num_layers", "perplexity", "params", "params_m", "latency_ms",
-                                          "latency_iqr_ms", "prefill_ms", "tokens_per_s")}
+                                          "latency_iqr_ms", "prefill_ms", "tokens_per_s", "speed_change_pct",
+                                          "speed_change_low_pct", "speed_change_high_pct", "baseline_latency_ms")}
 
 
 def reproduce_command(data: DataSpec, path: str, windows: WindowSpec, dtype: str, device: str) -> str:
@@ -103,6 +105,26 @@ def task_lines(report: dict) -> list[str]:
             "± standard error, each model scored in memory on the same examples.", "", *table, ""]
 
 
+def _speed_changes(pruned: dict) -> dict[str, str] | None:
+    """Change cells of the generation rows, from the latency change against the interleaved baseline runs.
+
+    Tokens per second is the inverse of latency, so its change and interval
+    follow from the same runs. None: no interval (speed not measured).
+    """
+    within = speed_within_noise(pruned)
+    if within is None:
+        return None
+    change, low, high = (pruned[k] for k in ("speed_change_pct", "speed_change_low_pct", "speed_change_high_pct"))
+    inverse = lambda pct: (1.0 / (1.0 + pct / 100.0) - 1.0) * 100.0
+    note = "within the timing noise:" if within else "95% interval"
+    bounded = math.isfinite(low) and math.isfinite(high)
+    cell = lambda c, a, b: (f"{c:+.2f}% ({note} {min(a, b):+.2f}% to {max(a, b):+.2f}%)" if bounded
+                            else f"{c:+.2f}% ({note} too few runs for an interval)")
+    return {"latency_ms": cell(change, low, high),
+            "tokens_per_s": cell(inverse(change), inverse(low), inverse(high)),
+            "prefill_ms": ""}
+
+
 def model_card(report: dict) -> str:
     """README.md for the checkpoint directory, from build_report's data."""
     o, p, h, ev = report["original"], report["pruned"], report["healing"], report["evaluation"]
@@ -118,15 +140,25 @@ def model_card(report: dict) -> str:
                ("Generation latency (ms, median)", o["latency_ms"], p["latency_ms"], 2),
                ("Generated tokens/s", o["tokens_per_s"], p["tokens_per_s"], 1),
                ("Prefill latency (ms)", o["prefill_ms"], p["prefill_ms"], 2)]
+    paired = _speed_changes(p)
     table = ["| Metric | Original | Pruned | Change |", "|---|---:|---:|---:|"]
-    for label, a, b, digits in metrics:
-        table.append(f"| {label} | {_fmt(a, digits)} | {_fmt(b, digits)} | {_pct(b, a)} |")
+    for (label, a, b, digits), key in zip(metrics, ("num_layers", "params_m", "perplexity", "latency_ms",
+                                                    "tokens_per_s", "prefill_ms")):
+        change = paired[key] if paired and key in paired else _pct(b, a)
+        table.append(f"| {label} | {_fmt(a, digits)} | {_fmt(b, digits)} | {change} |")
 
     name = os.path.basename(source.rstrip("/\\")) or source
     speed = (f"Latency is the median of {ev['speed_runs']} greedy generations of exactly {ev['gen_tokens']} tokens "
              f"with the KV cache, prefill one forward pass over {PREFILL_TOKENS} tokens (or the "
              f"context size if smaller), on {ev['device']} in {ev['dtype']}."
              if ev["speed_runs"] else "Speed was not measured (--no-speed).")
+    if paired:
+        speed += (f" The pruned model's runs alternated with {ev['speed_runs']} runs of the original (median "
+                  f"{_fmt(p['baseline_latency_ms'])} ms), and the speed changes are against those, with a 95% "
+                  "bootstrap interval over the run pairs; a change whose interval includes 0 is within the timing "
+                  "noise: the runs cannot tell the two models apart. The original's own latency above comes from "
+                  "runs of its own, at another moment. No interval was measured for prefill, so its change is "
+                  "left out.")
     lines = [*front, "", f"# {name}, depth-pruned to {p['num_layers']} of {o['num_layers']} blocks", "",
              f"Made with gpt2-pruning-kit (mode `{report['mode']}`) from `{source}` by removing transformer blocks "
              f"{', '.join(map(str, report['removed_blocks']))} (0-based) and keeping blocks "

@@ -8,10 +8,9 @@ import os
 from typing import Sequence
 
 from reporting.figures import write_figures
-from reporting.schema import REQUIRED_COLUMNS
-from reporting.schema import task_column
-from reporting.tables import (COMPARISON_HEADERS, accuracy_cell, accuracy_headers, comparison_cells, observations,
-                              sweep_cells)
+from reporting.schema import REQUIRED_COLUMNS, speed_within_noise, task_column
+from reporting.tables import (COMPARISON_HEADERS, accuracy_cell, accuracy_headers, comparison_cells, interval_cell,
+                              noise_note, observations, sweep_cells)
 from utils.errors import KitError
 from utils.text import format_number, removed_label
 
@@ -20,6 +19,8 @@ log = logging.getLogger("gpt2-pruning-kit")
 # The seed README's column names; the console table shortens them to fit 80 columns.
 SWEEP_HEADERS = ["Layers Removed", "Layers", "Perplexity (↓)", "Speed (ms) ↓", "Parameters (M)", "PPL Change (%)",
                  "Speed Change (%)"]
+# Beside the speed change, where the file has intervals (runs interleaved with the baseline's).
+SPEED_INTERVAL_HEADER = "Speed Change 95% Interval"
 
 
 def markdown_table(headers: Sequence[str], cells: Sequence[Sequence[str]], left: int = 1) -> str:
@@ -64,14 +65,20 @@ def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: s
     summary = "; ".join(facts)
     lines += [summary[0].upper() + summary[1:] + ".", ""]
 
+    notes = noise_note(rows)
     if base and len(pruned) == 1:
         title = f"{mode.capitalize()} Layer Removal"
         lines += [f"## {title}", "", f"Removed blocks: {removed_label(pruned[0]['removed_layers'])}.", "",
                   markdown_table(COMPARISON_HEADERS, comparison_cells(base, pruned[0])), ""]
+        if speed_within_noise(pruned[0]) is not None:
+            lines += [f"Speed change 95% interval: {interval_cell(pruned[0])}.", *notes, ""]
     if len(pruned) > 1 or not pruned:
         title = f"{mode.capitalize()} Layer Pruning" if pruned else "Baseline"
         headers = ["Layer Removed", *SWEEP_HEADERS[1:]] if mode == "sequential" else SWEEP_HEADERS
-        lines += [f"## {title}", "", markdown_table(headers, sweep_cells(rows)), ""]
+        cells = sweep_cells(rows)
+        if any(speed_within_noise(r) is not None for r in rows):
+            headers, cells = [*headers, SPEED_INTERVAL_HEADER], [[*c, interval_cell(r)] for c, r in zip(cells, rows)]
+        lines += [f"## {title}", "", markdown_table(headers, cells), "", *(notes and [*notes, ""])]
     depths = best_per_depth(pruned)
     if len(depths) > 1:
         lines += ["## Best configuration per number of removed blocks", "",

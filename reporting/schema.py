@@ -21,6 +21,8 @@ COLUMNS = [
     "speed_change_pct", "eval_tokens", "device", "dtype", "timestamp",
     # modes that choose blocks on calibration tokens (importance, greedy, beam, compare); empty otherwise
     "metric", "scores",
+    # the speed change's interval, and the median of the baseline runs interleaved with this configuration's
+    "speed_change_low_pct", "speed_change_high_pct", "baseline_latency_ms",
 ]
 # The columns a file must have for --mode report to draw from it.
 REQUIRED_COLUMNS = ("removed_layers", "num_layers", "perplexity")
@@ -79,23 +81,37 @@ def change_pct(value: float | None, reference: float | None) -> float | None:
     return (value - reference) / reference * 100.0
 
 
+def speed_within_noise(row: dict) -> bool | None:
+    """Whether the row's speed change is within the timing noise (its interval includes 0); None: no interval."""
+    low, high = row.get("speed_change_low_pct"), row.get("speed_change_high_pct")
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return None
+    return low <= 0.0 <= high
+
+
 def with_changes(row: dict, base: dict | None) -> dict:
-    """``row`` with its change columns against the baseline row ``base`` (empty without one)."""
+    """``row`` with its change columns against the baseline row ``base`` (empty without one).
+
+    A row timed against interleaved baseline runs (``baseline_latency_ms``)
+    keeps its speed change against those: the baseline row's own runs were
+    timed at another moment, under another load.
+    """
     tasks = task_metrics(row)
     if base is None:
         return {**dict.fromkeys(CHANGE_COLUMNS), **{task_column(t, f"{m}_change_pts"): None
                                                     for t, ms in tasks.items() for m in ms}, **row}
+    paired = row.get("baseline_latency_ms")
     return {**row,
             "ppl_change_pct": change_pct(row["perplexity"], base["perplexity"]),
             "params_change_pct": change_pct(row.get("params"), base.get("params")),
-            "speed_change_pct": change_pct(row.get("latency_ms"), base.get("latency_ms")),
+            "speed_change_pct": change_pct(row.get("latency_ms"), base.get("latency_ms") if paired is None else paired),
             **{task_column(t, f"{m}_change_pts"): _points(row.get(task_column(t, m)), base.get(task_column(t, m)))
                for t, ms in tasks.items() for m in ms}}
 
 
 def to_row(measurement: Any, context: dict) -> dict:
     """A row from an evaluation.sweep.Measurement and the run's fixed columns (mode, model, ...)."""
-    m, lat = measurement, measurement.latency
+    m, lat, speed = measurement, measurement.latency, measurement.speed
     return {
         **context,
         "removed_layers": list(m.removed),
@@ -108,6 +124,9 @@ def to_row(measurement: Any, context: dict) -> dict:
         "latency_iqr_ms": lat.latency_iqr_ms if lat else None,
         "prefill_ms": lat.prefill_ms if lat else None,
         "tokens_per_s": lat.tokens_per_s if lat else None,
+        "speed_change_low_pct": speed.low_pct if speed else None,
+        "speed_change_high_pct": speed.high_pct if speed else None,
+        "baseline_latency_ms": speed.baseline.latency_ms if speed else None,
         "eval_tokens": m.ppl.tokens,
         "timestamp": datetime.now().isoformat(timespec="seconds"),
         **task_cells(m.tasks),

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
-from reporting.schema import change_pct, task_column, task_metrics
+from reporting.schema import change_pct, speed_within_noise, task_column, task_metrics
 from utils.text import compact_label, format_number, format_table, removed_label
 
 # The final table must fit a standard terminal without wrapping.
 CONSOLE_WIDTH = 80
 # Widest number cell in the console table: larger values lose decimals, then go scientific.
 CONSOLE_NUMBER_WIDTH = 10
+# Marks a speed change whose interval includes 0: the timings cannot tell it from no change.
+NOISE_MARK = "~"
+NOISE_NOTE = f"{NOISE_MARK} speed change within the timing noise (its 95% interval includes 0)"
+
+
+def speed_change_cell(row: dict, width: int | None = None) -> str:
+    cell = format_number(row.get("speed_change_pct"), sign=True, width=width)
+    return NOISE_MARK + cell if speed_within_noise(row) else cell
+
+
+def noise_note(rows: Sequence[dict]) -> list[str]:
+    """The legend of NOISE_MARK, for tables that show it."""
+    return [NOISE_NOTE] if any(speed_within_noise(r) for r in rows) else []
 
 
 def sweep_cells(rows: Sequence[dict], width: int | None = None) -> list[list[str]]:
@@ -22,7 +36,7 @@ def sweep_cells(rows: Sequence[dict], width: int | None = None) -> list[list[str
     return [[
         label(r["removed_layers"]), str(r["num_layers"]), format_number(r["perplexity"], width=width),
         format_number(r.get("latency_ms"), width=width), format_number(r.get("params_m"), width=width),
-        format_number(r.get("ppl_change_pct"), sign=True, width=width), format_number(r.get("speed_change_pct"), sign=True, width=width),
+        format_number(r.get("ppl_change_pct"), sign=True, width=width), speed_change_cell(r, width),
     ] for r in rows]
 
 
@@ -39,7 +53,7 @@ def sweep_table(rows: Sequence[dict], width: int = CONSOLE_WIDTH) -> str:
     for c in cells:
         if len(c[0]) > room:
             c[0] = c[0][: room - 2] + ".."
-    return format_table(headers, cells)
+    return "\n".join([format_table(headers, cells), *noise_note(rows)])
 
 
 def accuracy_headers(rows: Sequence[dict]) -> list[tuple[str, str]]:
@@ -84,14 +98,20 @@ def task_table(rows: Sequence[dict], width: int = CONSOLE_WIDTH) -> str:
 
 
 def comparison_cells(original: dict, pruned: dict) -> list[list[str]]:
-    """Original against one pruned model, metric by metric (the seed's 'Random Layer Removal')."""
+    """Original against one pruned model, metric by metric (the seed's 'Random Layer Removal').
+
+    A speed change with an interval is the pruned row's own, against the baseline runs interleaved with
+    its runs; files without one (older kits) get the change between the two rows, as they always did.
+    """
     metrics = [("Perplexity", "perplexity"), ("Inference Speed (ms)", "latency_ms"),
                ("Parameters (M)", "params_m"), ("Layers", "num_layers")]
     body = []
     for label, key in metrics:
         a, b = original.get(key), pruned.get(key)
         digits = 0 if key == "num_layers" else 2
-        body.append([label, format_number(a, digits), format_number(b, digits), format_number(change_pct(b, a), sign=True)])
+        paired = key == "latency_ms" and speed_within_noise(pruned) is not None
+        change = speed_change_cell(pruned) if paired else format_number(change_pct(b, a), sign=True)
+        body.append([label, format_number(a, digits), format_number(b, digits), change])
     return body
 
 
@@ -99,7 +119,7 @@ COMPARISON_HEADERS = ["Metric", "Original Model", "Pruned Model", "Change (%)"]
 
 
 def comparison_table(original: dict, pruned: dict) -> str:
-    return format_table(COMPARISON_HEADERS, comparison_cells(original, pruned))
+    return "\n".join([format_table(COMPARISON_HEADERS, comparison_cells(original, pruned)), *noise_note([pruned])])
 
 
 def observations(rows: Sequence[dict]) -> list[str]:
@@ -116,9 +136,42 @@ def observations(rows: Sequence[dict]) -> list[str]:
                      f"{format_number(worst['ppl_change_pct'], sign=True)}%)")
     notes.append(f"Least harmful: removing {label(best)} (PPL {format_number(best['perplexity'])}, "
                  f"{format_number(best['ppl_change_pct'], sign=True)}%)")
-    timed = [r for r in pruned if r.get("latency_ms") is not None]
-    if timed:
-        fast = min(timed, key=lambda r: r["latency_ms"])
-        notes.append(f"Fastest: removing {label(fast)} ({format_number(fast['latency_ms'])} ms, "
-                     f"{format_number(fast['speed_change_pct'], sign=True)}%)")
+    fastest = _fastest([r for r in pruned if r.get("latency_ms") is not None])
+    if fastest:
+        notes.append(f"Fastest: {fastest if isinstance(fastest, str) else _fast_note(fastest, label(fastest))}")
     return notes
+
+
+def _fastest(timed: Sequence[dict]) -> dict | str | None:
+    """The row with the largest speed-up beyond the timing noise, or why there is none.
+
+    Rows timed against interleaved baseline runs are ranked by that change;
+    files without intervals (older kits) by latency, as they always were.
+    """
+    if not timed:
+        return None
+    if all(speed_within_noise(r) is None for r in timed):
+        return min(timed, key=lambda r: r["latency_ms"])
+    faster = [r for r in timed if speed_within_noise(r) is False and r["speed_change_pct"] < 0]
+    if not faster:
+        return "none measurably faster than the baseline (no speed-up beyond the timing noise)"
+    return min(faster, key=lambda r: r["speed_change_pct"])
+
+
+def interval_cell(row: dict) -> str:
+    """The speed change's 95% interval, e.g. '-16.10% to -12.00%'; '-' where none was measured."""
+    if speed_within_noise(row) is None:
+        return "-"
+    if math.isinf(row["speed_change_low_pct"]) or math.isinf(row["speed_change_high_pct"]):
+        return "none (too few runs)"
+    return (f"{format_number(row['speed_change_low_pct'], sign=True)}% to "
+            f"{format_number(row['speed_change_high_pct'], sign=True)}%")
+
+
+def _fast_note(row: dict, name: str) -> str:
+    change = format_number(row["speed_change_pct"], sign=True)
+    if speed_within_noise(row) is None:
+        return f"removing {name} ({format_number(row['latency_ms'])} ms, {change}%)"
+    # its latency was timed at another moment than the other rows': only the paired change compares
+    return (f"removing {name} ({change}% against the baseline runs interleaved with its own, "
+            f"95% interval {interval_cell(row)})")

@@ -22,7 +22,7 @@ from config import HealSpec, RunConfig, WindowSpec
 from evaluation.engine import Work
 from evaluation.params import count_parameters
 from evaluation.perplexity import sliding_windows
-from evaluation.sweep import EvalSettings, measure_all
+from evaluation.sweep import EvalSettings, estimated_seconds, measure_all
 from evaluation.tasks import load_tasks
 from export.checkpoint import deliver
 from export.heal import healing_inputs
@@ -49,8 +49,8 @@ from utils.text import removal_key
 
 log = logging.getLogger("gpt2-pruning-kit")
 
-# Beyond this many tokens a CPU evaluation takes minutes per configuration.
-CPU_SLOW_TOKENS = 50_000
+# A CPU run whose perplexity passes are estimated to take longer than this gets a hint.
+CPU_SLOW_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -183,9 +183,12 @@ def announce(config: RunConfig, loaded: Loaded, removals: list[Removal]) -> None
              f"{loaded.device.type}, {dtype_name(model)}")
     log.info(f"Evaluating {len(loaded.ids):,} tokens in {n_windows:,} windows (max length {w.max_length}, "
              f"stride {w.stride}) for each of {len(removals) + 1} configurations (baseline included)")
-    if loaded.device.type == "cpu" and len(loaded.ids) > CPU_SLOW_TOKENS:
-        log.info("On a CPU this is slow: the full WikiText-2 test split takes distilgpt2 about half an hour per "
-                 "configuration. Use --max-tokens (e.g. --max-tokens 20000) for a quick estimate.")
+    if loaded.device.type == "cpu" and log.isEnabledFor(logging.INFO):  # the estimate costs a forward pass
+        seconds, batch = estimated_seconds(model, loaded.ids, [(), *removals], w)
+        if seconds > CPU_SLOW_SECONDS:
+            log.info(f"On a CPU this is slow: about {seconds / 60:,.0f} minutes of perplexity passes (from the first "
+                     f"window batch, {batch:.2f} s){', plus the speed tests' if config.speed.enabled else ''}. "
+                     "Use --max-tokens (e.g. --max-tokens 20000) for a quick estimate.")
 
 
 def counted(measurements: Iterator, work: Work) -> Iterator:

@@ -94,8 +94,12 @@ def test_speed_columns_are_filled_when_timed(model_dir, text_file, tmp_path):
                "--speed-runs", "3", "--speed-warmup", "1", "--gen-tokens", "8", output_dir=tmp_path) == 0
     rows = only_csv(tmp_path)
     assert (rows.latency_ms > 0).all() and (rows.prefill_ms > 0).all() and (rows.tokens_per_s > 0).all()
+    # the pruned model's change is against the baseline runs interleaved with its own, not the baseline row's
     assert rows.speed_change_pct.iloc[1] == pytest.approx(
-        (rows.latency_ms.iloc[1] - rows.latency_ms.iloc[0]) / rows.latency_ms.iloc[0] * 100)
+        (rows.latency_ms.iloc[1] - rows.baseline_latency_ms.iloc[1]) / rows.baseline_latency_ms.iloc[1] * 100)
+    assert rows.speed_change_pct.iloc[0] == 0 and rows.baseline_latency_ms.isna().iloc[0]
+    # three runs per model bound nothing: the change is within the noise
+    assert rows.speed_change_low_pct.iloc[1] == -math.inf and rows.speed_change_high_pct.iloc[1] == math.inf
 
 
 def test_custom_saves_a_pruned_model_that_reloads_and_scores_the_same(model_dir, text_file, tmp_path):

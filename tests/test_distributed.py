@@ -45,7 +45,8 @@ def only_csv(folder: Path) -> Path:
 
 
 # Columns that differ between runs of the same configuration: wall-clock measurements and when they were taken.
-TIMING_COLUMNS = ("latency_ms", "latency_iqr_ms", "prefill_ms", "tokens_per_s", "speed_change_pct", "timestamp")
+TIMING_COLUMNS = ("latency_ms", "latency_iqr_ms", "prefill_ms", "tokens_per_s", "speed_change_pct", "timestamp",
+                  "speed_change_low_pct", "speed_change_high_pct", "baseline_latency_ms")
 
 
 def comparable(path: Path) -> pd.DataFrame:

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import main
 from models.removal import removed_blocks
 from tiny import make_model, make_text, make_tokenizer, save_model_dir
+from export.card import model_card
 from export.checkpoint import REPORT_FILE, healing_table
 from reporting.csvfile import read_rows
 
@@ -101,11 +102,17 @@ def test_model_card_changes_are_the_pruned_against_the_original_numbers(healed):
     report = json.loads((model_dir / REPORT_FILE).read_text())
     original, pruned = report["original"], report["pruned"]
     assert pruned["perplexity"] == pruned_row["perplexity"] and pruned["latency_ms"] == pruned_row["latency_ms"]
-    for name, key in [("Parameters (M)", "params"), ("Perplexity", "perplexity"),
-                      ("Generation latency (ms, median)", "latency_ms"), ("Generated tokens/s", "tokens_per_s"),
-                      ("Prefill latency (ms)", "prefill_ms")]:
+    for name, key in [("Parameters (M)", "params"), ("Perplexity", "perplexity")]:
         change = (pruned[key] - original[key]) / original[key] * 100
         assert re.search(rf"^\| {re.escape(name)} \| [\d,.]+ \| [\d,.]+ \| {re.escape(f'{change:+,.2f}')}% \|$", card, re.M), name
+    # speed: against the original's runs interleaved with the pruned model's; one run per model bounds nothing
+    change = pruned["speed_change_pct"]
+    assert change == pytest.approx((pruned["latency_ms"] / pruned["baseline_latency_ms"] - 1) * 100)
+    faster = (1 / (1 + change / 100) - 1) * 100
+    for name, pct in [("Generation latency (ms, median)", change), ("Generated tokens/s", faster)]:
+        assert re.search(rf"^\| {re.escape(name)} \| [\d,.]+ \| [\d,.]+ \| {re.escape(f'{pct:+.2f}')}% "
+                         r"\(within the timing noise: too few runs for an interval\) \|$", card, re.M), name
+    assert re.search(r"^\| Prefill latency \(ms\) \| [\d,.]+ \| [\d,.]+ \|  \|$", card, re.M)
     healed_change = (report["healing"]["perplexity"] - original["perplexity"]) / original["perplexity"] * 100
     assert f"| Pruned and healed (this checkpoint) | {report['healing']['perplexity']:,.2f} | {healed_change:+,.2f}% |" in card
 
@@ -133,3 +140,35 @@ def test_healing_table_changes_are_against_the_original():
     assert lines[2].split() == ["Original", "4", "40.00"]
     assert lines[3].split() == ["Pruned", "2", "50.00", "+25.00"]
     assert lines[4].split() == ["Pruned", "+", "healed", "2", "44.00", "+10.00"]
+
+
+def card_of(pruned_speed: dict) -> str:
+    """The model card of a made-up export whose pruned row has the given speed columns."""
+    original = {"num_layers": 6, "perplexity": 39.29, "params": 81_912_576, "params_m": 81.91, "latency_ms": 1561.0,
+                "latency_iqr_ms": 24.0, "prefill_ms": 30.0, "tokens_per_s": 41.0}
+    pruned = {**original, "num_layers": 5, "params_m": 74.82, "latency_ms": 742.0, "latency_iqr_ms": 311.0,
+              "tokens_per_s": 86.3, **pruned_speed}
+    return model_card({"original": original, "pruned": pruned, "healing": None, "source_model": "distilgpt2",
+                       "model_type": "gpt2", "mode": "custom", "removed_blocks": [3], "kept_blocks": [0, 1, 2, 4, 5],
+                       "checkpoint_perplexity": 69.57, "reproduce": "python main.py", "command": "python main.py",
+                       "versions": {"torch": "2", "transformers": "5"}, "created": "2026-11-30",
+                       "evaluation": {"dataset": "wikitext-2-raw-v1", "split": "test", "scored_tokens": 1000,
+                                      "max_length": 1024, "stride": 512, "device": "cpu", "dtype": "float32",
+                                      "speed_runs": 10, "gen_tokens": 64}})
+
+
+def test_model_card_says_when_the_speed_change_is_within_the_noise():
+    # the incident's export: against the original's own runs 52% faster, against its interleaved runs -2.37%
+    card = card_of({"baseline_latency_ms": 760.0, "speed_change_pct": -2.368, "speed_change_low_pct": -41.0,
+                    "speed_change_high_pct": 35.0})
+    assert "| Generation latency (ms, median) | 1,561.00 | 742.00 | -2.37% (within the timing noise: -41.00% to " \
+           "+35.00%) |" in card
+    assert "| Generated tokens/s | 41.0 | 86.3 | +2.43% (within the timing noise: -25.93% to +69.49%) |" in card
+    assert "-52." not in card and "alternated with 10 runs of the original (median 760.00 ms)" in card
+
+
+def test_model_card_gives_a_measured_speed_change_its_interval():
+    card = card_of({"baseline_latency_ms": 900.0, "speed_change_pct": -17.56, "speed_change_low_pct": -19.0,
+                    "speed_change_high_pct": -15.0})
+    assert "| Generation latency (ms, median) | 1,561.00 | 742.00 | -17.56% (95% interval -19.00% to -15.00%) |" in card
+    assert "% (within the timing noise" not in card

@@ -19,7 +19,7 @@ from reporting.figures import importance_figure, pair_heatmap, pareto_front, per
 from reporting.markdown import report_markdown
 from reporting.csvfile import ResultsFile, read_rows
 from reporting.schema import COLUMNS
-from reporting.tables import sweep_table
+from reporting.tables import NOISE_NOTE, observations, sweep_table
 from utils.text import compact_label
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -375,3 +375,47 @@ def test_report_of_a_minimal_csv_computes_its_changes_against_its_baseline(tmp_p
     report = (tmp_path / "by-hand_report.md").read_text()
     assert "+77.07" in report  # 69.57 / 39.29 - 1
     assert "Least harmful: removing block 3" in report
+
+
+def timed_against_baseline(row, baseline_ms, low, high):
+    """A row as the kit writes it: its speed change against the baseline runs interleaved with its own."""
+    return {**row, "baseline_latency_ms": baseline_ms, "speed_change_pct": pct(row["latency_ms"], baseline_ms),
+            "speed_change_low_pct": low, "speed_change_high_pct": high}
+
+
+def test_speed_ups_within_the_noise_are_marked_and_none_is_called_fastest(tmp_path):
+    # the incident: 742 ms against the baseline row's 1561 ms looked 52% faster; against the baseline runs
+    # interleaved with its own it is -2.4%, and the runs cannot tell that from no change
+    rows = write_csv(tmp_path / "seq.csv", [
+        sample_row("sequential", [], 39.29, 1561.0),
+        timed_against_baseline(sample_row("sequential", [3], 69.57, 742.0), 760.0, -41.0, 35.0),
+        timed_against_baseline(sample_row("sequential", [1], 81.45, 1500.0), 1510.0, -3.0, 2.0)])
+    table = sweep_table(rows)
+    assert "~-2.37" in table and "~-0.66" in table and table.endswith(NOISE_NOTE)
+    assert "Fastest: none measurably faster than the baseline" in "\n".join(observations(rows))
+    markdown = report_markdown(rows)
+    headers, body = table_after(markdown, "## Sequential Layer Pruning")
+    assert headers[-2:] == ["Speed Change (%)", "Speed Change 95% Interval"]
+    assert body[1][-2:] == ["~-2.37", "-41.00% to +35.00%"] and body[0][-1] == "-"
+    assert NOISE_NOTE in markdown and "Fastest: none measurably faster" in markdown
+
+
+def test_fastest_is_the_largest_speed_up_beyond_the_noise(tmp_path):
+    rows = write_csv(tmp_path / "seq.csv", [
+        sample_row("sequential", [], 39.29, 400.0),
+        timed_against_baseline(sample_row("sequential", [3], 69.57, 200.0), 400.0, -80.0, 10.0),  # noise
+        timed_against_baseline(sample_row("sequential", [1], 81.45, 330.0), 400.0, -20.0, -15.0),
+        timed_against_baseline(sample_row("sequential", [2], 83.24, 360.0), 400.0, -12.0, -8.0)])
+    assert ("Fastest: removing block 1 (-17.50% against the baseline runs interleaved with its own, "
+            "95% interval -20.00% to -15.00%)") in observations(rows)
+    table = sweep_table(rows)
+    assert "~-50.00" in table and " -17.50" in table and "~-17.50" not in table
+
+
+def test_random_table_marks_a_speed_change_within_the_noise(tmp_path):
+    rows = write_csv(tmp_path / "random.csv", [
+        sample_row("random", [], 39.29, 459.66),
+        timed_against_baseline(sample_row("random", [1, 3, 4], 1511.92, 281.38), 290.0, -9.0, 4.0)])
+    _, body = table_after(report_markdown(rows), "## Random Layer Removal")
+    assert body[1] == ["Inference Speed (ms)", "459.66", "281.38", "~" + money(pct(281.38, 290.0), True)]
+    assert "Speed change 95% interval: -9.00% to +4.00%." in report_markdown(rows)
