@@ -33,6 +33,7 @@ from evaluation.engine import Work, one_model_work, sweep_perplexities
 from evaluation.latency import Latency, measure_latency
 from evaluation.params import count_parameters
 from evaluation.perplexity import PerplexityResult, perplexity
+from evaluation.windows import spec_windows
 from models.families import num_blocks
 from models.removal import removed_blocks
 from models.units import validate_removal
@@ -78,8 +79,9 @@ def measure(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None
     w = settings.windows
     start = time.perf_counter()
     with removed_blocks(model, removed) as pruned:
-        ppl = perplexity(pruned, ids, w.max_length, w.stride, w.batch_size, progress=settings.progress)
-    work = one_model_work(model, len(ids), removed, w.max_length, w.stride, time.perf_counter() - start)
+        ppl = perplexity(pruned, ids, w.max_length, w.stride, w.batch_size, progress=settings.progress,
+                         protocol=w.protocol, prefix_token=w.prefix_token)
+    work = one_model_work(model, spec_windows(w, len(ids)), removed, time.perf_counter() - start)
     return _finish(model, prompt_ids, removed, ppl, settings, work)
 
 
@@ -94,6 +96,7 @@ def measure_all(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | 
         desc = (f"windows (configurations {start + 1}-{start + len(group)} of {len(removals)})"
                 if len(removals) > GROUP_SIZE else "windows")
         ppls, work = sweep_perplexities(model, ids, group, w.max_length, w.stride, w.batch_size,
-                                        progress=settings.progress, desc=desc)
+                                        progress=settings.progress, desc=desc, protocol=w.protocol,
+                                        prefix_token=w.prefix_token)
         for i, (removed, ppl) in enumerate(zip(group, ppls)):
             yield _finish(model, prompt_ids, removed, ppl, settings, work if i == 0 else None)

@@ -13,6 +13,8 @@ COLUMNS = [
     "speed_change_pct", "eval_tokens", "device", "dtype", "timestamp",
     # modes that choose blocks on calibration tokens (importance, greedy, beam, compare); empty otherwise
     "metric", "scores",
+    # the perplexity convention (evaluation.windows), "+bos" when every window starts with BOS
+    "protocol",
 ]
 # The columns a file must have for --mode report to draw from it.
 REQUIRED_COLUMNS = ("removed_layers", "num_layers", "perplexity")

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from config import HealSpec, RunConfig
 from evaluation.engine import Work
 from evaluation.params import count_parameters
-from evaluation.perplexity import sliding_windows
+from evaluation.windows import resolve_windows, spec_windows
 from evaluation.sweep import EvalSettings, measure_all
 from export.checkpoint import deliver
 from export.heal import healing_inputs
@@ -96,7 +96,7 @@ def load(config: RunConfig, procs: Processes) -> Loaded:
     model, tokenizer = load_model(config.data.model, device, config.dtype)
     if MODES[config.mode].removes:
         check_prunable(model)
-    windows = config.windows.resolved(context_size(model))
+    windows = resolve_windows(config.windows, context_size(model), tokenizer)
     data = config.data
     cache_dir = None if data.no_cache else (data.cache_dir or str(default_cache_dir()))
     stream = cached_token_ids(tokenizer, data.dataset, data.split, data.text_column, cache_dir)
@@ -117,13 +117,13 @@ def load(config: RunConfig, procs: Processes) -> Loaded:
 def check_resumed(config: RunConfig, loaded: Loaded, resumed: list[dict]) -> None:
     """Rows of a --resume file compare with this run's only if measured the same way."""
     w = loaded.settings.windows
-    scored = sum(x.end - x.first_target for x in sliding_windows(len(loaded.ids), w.max_length, w.stride))
+    scored = sum(x.scored for x in spec_windows(w, len(loaded.ids)))
     mismatched = [r for r in resumed if r.get("eval_tokens") != scored]
     if mismatched:
         raise KitError(f"--resume file '{config.output.resume}' was evaluated on {mismatched[0].get('eval_tokens')} "
                        f"tokens, this run scores {scored}: use the same --dataset, --max-tokens, --max-length and "
-                       "--stride")
-    for key, value in (("device", loaded.device.type), ("dtype", dtype_name(loaded.model))):
+                       "--stride, --protocol")
+    for key, value in (("device", loaded.device.type), ("dtype", dtype_name(loaded.model)), ("protocol", w.label)):
         other = next((r[key] for r in resumed if r.get(key) != value), None)
         if other is not None:
             raise KitError(f"--resume file '{config.output.resume}' was measured with {key} {other}, this run uses "
@@ -138,18 +138,20 @@ def plan(config: RunConfig, loaded: Loaded) -> tuple[list[Removal], Choice | Non
     w = loaded.settings.windows
     calib = Calibration(loaded.model, lambda: calibration_ids(config.data, config.select.calib_tokens,
                                                               loaded.tokenizer, loaded.stream, loaded.cache_dir),
-                        w.max_length, w.stride, w.batch_size, progress=loaded.settings.progress)
+                        w.max_length, w.stride, w.batch_size, progress=loaded.settings.progress,
+                        protocol=w.protocol, prefix_token=w.prefix_token)
     choice = mode.choose(config, calib)
     return choice.removals, choice
 
 
 def announce(config: RunConfig, loaded: Loaded, removals: list[Removal]) -> None:
     w, model = loaded.settings.windows, loaded.model
-    n_windows = len(sliding_windows(len(loaded.ids), w.max_length, w.stride))
+    n_windows = len(spec_windows(w, len(loaded.ids)))
     log.info(f"{config.data.model}: {num_blocks(model)} blocks, {count_parameters(model) / 1e6:.2f}M parameters, "
              f"{loaded.device.type}, {dtype_name(model)}")
-    log.info(f"Evaluating {len(loaded.ids):,} tokens in {n_windows:,} windows (max length {w.max_length}, "
-             f"stride {w.stride}) for each of {len(removals) + 1} configurations (baseline included)")
+    stride = f"stride {w.stride}, " if w.stride else ""
+    log.info(f"Evaluating {len(loaded.ids):,} tokens in {n_windows:,} windows (max length {w.max_length}, {stride}"
+             f"protocol {w.label}) for each of {len(removals) + 1} configurations (baseline included)")
     if loaded.device.type == "cpu" and len(loaded.ids) > CPU_SLOW_TOKENS:
         log.info("On a CPU this is slow: the full WikiText-2 test split takes distilgpt2 about half an hour per "
                  "configuration. Use --max-tokens (e.g. --max-tokens 20000) for a quick estimate.")
@@ -212,13 +214,14 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: 
     """Every configuration's row, in plan order, written as it arrives; and the sidecar's record of the run."""
     model, device = loaded.model, loaded.device
     context = {"mode": config.mode, "model": config.data.model, "dataset": config.data.dataset,
-               "device": device.type, "dtype": dtype_name(model)}
+               "device": device.type, "dtype": dtype_name(model), "protocol": loaded.settings.windows.label}
     done = {removal_key(r["removed_layers"]): r for r in resumed}
     w = loaded.settings.windows
     # The sidecar's record of this run; other parts of the run add to it (e.g. "work").
     run_info = {"started": started, "finished": None, "device": device.type, "device_name": device_name(device),
                 "dtype": dtype_name(model), "stream_tokens": len(loaded.ids), "max_length": w.max_length,
-                "stride": w.stride, "configurations_evaluated": 0, "tokens_evaluated": 0}
+                "stride": w.stride, "protocol": w.label, "prefix_token": w.prefix_token,
+                "configurations_evaluated": 0, "tokens_evaluated": 0}
     work = Work()
     base = done.get(removal_key(()))
     # The baseline goes into the sweep's own pass (its chain of blocks is every other configuration's
