@@ -81,26 +81,32 @@ def scored_nll(head: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, positi
 
 def token_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
               vocab_slice: int | None = None) -> torch.Tensor:
-    """-log softmax(head(hidden))[target] per row, in float32, one vocabulary slice at a time.
+    """-log softmax(head(hidden))[target] per row, in float32 (float64 for a float64 model), one
+    vocabulary slice at a time.
 
     The log-sum-exp over the vocabulary is the log-sum-exp of the slices'
     log-sum-exps, so slicing changes nothing but rounding. A head that is not
     a plain linear layer is applied whole.
     """
     if not isinstance(head, nn.Linear):
-        return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+        return F.cross_entropy(_upcast(head(hidden)), targets, reduction="none")
     if vocab_slice is None:
         vocab_slice = VOCAB_SLICE if hidden.device.type == "cpu" else head.out_features
-    sums, target_logit = [], torch.zeros(len(targets), device=hidden.device)
+    sums, target_logit = [], torch.zeros(len(targets), device=hidden.device, dtype=_upcast(hidden[:0]).dtype)
     for first in range(0, head.out_features, vocab_slice):
         last = first + vocab_slice
         bias = head.bias[first:last] if head.bias is not None else None
-        logits = F.linear(hidden, head.weight[first:last], bias).float()
+        logits = _upcast(F.linear(hidden, head.weight[first:last], bias))
         sums.append(torch.logsumexp(logits, dim=1))
         inside = (targets >= first) & (targets < last)
         column = (targets - first).clamp(0, logits.shape[1] - 1).unsqueeze(1)
         target_logit += torch.where(inside, logits.gather(1, column).squeeze(1), 0.0)
     return torch.logsumexp(torch.stack(sums), dim=0) - target_logit
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits to float32 for the loss; float32 and float64 stay as they are."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def to_perplexity(nll_sum: float, tokens: int) -> float:
