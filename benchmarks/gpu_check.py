@@ -42,6 +42,7 @@ SUBSET_TOKENS = 32_768
 MAX_LENGTH, STRIDE = 1024, 512
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 BATCH_SIZES = (1, 8)
+DEVICE = "cuda"
 # Dense (no sparsity) tensor-core peak for bfloat16 and float16, TFLOP/s, from NVIDIA's data sheets.
 # Matched against torch.cuda.get_device_name in order, so the more specific names come first.
 DENSE_PEAK_TFLOPS = [
@@ -149,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{shape}\n\n| dtype | batch | configs | wall | tokens scored/s | model FLOP/s (share of peak) | "
               "kit vs one-at-a-time (subset) | peak memory |\n|---|---|---|---|---|---|---|---|")
         for dtype_name, dtype in DTYPES.items():
-            model = base.to("cuda", dtype)
+            model = base.to(DEVICE, dtype)
             for batch_size in BATCH_SIZES:
                 run_case(model, ids, dtype_name, batch_size, peak)
-        model = base.to("cuda", torch.bfloat16)
+        model = base.to(DEVICE, torch.bfloat16)
         print("\nLatency columns (bfloat16, 64 generated tokens, median of 10):\n\n"
               "| removed | latency_ms | latency_iqr_ms | prefill_ms | tokens_per_s |\n|---|---|---|---|---|")
         latency_columns(model, ids)
