@@ -64,22 +64,44 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class WindowSpec:
-    """Perplexity windows; max_length and stride None until resolved against the model's context."""
+    """Perplexity windows: a convention of evaluation.windows, with or without BOS before every window.
+
+    max_length and stride are None until resolved against the model's context
+    (stride stays None for conventions that take no stride); prefix_token, the
+    token id fed before windows (BOS, or lm-eval's prefix token), is filled in
+    from the tokenizer when the model is loaded.
+    """
 
     max_length: int | None = None
     stride: int | None = None
     batch_size: int = 1
+    protocol: str = "sliding"
+    bos: bool = False
+    prefix_token: int | None = None
 
-    def resolved(self, context: int) -> "WindowSpec":
-        """The spec with the model's defaults filled in, checked against its context size."""
+    @property
+    def label(self) -> str:
+        """The results file's ``protocol`` cell: the convention, and ``+bos`` when every window starts with BOS."""
+        return f"{self.protocol}+bos" if self.bos else self.protocol
+
+    def resolved(self, context: int, strided: bool = True) -> "WindowSpec":
+        """The spec with the model's defaults filled in, checked against its context size.
+
+        ``strided`` False (a convention that takes no stride) leaves stride None.
+        """
         max_length = self.max_length or context
         if max_length > context:
             raise KitError(f"--max-length {max_length} exceeds the model's context size of {context} tokens")
-        if max_length < 2:
-            raise KitError(f"--max-length {max_length} leaves no token to score: a window needs at least 2 tokens")
-        stride = self.stride or max(1, min(DEFAULT_STRIDE, max_length // 2))
-        if stride > max_length:
-            raise KitError(f"--stride {stride} is larger than --max-length {max_length}")
+        text_tokens = max_length - self.bos  # BOS takes one position of every window
+        if text_tokens < 2:
+            raise KitError(f"--max-length {max_length} leaves no token to score: a window needs at least 2 tokens"
+                           + (" besides BOS" if self.bos else ""))
+        if not strided:
+            return replace(self, max_length=max_length, stride=None)
+        stride = self.stride or max(1, min(DEFAULT_STRIDE, text_tokens // 2))
+        if stride > text_tokens:
+            raise KitError(f"--stride {stride} is larger than --max-length {max_length}"
+                           + (" less the BOS position" if self.bos else ""))
         return replace(self, max_length=max_length, stride=stride)
 
 

@@ -12,6 +12,7 @@ import sys
 
 from config import (DEFAULT_PROMPT, DataSpec, HealSpec, OutputSpec, RunConfig, SelectSpec, Shard, SpeedSpec,
                     TaskSpec, WindowSpec, parse_shard)
+from evaluation.windows import CONVENTIONS, DEFAULT_PROTOCOL
 from pruning.modes import MODE_OPTIONS, MODES, either, saving_modes, users
 from pruning.rules import RULES
 from utils.errors import KitError
@@ -100,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stride", type=positive_int, help="window step (default: 512, or half of --max-length if smaller)")
     g.add_argument("--max-tokens", type=positive_int, help="evaluate only the first N tokens (default: all)")
     g.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (default: 1)")
+    g.add_argument("--protocol", choices=list(CONVENTIONS), default=DEFAULT_PROTOCOL,
+                   help="perplexity convention (default: sliding): "
+                        + "; ".join(f"{name}: {c.help}" for name, c in CONVENTIONS.items()))
+    g.add_argument("--bos", action="store_true",
+                   help="feed the tokenizer's BOS token before every window (sliding, disjoint); Llama, Mistral and "
+                        "Qwen2 checkpoints were trained with it, GPT-2 was not")
 
     g = p.add_argument_group("which blocks")
     g.add_argument("--remove", type=removal_list, help=f"{used_by('remove')}: blocks to remove, e.g. 1,3")
@@ -198,6 +205,12 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--ratio must be strictly between 0 and 1, got {args.ratio}")
     if args.max_length and args.stride and args.stride > args.max_length:
         parser.error(f"--stride {args.stride} is larger than --max-length {args.max_length}")
+    convention = CONVENTIONS[args.protocol]
+    if args.stride and not convention.strided:
+        parser.error(f"--stride is only used by --protocol sliding; {args.protocol} windows do not overlap")
+    if args.bos and not convention.takes_bos:
+        parser.error(f"--bos does not apply to --protocol {args.protocol}, which feeds its own first token "
+                     "(BOS, or end-of-text where the tokenizer has none)")
     if args.max_remove is not None and "min_remove" in mode.options and args.max_remove < args.min_remove:
         parser.error(f"--max-remove ({args.max_remove}) is smaller than --min-remove ({args.min_remove})")
     if args.shard and (args.save_model or args.heal_steps):
@@ -224,7 +237,7 @@ def to_config(args: argparse.Namespace, command_line: list[str]) -> RunConfig:
         mode=args.mode,
         data=DataSpec(args.model, args.dataset, args.split, args.text_column, args.max_tokens, args.cache_dir,
                       args.no_cache, args.trust_remote_code),
-        windows=WindowSpec(args.max_length, args.stride, args.batch_size),
+        windows=WindowSpec(args.max_length, args.stride, args.batch_size, args.protocol, args.bos),
         select=SelectSpec(tuple(args.remove) if args.remove is not None else None, args.min_remove,
                           args.max_remove, args.ratio, args.num_remove, args.metric or "bi", args.beam_width or 4,
                           args.calib_tokens, args.max_configs),

@@ -40,10 +40,10 @@ from evaluation.engine import Work  # noqa: E402
 from evaluation.perplexity import sliding_windows  # noqa: E402
 from config import WindowSpec  # noqa: E402
 from evaluation.sweep import EvalSettings, measure_all  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+from models.families import block_owner  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-VOCAB = 50257
 MATMUL_N = 2048
 BASELINE_ROUNDS = 3
 AGREEMENT = 1e-5  # the naive loop averages each window's loss in float32
@@ -58,6 +58,7 @@ class Case:
     max_length: int
     stride: int
     target: float | None  # required speed-up over naive, from the issue
+    shape: str = "gpt2"  # a key of SHAPES
 
 
 def removals_for(case: Case) -> list[tuple[int, ...]]:
@@ -69,10 +70,23 @@ def removals_for(case: Case) -> list[tuple[int, ...]]:
     return [c for k in range(2, case.n_layer) for c in combinations(range(case.n_layer), k)]
 
 
-def make_model(n_layer: int, seed: int = 0) -> GPT2LMHeadModel:
+def gpt2_model(n_layer: int) -> nn.Module:
+    return GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257))
+
+
+def llama_model(n_layer: int) -> nn.Module:
+    """Llama-shaped: 512 wide, 8 query heads sharing 2 key-value heads, SwiGLU, rotary positions, vocabulary 32000."""
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=n_layer, hidden_size=512, intermediate_size=1408,
+                                        num_attention_heads=8, num_key_value_heads=2, vocab_size=32000,
+                                        max_position_embeddings=2048))
+
+
+SHAPES = {"gpt2": gpt2_model, "llama": llama_model}
+
+
+def make_model(case: Case, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=n_layer, n_embd=768, n_head=12, n_positions=1024, vocab_size=VOCAB)
-    return GPT2LMHeadModel(config).eval()
+    return SHAPES[case.shape](case.n_layer).eval()
 
 
 def matmul_rate(repeats: int = 5) -> float:
@@ -88,12 +102,13 @@ def matmul_rate(repeats: int = 5) -> float:
 
 
 @torch.no_grad()
-def naive_perplexity(model: GPT2LMHeadModel, ids: torch.Tensor, removed: tuple[int, ...], max_length: int,
+def naive_perplexity(model: nn.Module, ids: torch.Tensor, removed: tuple[int, ...], max_length: int,
                      stride: int) -> float:
-    """The seed's way: a pruned deep copy, evaluated with the guide's loop."""
+    """The seed's way: a pruned deep copy, evaluated with the guide's loop (no cache, so the
+    blocks' layer indices and the config's depth do not matter)."""
     pruned = copy.deepcopy(model)
-    pruned.transformer.h = nn.ModuleList(b for i, b in enumerate(pruned.transformer.h) if i not in removed)
-    pruned.config.n_layer = len(pruned.transformer.h)
+    parent, name = block_owner(pruned)
+    setattr(parent, name, nn.ModuleList(b for i, b in enumerate(getattr(parent, name)) if i not in removed))
     nll, count = 0.0, 0
     for w in sliding_windows(len(ids), max_length, stride):
         inputs = ids[w.begin : w.end].unsqueeze(0)
@@ -107,8 +122,9 @@ def naive_perplexity(model: GPT2LMHeadModel, ids: torch.Tensor, removed: tuple[i
 
 
 def run_case(case: Case, batch_size: int) -> dict:
-    model = make_model(case.n_layer)
-    ids = torch.randint(0, VOCAB, (case.tokens,), generator=torch.Generator().manual_seed(1))
+    model = make_model(case)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (case.tokens,), generator=torch.Generator().manual_seed(1))
     removals = removals_for(case)
     settings = EvalSettings(WindowSpec(case.max_length, case.stride, batch_size), progress=False)
 
@@ -148,15 +164,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--comb-tokens", type=int, default=512, help="tokens for the combinatorial case (default 512: "
                    "3 windows of 256, stride 128)")
     p.add_argument("--batch-size", type=int, default=1, help="kit's windows per forward pass (default 1)")
-    p.add_argument("--cases", default="gpt2-12,distilgpt2,comb-6", help="which cases, comma-separated")
+    p.add_argument("--cases", default="gpt2-12,distilgpt2,comb-6,llama-16", help="which cases, comma-separated")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core); on a machine "
+                   "shared with other jobs, 1 avoids the threads waiting on each other")
     args = p.parse_args(argv)
     hf_logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cases = {
         "gpt2-12": Case("12-block GPT-2 shape, sequential", 12, "sequential", args.tokens, 1024, 512, 1.7),
         "distilgpt2": Case("distilgpt2 shape (6 x 768), sequential", 6, "sequential", args.tokens, 1024, 512, 1.25),
         "comb-6": Case("6-block shape, combinatorial (remove 2..5)", 6, "combinatorial", args.comb_tokens, 256, 128,
                        None),
+        "llama-16": Case("Llama shape (16 x 512, GQA 8/2 heads, vocab 32000), sequential", 16, "sequential",
+                         args.tokens, 1024, 512, 1.8, "llama"),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch size {args.batch_size}")
     ok = True

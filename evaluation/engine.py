@@ -38,8 +38,8 @@ import torch
 from torch import nn
 from utils.log import progress_bar
 
-from evaluation.perplexity import (PerplexityResult, Window, batch_inputs, scored_nll, sliding_windows,
-                                   to_perplexity, window_batches)
+from evaluation.perplexity import PerplexityResult, batch_inputs, scored_nll, to_perplexity
+from evaluation.windows import DEFAULT_PROTOCOL, Window, make_windows, window_batches
 from models.families import block_output, check_prunable, final_modules, get_blocks, record_block_calls
 from models.units import kept_blocks
 
@@ -158,9 +158,11 @@ def _walk(node: _Node, hidden: torch.Tensor, step: Callable[[int, torch.Tensor],
 
 @torch.no_grad()
 def sweep_perplexities(model: nn.Module, ids: torch.Tensor, removals: Sequence[Sequence[int]], max_length: int,
-                       stride: int, batch_size: int = 1, progress: bool = True,
-                       desc: str = "windows") -> tuple[list[PerplexityResult], Work]:
-    """Perplexity of every removal set on ``ids``, in one pass over the windows.
+                       stride: int | None, batch_size: int = 1, progress: bool = True, desc: str = "windows",
+                       protocol: str = DEFAULT_PROTOCOL,
+                       prefix_token: int | None = None) -> tuple[list[PerplexityResult], Work]:
+    """Perplexity of every removal set on ``ids``, in one pass over the windows of ``protocol``
+    (evaluation.windows.make_windows).
 
     ``removals`` must be valid for the model (models.removal.validate_removal).
     Results are in the order of ``removals``.
@@ -172,7 +174,7 @@ def sweep_perplexities(model: nn.Module, ids: torch.Tensor, removals: Sequence[S
     tree = prefix_tree(kept_lists)
     nodes = count_nodes(tree)
     runner = _BatchRunner(model)
-    windows = sliding_windows(len(ids), max_length, stride)
+    windows = make_windows(len(ids), max_length, stride, protocol, prefix_token)
     nll = [0.0] * len(kept_lists)
     tokens = [0] * len(kept_lists)
     work = Work(configurations=len(kept_lists))
@@ -204,11 +206,9 @@ def _account(work: Work, model: nn.Module, batch: Sequence[Window], nodes: int,
     work.flops += nodes * per_window + len(kept_lists) * head_flops(model, scored)
 
 
-def one_model_work(model: nn.Module, n_tokens: int, removed: Sequence[int], max_length: int, stride: int,
-                   seconds: float) -> Work:
-    """The Work of evaluating one pruned model on its own (no sharing)."""
+def one_model_work(model: nn.Module, windows: Sequence[Window], removed: Sequence[int], seconds: float) -> Work:
+    """The Work of evaluating one pruned model on its own (no sharing) over ``windows``."""
     kept = len(kept_blocks(len(get_blocks(model)), removed))
-    windows = sliding_windows(n_tokens, max_length, stride)
-    scored = sum(w.end - w.first_target for w in windows)
+    scored = sum(w.scored for w in windows)
     flops = kept * sum(block_flops(model, w.length) for w in windows) + head_flops(model, scored)
     return Work(1, len(windows), kept * len(windows), kept * len(windows), scored, flops, seconds)

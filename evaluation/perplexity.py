@@ -1,10 +1,9 @@
-"""Sliding-window perplexity, as in the transformers perplexity guide.
+"""Perplexity of a token stream, window by window.
 
-Windows of ``max_length`` tokens start every ``stride`` tokens. Each window
-scores only the tokens no earlier window scored, using the window's earlier
-tokens as context; the first position of a window has no context and is never
-a target. With stride < max_length every token but the stream's first is
-scored exactly once. PPL = exp(total NLL / scored tokens), summed in float64.
+The windows come from evaluation.windows (the conventions of the field:
+sliding as in the transformers guide, disjoint, lm-eval's rolling windows,
+each optionally after BOS); each window scores some of its tokens given the
+tokens before them. PPL = exp(total NLL / scored tokens), summed in float64.
 
 The LM head runs only on the positions that are scored, a block of rows and
 a slice of the vocabulary at a time, so a window batch never materializes
@@ -15,12 +14,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from utils.log import progress_bar
+
+from evaluation.windows import (DEFAULT_PROTOCOL, Window, make_windows, sliding_windows,  # noqa: F401 (re-exported)
+                                window_batches)
 
 # Rows of hidden states sent through the LM head at once.
 LOGIT_ROWS = 1024
@@ -33,61 +35,31 @@ VOCAB_SLICE = 4096
 
 
 @dataclass(frozen=True)
-class Window:
-    begin: int  # first token fed to the model
-    end: int  # one past the last token fed
-    first_target: int  # tokens [first_target, end) are scored
-
-    @property
-    def length(self) -> int:
-        return self.end - self.begin
-
-
-@dataclass(frozen=True)
 class PerplexityResult:
     perplexity: float
     nll_sum: float
     tokens: int
 
 
-def sliding_windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
-    if n_tokens < 2:
-        raise ValueError("need at least two tokens to score one")
-    windows, prev_end = [], 0
-    for begin in range(0, n_tokens, stride):
-        end = min(begin + max_length, n_tokens)
-        first = max(prev_end, begin + 1)
-        if first < end:
-            windows.append(Window(begin, end, first))
-        prev_end = end
-        if end == n_tokens:
-            break
-    return windows
-
-
-def window_batches(windows: Sequence[Window], batch_size: int) -> Iterator[list[Window]]:
-    """Consecutive windows of equal length, at most batch_size at a time."""
-    batch: list[Window] = []
-    for w in windows:
-        if batch and (len(batch) == batch_size or w.length != batch[0].length):
-            yield batch
-            batch = []
-        batch.append(w)
-    if batch:
-        yield batch
-
-
 def batch_inputs(ids: torch.Tensor, batch: Sequence[Window]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Input ids (B, T), the (row, position) of every scored prediction, and its target id."""
-    inputs = torch.stack([ids[w.begin : w.end] for w in batch])
+    inputs = torch.stack([window_ids(ids, w) for w in batch])
     rows, positions, targets = [], [], []
     for row, w in enumerate(batch):
-        n = w.end - w.first_target
-        rows.append(torch.full((n,), row, dtype=torch.long))
-        # the hidden state at position p predicts token p + 1
-        positions.append(torch.arange(w.first_target - 1 - w.begin, w.end - 1 - w.begin))
-        targets.append(ids[w.first_target : w.end])
+        rows.append(torch.full((w.scored,), row, dtype=torch.long))
+        # the hidden state at position p predicts the token fed at p + 1
+        first = w.position(w.first_target)
+        positions.append(torch.arange(first, first + w.scored))
+        targets.append(ids[w.first_target : w.stop])
     return inputs, torch.cat(rows), torch.cat(positions), torch.cat(targets)
+
+
+def window_ids(ids: torch.Tensor, w: Window) -> torch.Tensor:
+    """The token ids fed to the model for window ``w``: its prefix token, if any, then its text."""
+    text = ids[w.begin : w.end]
+    if w.prefix is None:
+        return text
+    return torch.cat([torch.tensor([w.prefix], dtype=ids.dtype), text])
 
 
 def scored_nll(head: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
@@ -109,26 +81,32 @@ def scored_nll(head: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, positi
 
 def token_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
               vocab_slice: int | None = None) -> torch.Tensor:
-    """-log softmax(head(hidden))[target] per row, in float32, one vocabulary slice at a time.
+    """-log softmax(head(hidden))[target] per row, in float32 (float64 for a float64 model), one
+    vocabulary slice at a time.
 
     The log-sum-exp over the vocabulary is the log-sum-exp of the slices'
     log-sum-exps, so slicing changes nothing but rounding. A head that is not
     a plain linear layer is applied whole.
     """
     if not isinstance(head, nn.Linear):
-        return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+        return F.cross_entropy(_upcast(head(hidden)), targets, reduction="none")
     if vocab_slice is None:
         vocab_slice = VOCAB_SLICE if hidden.device.type == "cpu" else head.out_features
-    sums, target_logit = [], torch.zeros(len(targets), device=hidden.device)
+    sums, target_logit = [], torch.zeros(len(targets), device=hidden.device, dtype=_upcast(hidden[:0]).dtype)
     for first in range(0, head.out_features, vocab_slice):
         last = first + vocab_slice
         bias = head.bias[first:last] if head.bias is not None else None
-        logits = F.linear(hidden, head.weight[first:last], bias).float()
+        logits = _upcast(F.linear(hidden, head.weight[first:last], bias))
         sums.append(torch.logsumexp(logits, dim=1))
         inside = (targets >= first) & (targets < last)
         column = (targets - first).clamp(0, logits.shape[1] - 1).unsqueeze(1)
         target_logit += torch.where(inside, logits.gather(1, column).squeeze(1), 0.0)
     return torch.logsumexp(torch.stack(sums), dim=0) - target_logit
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits to float32 for the loss; float32 and float64 stay as they are."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def to_perplexity(nll_sum: float, tokens: int) -> float:
@@ -145,12 +123,14 @@ def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, ids: torch.Tensor, max_length: int, stride: int, batch_size: int = 1,
-               progress: bool = True, desc: str = "windows") -> PerplexityResult:
-    """Perplexity of ``model`` on the token stream ``ids`` (1-D, on CPU)."""
+def perplexity(model: nn.Module, ids: torch.Tensor, max_length: int, stride: int | None, batch_size: int = 1,
+               progress: bool = True, desc: str = "windows", protocol: str = DEFAULT_PROTOCOL,
+               prefix_token: int | None = None) -> PerplexityResult:
+    """Perplexity of ``model`` on the token stream ``ids`` (1-D, on CPU), in the windows of
+    ``protocol`` (evaluation.windows.make_windows)."""
     base, head = lm_parts(model)
     device = next(model.parameters()).device
-    windows = sliding_windows(len(ids), max_length, stride)
+    windows = make_windows(len(ids), max_length, stride, protocol, prefix_token)
     nll_sum, tokens = 0.0, 0
     bar = progress_bar(total=len(windows), desc=desc, unit="win", leave=False, disable=not progress)
     for batch in window_batches(windows, batch_size):

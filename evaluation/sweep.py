@@ -37,7 +37,8 @@ from config import SpeedSpec, WindowSpec
 from evaluation.engine import Work, block_flops, count_nodes, head_flops, one_model_work, prefix_tree, sweep_perplexities
 from evaluation.latency import Latency, SpeedChange, measure_against_baseline, measure_latency, warn_if_noisy
 from evaluation.params import count_parameters
-from evaluation.perplexity import PerplexityResult, batch_inputs, perplexity, sliding_windows, window_batches
+from evaluation.perplexity import PerplexityResult, batch_inputs, perplexity, window_batches
+from evaluation.windows import spec_windows
 from models.families import num_blocks
 from models.removal import removed_blocks
 from models.units import kept_blocks, validate_removal
@@ -101,8 +102,9 @@ def measure(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None
     w = settings.windows
     start = time.perf_counter()
     with removed_blocks(model, removed) as pruned:
-        ppl = perplexity(pruned, ids, w.max_length, w.stride, w.batch_size, progress=settings.progress)
-    work = one_model_work(model, len(ids), removed, w.max_length, w.stride, time.perf_counter() - start)
+        ppl = perplexity(pruned, ids, w.max_length, w.stride, w.batch_size, progress=settings.progress,
+                         protocol=w.protocol, prefix_token=w.prefix_token)
+    work = one_model_work(model, spec_windows(w, len(ids)), removed, time.perf_counter() - start)
     return _finish(model, prompt_ids, removed, ppl, settings, work)
 
 
@@ -122,7 +124,7 @@ def estimated_seconds(model: nn.Module, ids: torch.Tensor, removals: Sequence[Se
     between models.
     """
     w, n = windows, num_blocks(model)
-    all_windows = sliding_windows(len(ids), w.max_length, w.stride)
+    all_windows = spec_windows(w, len(ids))
     inputs = batch_inputs(ids, next(window_batches(all_windows, w.batch_size)))[0].to(next(model.parameters()).device)
     model(input_ids=inputs[:1, :16], use_cache=False)  # first-call set-up is not the model's speed
     start = time.perf_counter()
@@ -130,7 +132,7 @@ def estimated_seconds(model: nn.Module, ids: torch.Tensor, removals: Sequence[Se
     seconds = time.perf_counter() - start
     batch_flops = inputs.shape[0] * n * block_flops(model, inputs.shape[1]) + head_flops(model, inputs.numel())
     per_pass = sum(block_flops(model, x.length) for x in all_windows)
-    scored = sum(x.end - x.first_target for x in all_windows)
+    scored = sum(x.scored for x in all_windows)
     flops = sum(count_nodes(prefix_tree([kept_blocks(n, r) for r in group])) * per_pass
                 + len(group) * head_flops(model, scored) for _, group in _groups(removals))
     return seconds * flops / batch_flops, seconds
@@ -146,6 +148,7 @@ def measure_all(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | 
         desc = (f"windows (configurations {start + 1}-{start + len(group)} of {len(removals)})"
                 if len(removals) > GROUP_SIZE else "windows")
         ppls, work = sweep_perplexities(model, ids, group, w.max_length, w.stride, w.batch_size,
-                                        progress=settings.progress, desc=desc)
+                                        progress=settings.progress, desc=desc, protocol=w.protocol,
+                                        prefix_token=w.prefix_token)
         for i, (removed, ppl) in enumerate(zip(group, ppls)):
             yield _finish(model, prompt_ids, removed, ppl, settings, work if i == 0 else None)

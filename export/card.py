@@ -34,7 +34,8 @@ def reproduce_command(data: DataSpec, path: str, windows: WindowSpec, dtype: str
     """The kit command that evaluates the saved checkpoint exactly as the run did."""
     cmd = ["python", "main.py", "--mode", "baseline", "--model", path, "--dataset", data.dataset,
            "--split", data.split, "--text-column", data.text_column, "--max-length", str(windows.max_length),
-           "--stride", str(windows.stride), "--batch-size", str(windows.batch_size), "--dtype", dtype,
+           *(["--stride", str(windows.stride)] if windows.stride else []), "--protocol", windows.protocol,
+           *(["--bos"] if windows.bos else []), "--batch-size", str(windows.batch_size), "--dtype", dtype,
            "--device", device, "--no-speed"]
     if data.max_tokens:
         cmd += ["--max-tokens", str(data.max_tokens)]
@@ -59,7 +60,8 @@ def build_report(config: RunConfig, rows: Sequence[dict], windows: WindowSpec, h
         "kept_blocks": list(kept_blocks(n, removed)),
         "evaluation": {"dataset": data.dataset, "split": data.split, "text_column": data.text_column,
                        "scored_tokens": pruned["eval_tokens"], "max_length": windows.max_length,
-                       "stride": windows.stride, "batch_size": windows.batch_size, "device": device,
+                       "stride": windows.stride, "protocol": windows.protocol, "bos": windows.bos,
+                       "prefix_token": windows.prefix_token, "batch_size": windows.batch_size, "device": device,
                        "dtype": dtype, "speed_runs": speed.runs if speed.enabled else None,
                        "gen_tokens": speed.gen_tokens if speed.enabled else None},
         "original": measured(original),
@@ -125,6 +127,23 @@ def _speed_changes(pruned: dict) -> dict[str, str] | None:
             "prefill_ms": ""}
 
 
+# How each convention's windows read in a sentence (evaluation.windows has the definitions).
+WINDOW_TEXT = {
+    "sliding": "sliding windows of {max_length} tokens every {stride} tokens (each scoring what no earlier window "
+               "scored; the transformers guide's procedure)",
+    "disjoint": "non-overlapping windows of {max_length} tokens, each scoring all but its first token, a partial "
+                "last window dropped (GPTQ's loop, as SLEB and ShortGPT report)",
+    "lm-eval": "lm-evaluation-harness's rolling windows of {max_length} tokens (the first after token id "
+               "{prefix_token}, scoring every token; then disjoint windows with one token of context)",
+}
+
+
+def _windows(ev: dict) -> str:
+    """The evaluation's windows in words: its convention (``protocol``) and whether BOS started every window."""
+    text = WINDOW_TEXT[ev.get("protocol", "sliding")].format(**ev)
+    return text + (f", each fed the BOS token (id {ev['prefix_token']}) first" if ev.get("bos") else "")
+
+
 def model_card(report: dict) -> str:
     """README.md for the checkpoint directory, from build_report's data."""
     o, p, h, ev = report["original"], report["pruned"], report["healing"], report["evaluation"]
@@ -180,8 +199,8 @@ def model_card(report: dict) -> str:
                   "Healing does not change the architecture, so the pruned speed applies to this checkpoint.", ""]
     lines += task_lines(report)
     lines += ["## Evaluation", "",
-              f"Sliding-window perplexity over {ev['scored_tokens']:,} scored tokens of `{ev['dataset']}`"
-              f"{'' if is_local_dataset(ev['dataset']) else ' (split `' + ev['split'] + '`)'}, windows of {ev['max_length']} tokens every {ev['stride']} tokens, "
+              f"Perplexity over {ev['scored_tokens']:,} scored tokens of `{ev['dataset']}`"
+              f"{'' if is_local_dataset(ev['dataset']) else ' (split `' + ev['split'] + '`)'}, {_windows(ev)}, "
               f"{ev['device']}, {ev['dtype']}. Perplexity of this checkpoint: {report['checkpoint_perplexity']!r}.",
               "The kit measures it again from this directory with:", "", "```bash", report["reproduce"], "```", "",
               "## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",

@@ -125,7 +125,7 @@ def deliver(config: RunConfig, model: nn.Module, tokenizer, rows: Sequence[dict]
         result: HealResult = heal(model, removed, train_ids, heal_spec, progress=settings.progress)
         healed = result.model
         healed_ppl = perplexity(healed, ids, w.max_length, w.stride, w.batch_size, progress=settings.progress,
-                                desc="healed windows").perplexity
+                                desc="healed windows", protocol=w.protocol, prefix_token=w.prefix_token).perplexity
         healing = {**describe(heal_spec),
                    "train_dataset": heal_spec.train_dataset or f"{config.data.dataset} (train split)",
                    "first_loss": result.losses[0], "last_loss": result.losses[-1], "perplexity": healed_ppl,

@@ -21,7 +21,7 @@ from utils.log import progress_bar
 
 from config import DataSpec
 from evaluation.engine import sweep_perplexities
-from evaluation.perplexity import Window, window_batches
+from evaluation.windows import DEFAULT_PROTOCOL, Window, window_batches
 from models.families import get_blocks
 from models.units import Removal
 from utils.cache import cached_token_ids
@@ -177,6 +177,8 @@ class Calibration:
     stride: int
     batch_size: int = 1
     progress: bool = True
+    protocol: str = DEFAULT_PROTOCOL  # the evaluation's windows (evaluation.windows)
+    prefix_token: int | None = None
     _ids: torch.Tensor | None = field(default=None, repr=False)
     _ppl: dict[Removal, float] = field(default_factory=dict, repr=False)
     _one_pass: OnePassScores | None = field(default=None, repr=False)
@@ -204,7 +206,8 @@ class Calibration:
         results = []
         if todo:
             results, _ = sweep_perplexities(self.model, self.ids, todo, self.max_length, self.stride,
-                                            self.batch_size, progress=self.progress, desc="calibration")
+                                            self.batch_size, progress=self.progress, desc="calibration",
+                                            protocol=self.protocol, prefix_token=self.prefix_token)
         self._ppl.update((key, result.perplexity) for key, result in zip(todo, results))
         return [self._ppl[key] for key in keys]
 

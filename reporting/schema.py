@@ -23,6 +23,8 @@ COLUMNS = [
     "metric", "scores",
     # the speed change's interval, and the median of the baseline runs interleaved with this configuration's
     "speed_change_low_pct", "speed_change_high_pct", "baseline_latency_ms",
+    # the perplexity convention (evaluation.windows), "+bos" when every window starts with BOS
+    "protocol",
 ]
 # The columns a file must have for --mode report to draw from it.
 REQUIRED_COLUMNS = ("removed_layers", "num_layers", "perplexity")

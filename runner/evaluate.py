@@ -21,9 +21,9 @@ import torch
 from config import HealSpec, RunConfig, WindowSpec
 from evaluation.engine import Work
 from evaluation.params import count_parameters
-from evaluation.perplexity import sliding_windows
 from evaluation.sweep import EvalSettings, estimated_seconds, measure_all
 from evaluation.tasks import load_tasks
+from evaluation.windows import resolve_windows, spec_windows
 from export.checkpoint import deliver
 from export.heal import healing_inputs
 from models.families import check_prunable, num_blocks
@@ -112,7 +112,7 @@ def load(config: RunConfig, procs: Processes) -> Loaded:
     if mode.removes:
         check_prunable(model)
     context = context_size(model)
-    windows = config.windows.resolved(context)
+    windows = resolve_windows(config.windows, context, tokenizer)
     prompt_ids = prompt_tokens(config, tokenizer, context)
     progress = not config.output.quiet and procs.is_main
     tasks = load_tasks(config.tasks, tokenizer, progress)  # a task that cannot load stops the run before any work
@@ -149,7 +149,7 @@ def result_columns(loaded: Loaded) -> list[str]:
 
 
 def scored_tokens(ids: torch.Tensor, windows: WindowSpec) -> int:
-    return sum(w.end - w.first_target for w in sliding_windows(len(ids), windows.max_length, windows.stride))
+    return sum(w.scored for w in spec_windows(windows, len(ids)))
 
 
 def plan(config: RunConfig, loaded: Loaded, procs: Processes) -> tuple[list[Removal], Choice | None]:
@@ -165,7 +165,8 @@ def plan(config: RunConfig, loaded: Loaded, procs: Processes) -> tuple[list[Remo
     w = loaded.settings.windows
     calib = Calibration(loaded.model, lambda: calibration_ids(config.data, config.select.calib_tokens,
                                                               loaded.tokenizer, loaded.stream, loaded.cache_dir),
-                        w.max_length, w.stride, w.batch_size, progress=loaded.settings.progress)
+                        w.max_length, w.stride, w.batch_size, progress=loaded.settings.progress,
+                        protocol=w.protocol, prefix_token=w.prefix_token)
     chosen: list[Choice] = []
 
     def choose() -> tuple[list[Removal], dict]:
@@ -178,11 +179,12 @@ def plan(config: RunConfig, loaded: Loaded, procs: Processes) -> tuple[list[Remo
 
 def announce(config: RunConfig, loaded: Loaded, removals: list[Removal]) -> None:
     w, model = loaded.settings.windows, loaded.model
-    n_windows = len(sliding_windows(len(loaded.ids), w.max_length, w.stride))
+    n_windows = len(spec_windows(w, len(loaded.ids)))
     log.info(f"{config.data.model}: {num_blocks(model)} blocks, {count_parameters(model) / 1e6:.2f}M parameters, "
              f"{loaded.device.type}, {dtype_name(model)}")
-    log.info(f"Evaluating {len(loaded.ids):,} tokens in {n_windows:,} windows (max length {w.max_length}, "
-             f"stride {w.stride}) for each of {len(removals) + 1} configurations (baseline included)")
+    stride = f"stride {w.stride}, " if w.stride else ""
+    log.info(f"Evaluating {len(loaded.ids):,} tokens in {n_windows:,} windows (max length {w.max_length}, {stride}"
+             f"protocol {w.label}) for each of {len(removals) + 1} configurations (baseline included)")
     if loaded.device.type == "cpu" and log.isEnabledFor(logging.INFO):  # the estimate costs a forward pass
         seconds, batch = estimated_seconds(model, loaded.ids, [(), *removals], w)
         if seconds > CPU_SLOW_SECONDS:
@@ -258,7 +260,7 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
             config.output.resume, resumed, identity, scored_tokens(loaded.ids, w)))
     record.info.update(identity=identity, device=device, device_name=device_name(loaded.device), dtype=dtype,
                        stream_tokens=len(loaded.ids), max_length=w.max_length, stride=w.stride,
-                       configurations_evaluated=0, tokens_evaluated=0)
+                       protocol=w.label, prefix_token=w.prefix_token, configurations_evaluated=0, tokens_evaluated=0)
     if loaded.settings.tasks:  # lm-eval's task versions, shots and examples, filled in as configurations are scored
         record.info["tasks"] = loaded.settings.tasks.info
     record.save()  # before the first forward pass: a crashed run's CSV has its sidecar
@@ -290,7 +292,7 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: 
     """Every configuration's row, in plan order, each written as it arrives."""
     model, device, info = loaded.model, loaded.device, record.info
     context = {"mode": config.mode, "model": config.data.model, "dataset": config.data.dataset,
-               "device": device.type, "dtype": dtype_name(model)}
+               "device": device.type, "dtype": dtype_name(model), "protocol": loaded.settings.windows.label}
     done = {removal_key(r["removed_layers"]): r for r in resumed}
     work = Work()
     base = done.get(removal_key(()))

@@ -50,7 +50,7 @@ def merge_rows(tables: Sequence[tuple[str, list[dict]]]) -> list[dict]:
     pruned: list[dict] = []
     for path, rows in tables:
         for row in rows:
-            for column in ("model", "dataset", "mode", "eval_tokens", "dtype", "device"):
+            for column in ("model", "dataset", "mode", "eval_tokens", "dtype", "device", "protocol"):
                 if row.get(column) != reference.get(column):
                     raise KitError(f"'{path}' has {column} {row.get(column)!r} but '{first_path}' has "
                                    f"{reference.get(column)!r}; merge only the shards of one sweep")

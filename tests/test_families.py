@@ -201,19 +201,26 @@ def long_ids(tokenizer, text) -> torch.Tensor:
     return torch.tensor(tokenizer(text)["input_ids"][:200])
 
 
+# (protocol, stride, prefix token): each convention of evaluation.windows, and sliding after BOS
+PROTOCOLS = [("sliding", 16, None), ("sliding", 16, 0), ("disjoint", None, 0), ("lm-eval", None, 0)]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_engine_equals_one_model_at_a_time(family, batch_size, tokenizer, long_ids):
+@pytest.mark.parametrize("protocol, stride, prefix", PROTOCOLS)
+def test_engine_equals_one_model_at_a_time(family, batch_size, protocol, stride, prefix, tokenizer, long_ids):
     """Every family through the shared-prefix engine: each pruned model's perplexity is the one
-    it gets evaluated alone, to the last bit, with the first and the last block among those removed;
-    windows shorter than the sequence and (GPT-Neo, Mistral, Qwen2) than the local attention span."""
+    it gets evaluated alone, to the last bit, with the first and the last block among those removed,
+    under every perplexity convention; windows shorter than the sequence and (GPT-Neo, Mistral,
+    Qwen2) than the local attention span."""
     model = build(family, len(tokenizer))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     removals = [(), (0,), (N_LAYER - 1,), (1, 2), (0, N_LAYER - 1)]
-    shared, _ = sweep_perplexities(model, long_ids, removals, 32, 16, batch_size, progress=False)
+    windows = dict(progress=False, protocol=protocol, prefix_token=prefix)
+    shared, _ = sweep_perplexities(model, long_ids, removals, 32, stride, batch_size, **windows)
     for removed, result in zip(removals, shared):
         with removed_blocks(model, removed) as pruned:
-            alone = perplexity(pruned, long_ids, 32, 16, batch_size, progress=False)
+            alone = perplexity(pruned, long_ids, 32, stride, batch_size, **windows)
         assert result == alone, (family, removed)
     assert num_blocks(model) == N_LAYER
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
