@@ -2,7 +2,7 @@
 
 Each configuration is measured on the original model, never a copy: the
 speed test and the parameter count temporarily prune the model in place
-(models.removal.removed_blocks), so the kept blocks are the very tensors of the
+(models.removal.removed_units), so the kept blocks are the very tensors of the
 original model and the model is intact afterwards.
 
 Perplexity comes from the shared-prefix engine (evaluation.engine): a group
@@ -31,11 +31,10 @@ from torch import nn
 from config import SpeedSpec, WindowSpec
 from evaluation.engine import Work, one_model_work, sweep_perplexities
 from evaluation.latency import Latency, measure_latency
-from evaluation.params import count_parameters
+from evaluation.params import count_parameters, kv_cache_bytes_per_token
 from evaluation.perplexity import PerplexityResult, perplexity
 from models.families import num_blocks
-from models.removal import removed_blocks
-from models.units import validate_removal
+from models.removal import check_units, removed_units
 
 # Configurations evaluated together in one shared-prefix pass.
 GROUP_SIZE = 64
@@ -52,7 +51,7 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class Measurement:
-    removed: tuple[int, ...]
+    removed: tuple  # the removal set, canonical (models.units)
     num_layers: int
     ppl: PerplexityResult
     params: int
@@ -60,16 +59,18 @@ class Measurement:
     # The cost of the perplexity pass that produced this measurement; a pass
     # shared by a group of configurations is carried by the group's first one.
     work: Work | None = None
+    kv_cache_bytes: int | None = None  # per generated token
 
 
 def _finish(model: nn.Module, prompt_ids: torch.Tensor | None, removed: Sequence[int], ppl: PerplexityResult,
             settings: EvalSettings, work: Work | None) -> Measurement:
     """The measurements that need the pruned model itself: size and speed."""
     speed = settings.speed
-    with removed_blocks(model, removed) as pruned:
+    with removed_units(model, removed) as pruned:
         latency = (measure_latency(pruned, prompt_ids, speed.gen_tokens, speed.runs, speed.warmup)
                    if speed.enabled else None)
-        return Measurement(tuple(removed), num_blocks(pruned), ppl, count_parameters(pruned), latency, work)
+        return Measurement(tuple(removed), num_blocks(pruned), ppl, count_parameters(pruned), latency, work,
+                           kv_cache_bytes_per_token(pruned))
 
 
 def measure(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None, removed: Sequence[int],
@@ -77,7 +78,7 @@ def measure(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None
     """One configuration on its own: the reference the engine must agree with."""
     w = settings.windows
     start = time.perf_counter()
-    with removed_blocks(model, removed) as pruned:
+    with removed_units(model, removed) as pruned:
         ppl = perplexity(pruned, ids, w.max_length, w.stride, w.batch_size, progress=settings.progress)
     work = one_model_work(model, len(ids), removed, w.max_length, w.stride, time.perf_counter() - start)
     return _finish(model, prompt_ids, removed, ppl, settings, work)
@@ -86,8 +87,7 @@ def measure(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None
 def measure_all(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None,
                 removals: Iterable[Sequence[int]], settings: EvalSettings) -> Iterator[Measurement]:
     """Measurements of every removal set, in the order given, in groups (see the module docstring)."""
-    n = num_blocks(model)
-    removals = [validate_removal(r, n) for r in removals]
+    removals = [check_units(model, r) for r in removals]
     w = settings.windows
     for start in range(0, len(removals), GROUP_SIZE):
         group = removals[start : start + GROUP_SIZE]

@@ -22,7 +22,7 @@ from itertools import combinations
 from typing import TYPE_CHECKING, Sequence
 
 from config import RunConfig
-from models.units import Removal
+from models.units import Removal, row_removal
 from pruning.choice import Choice
 from pruning.plans import random_blocks
 from pruning.rules import RULES, rank_key
@@ -108,7 +108,7 @@ def _cell(value: float | None, fmt: str) -> str:
 
 def compare_report(plan: ComparePlan, rows: list[dict], beam_width: int) -> str:
     """The rules-against-optimum table, each rule's summary, and the score correlations."""
-    by_key = {removal_key(r["removed_layers"]): r for r in rows}
+    by_key = {removal_key(row_removal(r)): r for r in rows}
     ppl = lambda s: by_key[removal_key(s)]["perplexity"]
     base = by_key[removal_key(())]["perplexity"]
     body, gaps = [], {rule: [] for rule in COMPARED}

@@ -22,6 +22,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from models.units import is_whole_blocks, row_removal
 from pruning.rules import RULES
 from utils.text import compact_label
 
@@ -235,7 +236,7 @@ def importance_scores(rows: Sequence[dict]) -> dict[str, dict[int, float]]:
                 continue
             if key.startswith("["):
                 candidate = json.loads(key)
-                if len(candidate) == 1:
+                if len(candidate) == 1 and isinstance(candidate[0], int):
                     scores.setdefault(r["metric"], {})[candidate[0]] = float(value)
             elif len(removed) == 1:
                 scores.setdefault(key, {})[removed[0]] = float(value)
@@ -277,8 +278,10 @@ def figure_path(csv_path: str, kind: str) -> str:
 def write_figures(rows: Sequence[dict], csv_path: str) -> list[str]:
     """Every figure the rows support, as PNG files beside ``csv_path``; their paths."""
     paths = []
+    # the block figures draw whole-block rows (removed_layers is their whole removal set)
+    blocks_only = [r for r in rows if is_whole_blocks(row_removal(r))]
     for kind, build in FIGURES.items():
-        fig = build(rows) if rows else None
+        fig = build(blocks_only) if blocks_only else None
         if fig is None:
             continue
         path = figure_path(csv_path, kind)

@@ -7,12 +7,16 @@ import math
 from datetime import datetime
 from typing import Any
 
+from models.units import removed_whole, unit_names
+
 COLUMNS = [
     "mode", "model", "dataset", "removed_layers", "num_removed", "num_layers", "perplexity", "ppl_change_pct",
     "params", "params_m", "params_change_pct", "latency_ms", "latency_iqr_ms", "prefill_ms", "tokens_per_s",
     "speed_change_pct", "eval_tokens", "device", "dtype", "timestamp",
     # modes that choose blocks on calibration tokens (importance, greedy, beam, compare); empty otherwise
     "metric", "scores",
+    # the removal set as units, JSON: ["block2", "attn4", "mlp5"] (removed_layers lists only the whole blocks)
+    "removed_units", "kv_cache_bytes_per_token",
 ]
 # The columns a file must have for --mode report to draw from it.
 REQUIRED_COLUMNS = ("removed_layers", "num_layers", "perplexity")
@@ -42,8 +46,8 @@ def to_row(measurement: Any, context: dict) -> dict:
     m, lat = measurement, measurement.latency
     return {
         **context,
-        "removed_layers": list(m.removed),
-        "num_removed": len(m.removed),
+        "removed_layers": list(removed_whole(m.removed)),
+        "num_removed": len(removed_whole(m.removed)),
         "num_layers": m.num_layers,
         "perplexity": m.ppl.perplexity,
         "params": m.params,
@@ -54,4 +58,6 @@ def to_row(measurement: Any, context: dict) -> dict:
         "tokens_per_s": lat.tokens_per_s if lat else None,
         "eval_tokens": m.ppl.tokens,
         "timestamp": datetime.now().isoformat(timespec="seconds"),
+        "removed_units": unit_names(m.removed),
+        "kv_cache_bytes_per_token": m.kv_cache_bytes,
     }

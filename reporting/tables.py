@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from models.units import is_whole_blocks, row_removal
 from reporting.schema import change_pct
 from utils.text import compact_label, format_number, format_table, removed_label
 
@@ -13,6 +14,12 @@ CONSOLE_WIDTH = 80
 CONSOLE_NUMBER_WIDTH = 10
 
 
+def units_phrase(removal) -> str:
+    """'block 3', 'blocks 1, 3', 'units 1, attn3'."""
+    noun = "block" if is_whole_blocks(removal) else "unit"
+    return f"{noun}{'' if len(removal) == 1 else 's'} {removed_label(removal)}"
+
+
 def sweep_cells(rows: Sequence[dict], width: int | None = None) -> list[list[str]]:
     """One row of cells per configuration, shared by the console table and report.md.
 
@@ -20,7 +27,7 @@ def sweep_cells(rows: Sequence[dict], width: int | None = None) -> list[list[str
     """
     label = removed_label if width is None else compact_label
     return [[
-        label(r["removed_layers"]), str(r["num_layers"]), format_number(r["perplexity"], width=width),
+        label(row_removal(r)), str(r["num_layers"]), format_number(r["perplexity"], width=width),
         format_number(r.get("latency_ms"), width=width), format_number(r.get("params_m"), width=width),
         format_number(r.get("ppl_change_pct"), sign=True, width=width), format_number(r.get("speed_change_pct"), sign=True, width=width),
     ] for r in rows]
@@ -63,10 +70,10 @@ def comparison_table(original: dict, pruned: dict) -> str:
 
 def observations(rows: Sequence[dict]) -> list[str]:
     """A few sentences a reader would otherwise work out from the table."""
-    pruned = [r for r in rows if r["removed_layers"]]
+    pruned = [r for r in rows if row_removal(r)]
     if not pruned:
         return []
-    label = lambda r: ("block " if len(r["removed_layers"]) == 1 else "blocks ") + removed_label(r["removed_layers"])
+    label = lambda r: units_phrase(row_removal(r))
     worst = max(pruned, key=lambda r: r["perplexity"])
     best = min(pruned, key=lambda r: r["perplexity"])
     notes = []

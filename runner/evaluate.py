@@ -28,7 +28,7 @@ from export.heal import healing_inputs
 from models.families import check_prunable, num_blocks
 from models.loading import dtype_name, load_model, resolve_device
 from models.removal import context_size
-from models.units import Removal
+from models.units import Removal, row_removal
 from pruning.calibration import Calibration, calibration_ids
 from pruning.choice import Choice
 from pruning.modes import MODES, saving_modes
@@ -276,7 +276,7 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: 
     model, device, info = loaded.model, loaded.device, record.info
     context = {"mode": config.mode, "model": config.data.model, "dataset": config.data.dataset,
                "device": device.type, "dtype": dtype_name(model)}
-    done = {removal_key(r["removed_layers"]): r for r in resumed}
+    done = {removal_key(row_removal(r)): r for r in resumed}
     work = Work()
     base = done.get(removal_key(()))
     # The baseline goes into the sweep's own pass (its chain of blocks is every other configuration's
@@ -300,12 +300,12 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: 
         for row in batch:
             base = base or row
             row = with_changes(row, base)
-            rows[removal_key(row["removed_layers"])] = row
+            rows[removal_key(row_removal(row))] = row
             info["configurations_evaluated"] += 1
             info["tokens_evaluated"] += row["eval_tokens"]
             if record.out:
                 record.out.write(row)
-                if not row["removed_layers"]:  # what --resume checks the file's baseline row against
+                if not row_removal(row):  # what --resume checks the file's baseline row against
                     info["baseline"] = {"perplexity": row["perplexity"], "params": row["params"]}
                     record.save()
             bar.update()
