@@ -13,6 +13,7 @@ import sys
 from config import (DEFAULT_PROMPT, DataSpec, HealSpec, OutputSpec, RunConfig, SelectSpec, Shard, SpeedSpec,
                     WindowSpec, parse_shard)
 from pruning.modes import MODE_OPTIONS, MODES, either, saving_modes, users
+from models.units import UNIT_KINDS, parse_unit
 from pruning.rules import RULES
 from utils.errors import KitError
 
@@ -29,11 +30,13 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def removal_list(text: str) -> list[int]:
+def removal_list(text: str) -> list[int | str]:
+    """Block indices and sublayers (attn4, mlp5), comma-separated."""
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated block indices such as 1,3, got '{text}'")
+        return [parse_unit(part) for part in text.split(",") if part.strip()]
+    except KitError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices such as 1,3 (or units such as "
+                                         f"2,attn4,mlp5), got '{text}'") from None
 
 
 def positive_int(text: str) -> int:
@@ -92,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (default: 1)")
 
     g = p.add_argument_group("which blocks")
-    g.add_argument("--remove", type=removal_list, help=f"{used_by('remove')}: blocks to remove, e.g. 1,3")
+    g.add_argument("--remove", type=removal_list, help=f"{used_by('remove')}: blocks to remove, e.g. 1,3; "
+                   "attnN / mlpN remove one sublayer of block N, e.g. 2,attn4,mlp5")
+    g.add_argument("--unit", choices=UNIT_KINDS, default="block",
+                   help=f"{used_by('unit')}: what a candidate is: a whole block (default), a block's attention "
+                        "(attn), its MLP (mlp), or either sublayer (sublayer)")
     g.add_argument("--min-remove", type=positive_int, default=2,
                    help=f"{used_by('min_remove')}: fewest blocks removed (default 2)")
     g.add_argument("--max-remove", type=positive_int,
@@ -167,6 +174,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             sys.stderr.write(f"warning: {flag} is only used by {where}; --mode {args.mode} ignores it\n")
         else:
             parser.error(f"{flag} is only used by {where}, not {args.mode}")
+    if args.unit != "block" and "unit" not in mode.options:
+        parser.error(f"--unit is only used by --mode {either(users('unit'))}, not {args.mode}")
     for option, message in mode.needs:
         if not getattr(args, option):
             parser.error(message)
@@ -198,7 +207,7 @@ def to_config(args: argparse.Namespace, command_line: list[str]) -> RunConfig:
         windows=WindowSpec(args.max_length, args.stride, args.batch_size),
         select=SelectSpec(tuple(args.remove) if args.remove is not None else None, args.min_remove,
                           args.max_remove, args.ratio, args.num_remove, args.metric or "bi", args.beam_width or 4,
-                          args.calib_tokens, args.max_configs),
+                          args.calib_tokens, args.max_configs, args.unit),
         speed=SpeedSpec(not args.no_speed, args.speed_runs, args.speed_warmup, args.gen_tokens, args.prompt),
         heal=HealSpec(args.heal_steps, args.heal_mode, args.heal_lr, args.heal_batch_size, args.heal_seq_len,
                       args.lora_rank, args.heal_kd, args.train_dataset, args.seed),

@@ -138,9 +138,15 @@ def kept_nodes(n_blocks: int, remove: Sequence[Unit]) -> tuple[tuple[int, str], 
     return tuple((i, other[dropped[i]] if i in dropped else FULL) for i in kept_blocks(n_blocks, remove))
 
 
+def unit_order(removal: Sequence[Unit]) -> tuple:
+    """Sort key of a removal set, unit by unit (block i < attn i < mlp i < block i+1); on whole-block
+    sets the order of the plain tuples."""
+    return tuple((i, _ORDER[kind]) for i, kind in map(unit_parts, removal))
+
+
 def removal_order(removal: Sequence[Unit]) -> tuple:
-    """Sort key for removal sets: by size, then unit by unit (blocks, attentions and MLPs compare)."""
-    return len(removal), [(i, _ORDER[kind]) for i, kind in map(unit_parts, removal)]
+    """Sort key for removal sets: by size, then unit by unit."""
+    return len(removal), unit_order(removal)
 
 
 def row_removal(row: dict) -> Removal:

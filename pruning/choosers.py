@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from config import RunConfig
+from models.units import is_whole_blocks
 from pruning.choice import Choice, scores_json, scores_table
 from pruning.plans import removal_count
 from pruning.rules import RULES, choose
@@ -30,13 +31,15 @@ def importance(config: RunConfig, calib: "Calibration") -> Choice:
 
 
 def steps_table(steps: list[Step]) -> str:
-    return format_table(["Blocks removed", "Removed", "Calibration PPL", "Sets scored"],
-                        ([str(len(s.removed)), removed_label(s.removed), f"{s.score:.4f}", str(len(s.candidates))]
-                         for s in steps))
+    noun = "Blocks" if all(is_whole_blocks(s.removed) for s in steps) else "Units"
+    return format_table([f"{noun} removed", "Removed", "Calibration PPL", "Sets scored"],
+                        ([str(n), removed_label(s.removed), f"{s.score:.4f}", str(len(s.candidates))]
+                         for n, s in enumerate(steps, start=1)))
 
 
 def greedy_mode(config: RunConfig, calib: "Calibration") -> Choice:
-    steps = greedy(calib.perplexities, calib.n_blocks, removal_count(config.select, calib.n_blocks), calib.progress)
+    steps = greedy(calib.perplexities, calib.n_blocks, removal_count(config.select, calib.n_blocks), calib.progress,
+                   units=calib.units)
     return Choice([s.removed for s in steps],
                   {s.removed: {"metric": "greedy", "scores": scores_json(s.candidates)} for s in steps},
                   lambda rows: "Greedy elimination on calibration tokens (SLEB)\n\n" + steps_table(steps))
@@ -45,7 +48,7 @@ def greedy_mode(config: RunConfig, calib: "Calibration") -> Choice:
 def beam_mode(config: RunConfig, calib: "Calibration") -> Choice:
     width = config.select.beam_width
     steps = beam(calib.perplexities, calib.n_blocks, removal_count(config.select, calib.n_blocks), width,
-                 calib.progress)
+                 calib.progress, units=calib.units)
     best = steps[-1]
     return Choice([best.removed], {best.removed: {"metric": "beam", "scores": scores_json(best.candidates)}},
                   lambda rows: f"Beam search (width {width}) on calibration tokens: best set per size\n\n"

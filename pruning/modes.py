@@ -33,9 +33,9 @@ MODE_OPTIONS = {
     "remove": "--remove", "min_remove": "--min-remove", "max_remove": "--max-remove", "ratio": "--ratio",
     "num_remove": "--num-remove", "metric": "--metric", "beam_width": "--beam-width",
     "calib_tokens": "--calib-tokens", "max_configs": "--max-configs", "input": "--input", "inputs": "--inputs",
-    "allow_partial": "--allow-partial",
+    "allow_partial": "--allow-partial", "unit": "--unit",
 }
-HOW_MANY = frozenset({"ratio", "num_remove"})
+HOW_MANY = frozenset({"ratio", "num_remove", "unit"})
 CALIBRATED = frozenset({"calib_tokens"})
 
 
@@ -63,9 +63,10 @@ class Mode:
 
 MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("baseline", "the unpruned model", plan=plans.baseline, removes=False),
-    Mode("sequential", "each single block removed in turn", plan=plans.sequential),
-    Mode("combinatorial", "every set of --min-remove..--max-remove blocks", plan=plans.combinatorial,
-         options=frozenset({"min_remove", "max_remove", "max_configs"})),
+    Mode("sequential", "each single block (or --unit) removed in turn", plan=plans.sequential,
+         options=frozenset({"unit"})),
+    Mode("combinatorial", "every set of --min-remove..--max-remove blocks (or --unit)", plan=plans.combinatorial,
+         options=frozenset({"min_remove", "max_remove", "max_configs", "unit"})),
     Mode("random", "randomly drawn blocks (--seed)", plan=plans.random_removal, options=HOW_MANY, saves=True,
          seeded=True),
     Mode("custom", "the blocks in --remove", plan=plans.custom, options=frozenset({"remove"}), saves=True),

@@ -157,7 +157,8 @@ def plan(config: RunConfig, loaded: Loaded, procs: Processes) -> tuple[list[Remo
     w = loaded.settings.windows
     calib = Calibration(loaded.model, lambda: calibration_ids(config.data, config.select.calib_tokens,
                                                               loaded.tokenizer, loaded.stream, loaded.cache_dir),
-                        w.max_length, w.stride, w.batch_size, progress=loaded.settings.progress)
+                        w.max_length, w.stride, w.batch_size, progress=loaded.settings.progress,
+                        unit=config.select.unit)
     chosen: list[Choice] = []
 
     def choose() -> tuple[list[Removal], dict]:
