@@ -28,7 +28,7 @@ from export.heal import healing_inputs
 from models.families import check_prunable, num_blocks
 from models.loading import dtype_name, load_model, resolve_device
 from models.removal import context_size
-from models.units import Removal, row_removal
+from models.units import Removal, canonical, row_removal
 from pruning.calibration import Calibration, calibration_ids
 from pruning.choice import Choice
 from pruning.modes import MODES, saving_modes
@@ -293,7 +293,7 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: 
                    disable=config.output.quiet or len(todo) < 2 or not procs.is_main)
     extras = choice.extras if choice else {}
     measurements = counted(measure_all(model, loaded.ids, loaded.prompt_ids, mine, loaded.settings), work)
-    measured = (to_row(m, {**context, **extras.get(tuple(sorted(m.removed)), {})}) for m in measurements)
+    measured = (to_row(m, {**context, **extras.get(canonical(m.removed), {})}) for m in measurements)
     rows = dict(done)
     # Each process measures its share; every row reaches every process, in order, and the main
     # process writes it. Process 0's share starts with the baseline, so it is the first row of all.
