@@ -97,6 +97,8 @@ class SelectSpec:
     calib_tokens: int = 16384
     max_configs: int = 5000
     unit: str = "block"  # --unit: the candidates, block | attn | mlp | sublayer (models.units.UNIT_KINDS)
+    target_params: str | None = None  # --target-params: "0.8" (a fraction of the original) or "60M"
+    target_speedup: float | None = None  # --target-speedup: measured prefill speed-up over the baseline
 
 
 @dataclass(frozen=True)

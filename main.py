@@ -14,6 +14,7 @@ from config import (DEFAULT_PROMPT, DataSpec, HealSpec, OutputSpec, RunConfig, S
                     WindowSpec, parse_shard)
 from pruning.modes import MODE_OPTIONS, MODES, either, saving_modes, users
 from models.units import UNIT_KINDS, parse_unit
+from pruning.budget import parse_params_target
 from pruning.rules import RULES
 from utils.errors import KitError
 
@@ -109,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-remove", type=positive_int,
                    help=f"{used_by('num_remove')}: number of blocks to remove (overrides --ratio)")
 
+    g.add_argument("--target-params", metavar="P", help=f"{used_by('target_params')}: remove units until at most P "
+                   "parameters remain: a fraction of the original (0.8) or a count (60M); replaces --num-remove")
+    g.add_argument("--target-speedup", type=float, metavar="X", help=f"{used_by('target_speedup')}: remove units "
+                   "until the measured prefill is X times as fast as the unpruned model's (1.3)")
+
     g = p.add_argument_group(f"choosing blocks on calibration tokens ({used_by('calib_tokens')})")
     g.add_argument("--metric", choices=list(RULES), help=f"{used_by('metric')}: "
                    + ", ".join(f"{name} ({rule.title})" for name, rule in RULES.items()) + "; default bi")
@@ -174,6 +180,17 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             sys.stderr.write(f"warning: {flag} is only used by {where}; --mode {args.mode} ignores it\n")
         else:
             parser.error(f"{flag} is only used by {where}, not {args.mode}")
+    if args.target_params is not None:
+        try:
+            parse_params_target(args.target_params)
+        except KitError as exc:
+            parser.error(str(exc))
+    if args.target_speedup is not None and not args.target_speedup > 1:
+        parser.error(f"--target-speedup must be above 1 (1.3 = 30% faster), got {args.target_speedup}")
+    if args.target_params is not None and args.target_speedup is not None:
+        parser.error("give --target-params or --target-speedup, not both")
+    if args.num_remove is not None and (args.target_params is not None or args.target_speedup is not None):
+        parser.error("--num-remove and a --target-* budget both say how much to remove; give one")
     if args.unit != "block" and "unit" not in mode.options:
         parser.error(f"--unit is only used by --mode {either(users('unit'))}, not {args.mode}")
     for option, message in mode.needs:
@@ -207,7 +224,8 @@ def to_config(args: argparse.Namespace, command_line: list[str]) -> RunConfig:
         windows=WindowSpec(args.max_length, args.stride, args.batch_size),
         select=SelectSpec(tuple(args.remove) if args.remove is not None else None, args.min_remove,
                           args.max_remove, args.ratio, args.num_remove, args.metric or "bi", args.beam_width or 4,
-                          args.calib_tokens, args.max_configs, args.unit),
+                          args.calib_tokens, args.max_configs, args.unit, args.target_params,
+                          args.target_speedup),
         speed=SpeedSpec(not args.no_speed, args.speed_runs, args.speed_warmup, args.gen_tokens, args.prompt),
         heal=HealSpec(args.heal_steps, args.heal_mode, args.heal_lr, args.heal_batch_size, args.heal_seq_len,
                       args.lora_rank, args.heal_kd, args.train_dataset, args.seed),

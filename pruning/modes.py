@@ -33,9 +33,11 @@ MODE_OPTIONS = {
     "remove": "--remove", "min_remove": "--min-remove", "max_remove": "--max-remove", "ratio": "--ratio",
     "num_remove": "--num-remove", "metric": "--metric", "beam_width": "--beam-width",
     "calib_tokens": "--calib-tokens", "max_configs": "--max-configs", "input": "--input", "inputs": "--inputs",
-    "allow_partial": "--allow-partial", "unit": "--unit",
+    "allow_partial": "--allow-partial", "unit": "--unit", "target_params": "--target-params",
+    "target_speedup": "--target-speedup",
 }
 HOW_MANY = frozenset({"ratio", "num_remove", "unit"})
+BUDGETS = frozenset({"target_params", "target_speedup"})
 CALIBRATED = frozenset({"calib_tokens"})
 
 
@@ -71,11 +73,11 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          seeded=True),
     Mode("custom", "the blocks in --remove", plan=plans.custom, options=frozenset({"remove"}), saves=True),
     Mode("importance", "the blocks a --metric scores lowest on calibration tokens", choose=choosers.importance,
-         options=HOW_MANY | CALIBRATED | {"metric"}, saves=True, seeded=True),
+         options=HOW_MANY | CALIBRATED | BUDGETS | {"metric"}, saves=True, seeded=True),
     Mode("greedy", "iterative elimination by calibration perplexity (SLEB)", choose=choosers.greedy_mode,
-         options=HOW_MANY | CALIBRATED, saves=True, seeded=True),
+         options=HOW_MANY | CALIBRATED | BUDGETS, saves=True, seeded=True),
     Mode("beam", "beam search by calibration perplexity", choose=choosers.beam_mode,
-         options=HOW_MANY | CALIBRATED | {"beam_width"}, saves=True, seeded=True),
+         options=HOW_MANY | CALIBRATED | BUDGETS | {"beam_width"}, saves=True, seeded=True),
     Mode("compare", "every rule's choice against the exhaustive optimum", choose=compare,
          options=CALIBRATED | {"max_remove", "beam_width", "max_configs"}, seeded=True),
     Mode("report", "figures and report.md again from --input", action="report", options=frozenset({"input"}),

@@ -55,15 +55,16 @@ def _extensions(removed: Removal, units: Sequence[Unit], n_blocks: int) -> list[
 
 
 def greedy(score: Scorer, n_blocks: int, k: int, progress: bool = True,
-           units: Sequence[Unit] | None = None) -> list[Step]:
+           units: Sequence[Unit] | None = None, stop: Callable[[Removal], bool] | None = None) -> list[Step]:
     """Steps 1..k of iterative elimination; ``score`` maps removal sets to calibration perplexities."""
-    return beam(score, n_blocks, k, width=1, progress=progress, units=units)
+    return beam(score, n_blocks, k, width=1, progress=progress, units=units, stop=stop)
 
 
 def beam(score: Scorer, n_blocks: int, k: int, width: int, progress: bool = True,
-         units: Sequence[Unit] | None = None) -> list[Step]:
+         units: Sequence[Unit] | None = None, stop: Callable[[Removal], bool] | None = None) -> list[Step]:
     """Best set of each size 1..k found by a beam of ``width`` sets; ``units`` are the candidates
-    (default: the n_blocks blocks), and size counts the units removed.
+    (default: the n_blocks blocks), and size counts the units removed. With ``stop`` (a budget,
+    pruning.budget) the search ends at the first step whose best set meets it.
 
     Ties are broken by the sets themselves, so the search is deterministic;
     a step's ``candidates`` are the distinct sets it scored.
@@ -83,4 +84,8 @@ def beam(score: Scorer, n_blocks: int, k: int, width: int, progress: bool = True
         ranked = sorted(candidates, key=lambda c: rank_key(candidates[c], c))
         frontier = ranked[:width]
         steps.append(Step(frontier[0], candidates[frontier[0]], candidates))
+        if stop is not None and stop(frontier[0]):
+            return steps
+    if stop is not None:
+        raise KitError(f"no set of up to {k} units found by the search meets the target")
     return steps

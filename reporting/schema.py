@@ -17,6 +17,8 @@ COLUMNS = [
     "metric", "scores",
     # the removal set as units, JSON: ["block2", "attn4", "mlp5"] (removed_layers lists only the whole blocks)
     "removed_units", "kv_cache_bytes_per_token",
+    # --target-params / --target-speedup the choosing mode removed units until it met; empty otherwise
+    "target",
 ]
 # The columns a file must have for --mode report to draw from it.
 REQUIRED_COLUMNS = ("removed_layers", "num_layers", "perplexity")

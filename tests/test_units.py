@@ -17,8 +17,9 @@ from evaluation.params import count_parameters, kv_cache_bytes_per_token
 from evaluation.perplexity import perplexity
 from models.families import FAMILIES as REGISTRY
 from models.families import family_of, get_blocks, module_at
-from models.removal import removed_blocks, removed_units, skipped_sublayer
+from models.removal import SkippedAttention, SkippedMLP, removed_blocks, removed_units, skipped_sublayer
 from models.units import candidate_units, canonical, kept_nodes, parse_unit, row_removal, validate_removal
+from pruning.budget import parse_params_target
 from pruning.calibration import Calibration
 from pruning.rules import RULES, choose
 from pruning.search import beam, greedy
@@ -227,3 +228,40 @@ def test_unit_options_are_checked_before_any_work(trained_dir, text_file, tmp_pa
         assert run(trained_dir, text_file, out, *args) == 2
         assert message in capsys.readouterr().err
     assert not list(out.glob("*.csv")) if out.exists() else True
+
+
+def test_a_params_target_is_a_fraction_or_a_count():
+    assert parse_params_target("0.8") == 0.8
+    assert parse_params_target("60M") == 60e6 and parse_params_target("1.5B") == 1.5e9
+    assert parse_params_target("60000000") == 60e6
+    for bad in ("0", "1.5", "-0.2", "60X", "eighty"):
+        with pytest.raises(KitError, match="--target-params"):
+            parse_params_target(bad)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "importance"])
+def test_a_params_budget_removes_units_until_it_is_met(mode, trained_dir, text_file, tmp_path):
+    """Rows record the target; the last set meets it, and (greedy's rows are its steps) the one before does not."""
+    assert run(trained_dir, text_file, tmp_path, "--mode", mode, "--unit", "sublayer", "--target-params", "0.93") == 0
+    rows = only_csv(tmp_path)
+    limit = 0.93 * rows.params.iloc[0]
+    assert rows.params.iloc[-1] <= limit
+    assert rows.target.iloc[-1] == "params<=0.93" and pd.isna(rows.target.iloc[0])
+    if mode == "greedy":
+        assert (rows.params.iloc[:-1] > limit).all()
+
+
+def test_a_speedup_budget_stops_at_the_first_set_fast_enough(trained, ids, monkeypatch):
+    """Under a controlled clock (prefill time = the sublayers that still run), greedy stops at 8/6 = 1.33x."""
+    from config import SelectSpec
+    from pruning import budget
+
+    def clock(model, tokens):
+        running = [b.attn for b in get_blocks(model)] + [b.mlp for b in get_blocks(model)]
+        return float(sum(not isinstance(m, (SkippedAttention, SkippedMLP)) for m in running))
+
+    monkeypatch.setattr(budget, "_prefill_ms", clock)
+    calib = Calibration(trained, lambda: ids[:1200], 64, 32, progress=False, unit="sublayer")
+    check = budget.Budget(calib, SelectSpec(unit="sublayer", target_speedup=1.3))
+    steps = greedy(calib.perplexities, N_LAYER, 7, progress=False, units=calib.units, stop=check.met)
+    assert len(steps) == 2 and steps[-1].removed == (f"attn{IDENTITY_ATTN}", f"mlp{IDENTITY_MLP}")
