@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{used_by('num_remove')}: number of blocks to remove (overrides --ratio)")
 
     g.add_argument("--target-params", metavar="P", help=f"{used_by('target_params')}: remove units until at most P "
-                   "parameters remain: a fraction of the original (0.8) or a count (60M); replaces --num-remove")
+                   "parameters remain: a fraction of the original (0.8) or a count (60M); replaces --num-remove; "
+                   "compare: whole blocks against sublayers at each budget (0.9,0.8)")
     g.add_argument("--target-speedup", type=float, metavar="X", help=f"{used_by('target_speedup')}: remove units "
                    "until the measured prefill is X times as fast as the unpruned model's (1.3)")
 
@@ -181,8 +182,12 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         else:
             parser.error(f"{flag} is only used by {where}, not {args.mode}")
     if args.target_params is not None:
+        budgets = args.target_params.split(",")
+        if len(budgets) > 1 and args.mode != "compare":
+            parser.error("several --target-params budgets (0.9,0.8) are for --mode compare; give one")
         try:
-            parse_params_target(args.target_params)
+            for budget in budgets:
+                parse_params_target(budget)
         except KitError as exc:
             parser.error(str(exc))
     if args.target_speedup is not None and not args.target_speedup > 1:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Sequence
 from config import RunConfig
 from models.units import Removal, row_removal
 from pruning.choice import Choice
+from pruning.granularity import compare_granularity
 from pruning.plans import random_blocks
 from pruning.rules import RULES, rank_key
 from pruning.search import beam, greedy
@@ -144,6 +145,8 @@ def compare_report(plan: ComparePlan, rows: list[dict], beam_width: int) -> str:
 
 
 def compare(config: RunConfig, calib: "Calibration") -> Choice:
+    if config.select.target_params is not None:  # whole blocks against sublayers at equal size
+        return compare_granularity(config, calib)
     plan = plan_compare(config, calib)
     removals = plan.removals()
     extras = {}

@@ -265,3 +265,18 @@ def test_a_speedup_budget_stops_at_the_first_set_fast_enough(trained, ids, monke
     check = budget.Budget(calib, SelectSpec(unit="sublayer", target_speedup=1.3))
     steps = greedy(calib.perplexities, N_LAYER, 7, progress=False, units=calib.units, stop=check.met)
     assert len(steps) == 2 and steps[-1].removed == (f"attn{IDENTITY_ATTN}", f"mlp{IDENTITY_MLP}")
+
+
+def test_compare_puts_blocks_against_sublayers_at_each_budget(trained_dir, text_file, tmp_path, capsys):
+    assert run(trained_dir, text_file, tmp_path, "--mode", "compare", "--target-params", "0.9,0.8") == 0
+    rows = only_csv(tmp_path)
+    out = capsys.readouterr().out
+    assert "Whole blocks against sublayers at equal parameter budgets" in out
+    for budget in ("0.9", "0.8"):
+        assert f"At params <= {budget}: best block set" in out
+    base = rows.params.iloc[0]
+    for metric, params in zip(rows.metric.iloc[1:], rows.params.iloc[1:]):  # each set meets its tightest budget
+        tightest = min(float(role.split("@")[1]) for role in metric.split(","))
+        assert params <= tightest * base
+    (report,) = tmp_path.glob("*_report.md")
+    assert "best sublayer set" in report.read_text()
