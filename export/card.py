@@ -16,7 +16,7 @@ from huggingface_hub import ModelCardData
 from config import DataSpec, RunConfig, WindowSpec
 from evaluation.latency import PREFILL_TOKENS
 from models.loading import looks_local
-from models.units import kept_blocks
+from models.units import kept_blocks, removed_whole, row_removal, unit_names
 from reporting.schema import change_pct
 from utils.data import is_local_dataset
 
@@ -42,7 +42,8 @@ def build_report(config: RunConfig, rows: Sequence[dict], windows: WindowSpec, h
                  checkpoint_ppl: float, dtype: str, device: str, model_type: str) -> dict:
     """Everything the model card states, as data; ``windows`` are the run's resolved windows."""
     original, pruned = rows[0], rows[-1]
-    removed = list(pruned["removed_layers"])
+    removal = row_removal(pruned)
+    removed = list(removed_whole(removal))
     n = original["num_layers"]
     data, speed = config.data, config.speed
     return {
@@ -51,6 +52,9 @@ def build_report(config: RunConfig, rows: Sequence[dict], windows: WindowSpec, h
         "mode": config.mode,
         "removed_blocks": removed,
         "kept_blocks": list(kept_blocks(n, removed)),
+        # every removed unit; attnN / mlpN are kept in the checkpoint with their output projection zeroed
+        "removed_units": unit_names(removal),
+        "zeroed_sublayers": [u for u in unit_names(removal) if not u.startswith("block")],
         "evaluation": {"dataset": data.dataset, "split": data.split, "text_column": data.text_column,
                        "scored_tokens": pruned["eval_tokens"], "max_length": windows.max_length,
                        "stride": windows.stride, "batch_size": windows.batch_size, "device": device,
@@ -76,6 +80,20 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def _pct(value: float | None, reference: float | None) -> str:
     pct = change_pct(value, reference)
     return "" if pct is None else f"{pct:+.2f}%"
+
+
+def _zeroed_note(report: dict) -> list[str]:
+    """What a card says about removed sublayers, which plain transformers cannot skip."""
+    zeroed = report.get("zeroed_sublayers") or []
+    if not zeroed:
+        return []
+    return ["## Removed sublayers (weights kept, zeroed)", "",
+            f"Also removed: {', '.join(f'`{u}`' for u in zeroed)} (attnN: the attention of original block N, "
+            "mlpN: its MLP). Plain transformers has no way to skip a sublayer, so this checkpoint keeps their "
+            "weights with each one's output projection set to zero: the sublayer adds exactly nothing, the "
+            "outputs are those of the pruned model, but the checkpoint has the full parameter count of its "
+            "blocks and computes (and caches) these sublayers: no size or speed gain here. The pruned "
+            "parameters and speed below are the kit's, which skips them.", ""]
 
 
 def model_card(report: dict) -> str:
@@ -107,7 +125,7 @@ def model_card(report: dict) -> str:
              f"{', '.join(map(str, report['removed_blocks']))} (0-based) and keeping blocks "
              f"{', '.join(map(str, report['kept_blocks']))}, which are renumbered 0..{p['num_layers'] - 1} here.", "",
              "## Removed blocks", "", f"`{json.dumps(report['removed_blocks'])}`", "",
-             "## Before and after", "", *table, "", speed, ""]
+             *_zeroed_note(report), "## Before and after", "", *table, "", speed, ""]
     if h:
         lines += ["## Healing", "",
                   f"After pruning, the model was fine-tuned for {h['steps']} steps ({h['mode']}"

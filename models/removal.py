@@ -15,13 +15,14 @@ exactly the kept blocks.
 
 from __future__ import annotations
 
+import copy
 from contextlib import ExitStack, contextmanager
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from models.families import DEPTH_FIELDS, Family, block_owner, check_prunable, family_of, module_at
+from models.families import DEPTH_FIELDS, Family, block_owner, check_prunable, family_of, get_blocks, module_at
 from models.units import Removal, Unit, kept_blocks, removed_sublayers, removed_whole, unit_names, validate_removal
 from utils.errors import KitError
 
@@ -175,6 +176,30 @@ def removed_units(model: nn.Module, remove: Sequence[Unit]) -> Iterator[nn.Modul
             for cache_index, index in enumerate(_real_attentions(n_blocks, remove)):
                 _set_layer_index(blocks[at[index]], cache_index, family)
         yield pruned
+
+
+@torch.no_grad()
+def zeroed_copy(model: nn.Module, remove: Sequence[Unit]) -> nn.Module:
+    """A copy of the pruned model that plain transformers loads: whole blocks removed, and each removed
+    sublayer kept with its output projection (weight and bias) zeroed.
+
+    It adds exactly zero to the residual stream, as the skipped sublayer does
+    (h + 0 is h), so the logits are those of ``removed_units``; but the
+    checkpoint keeps the sublayer's weights and plain transformers still
+    computes it (and caches its keys and values): full size, no speed gain.
+    """
+    remove = check_units(model, remove)
+    family = family_of(model)
+    with removed_blocks(model, removed_whole(remove)) as pruned:
+        out = copy.deepcopy(pruned)
+    blocks = get_blocks(out)
+    at = {old: new for new, old in enumerate(kept_blocks(len(getattr(*block_owner(model))), remove))}
+    for index, sublayer in removed_sublayers(remove).items():
+        proj = module_at(blocks[at[index]], family.attention_out if sublayer == "attn" else family.mlp_out)
+        proj.weight.zero_()
+        if getattr(proj, "bias", None) is not None:
+            proj.bias.zero_()
+    return out
 
 
 @contextmanager

@@ -186,7 +186,7 @@ def only_csv(folder) -> pd.DataFrame:
 def test_custom_mode_takes_units_and_the_csv_lists_them(trained_dir, text_file, tmp_path):
     assert run(trained_dir, text_file, tmp_path, "--mode", "custom", "--remove", "2,attn1,mlp3") == 0
     rows = only_csv(tmp_path)
-    assert list(rows.columns[-2:]) == ["removed_units", "kv_cache_bytes_per_token"]
+    assert list(rows.columns[-3:]) == ["removed_units", "kv_cache_bytes_per_token", "target"]
     base, pruned = rows.iloc[0], rows.iloc[1]
     assert json.loads(pruned.removed_units) == ["attn1", "block2", "mlp3"]
     assert json.loads(pruned.removed_layers) == [2]  # the whole blocks only, as scripts expect
@@ -280,3 +280,22 @@ def test_compare_puts_blocks_against_sublayers_at_each_budget(trained_dir, text_
         assert params <= tightest * base
     (report,) = tmp_path.glob("*_report.md")
     assert "best sublayer set" in report.read_text()
+
+
+def test_a_partial_block_export_loads_in_plain_transformers_with_the_same_logits(trained_dir, text_file, tmp_path,
+                                                                               trained, ids):
+    from transformers import AutoModelForCausalLM
+
+    target = tmp_path / "pruned"
+    assert run(trained_dir, text_file, tmp_path / "out", "--mode", "custom", "--remove", "0,attn2,mlp3",
+               "--save-model", str(target)) == 0
+    report = json.loads((target / "pruning_report.json").read_text())
+    assert report["removed_units"] == ["block0", "attn2", "mlp3"] and report["removed_blocks"] == [0]
+    assert report["zeroed_sublayers"] == ["attn2", "mlp3"]
+    assert "keeps their weights" in (target / "README.md").read_text().replace("\n", " ")
+    reloaded = AutoModelForCausalLM.from_pretrained(target).eval()
+    assert reloaded.config.n_layer == 3
+    inputs = ids[None, :40]
+    with removed_units(trained, [0, "attn2", "mlp3"]) as pruned, torch.no_grad():
+        assert torch.equal(reloaded(inputs).logits, pruned(inputs).logits)
+        assert count_parameters(reloaded) > count_parameters(pruned)  # the zeroed sublayers' weights are kept
