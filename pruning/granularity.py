@@ -25,20 +25,20 @@ from models.units import Removal, row_removal
 from pruning.budget import Budget, parse_params_target
 from pruning.choice import Choice
 from pruning.rules import RULES, choose
-from pruning.search import beam, greedy
+from pruning.search import beam
 from utils.text import format_table, removal_key, removed_label
 
 if TYPE_CHECKING:
     from pruning.calibration import Calibration
 
 GRANULARITIES = ("block", "sublayer")
-SEARCHES = ("greedy", "beam")
 
 
 @dataclass(frozen=True)
 class GranularityPlan:
     budgets: tuple[str, ...]
     chosen: dict[tuple[str, str, str], Removal]  # (budget, granularity, rule) -> the set it removes
+    costs: dict[tuple[str, str, str], str]  # what choosing it cost, in calibration evaluations (or passes)
 
     def removals(self) -> list[Removal]:
         return list(dict.fromkeys(self.chosen.values()))
@@ -47,18 +47,27 @@ class GranularityPlan:
         return ",".join(f"{g} {rule} @{b}" for (b, g, rule), s in self.chosen.items() if s == removal)
 
 
-def _choices(calib: "Calibration", budget: Budget, width: int) -> dict[str, Removal]:
-    """Each rule's fewest units meeting ``budget`` at the calibration's granularity."""
+def _choices(calib: "Calibration", budget: Budget, width: int) -> dict[str, tuple[Removal, str]]:
+    """Each rule's fewest units meeting ``budget`` at the calibration's granularity, and its cost.
+
+    Costs are what the rule needs on its own (the run shares a cache, so it
+    pays less): bi and angular one calibration pass, ppl one calibration
+    evaluation per candidate unit, a search the sets it scored.
+    """
     most = len(calib.units) - 1
     out = {}
     for name, rule in RULES.items():
-        if name == "angular" and calib.unit not in ("block", "sublayer"):
-            continue
-        out[name] = choose(rule, calib, budget.fewest(lambda k: choose(rule, calib, k)[0], most))[0]
-    out["greedy"] = greedy(calib.perplexities, calib.n_blocks, most, calib.progress, units=calib.units,
-                           stop=budget.met)[-1].removed
-    out["beam"] = beam(calib.perplexities, calib.n_blocks, most, width, calib.progress, units=calib.units,
-                       stop=budget.met)[-1].removed
+        removal = choose(rule, calib, budget.fewest(lambda k: choose(rule, calib, k)[0], most))[0]
+        out[name] = (removal, f"{len(calib.units)} evaluations" if name == "ppl" else "1 pass")
+    for name, width_ in (("greedy", 1), ("beam", width)):
+        scored: list[int] = []
+
+        def score(sets):
+            scored.append(len(sets))
+            return calib.perplexities(sets)
+
+        steps = beam(score, calib.n_blocks, most, width_, calib.progress, units=calib.units, stop=budget.met)
+        out[name] = (steps[-1].removed, f"{sum(scored)} evaluations")
     return out
 
 
@@ -67,14 +76,14 @@ def plan_granularity(config: RunConfig, calib: "Calibration") -> GranularityPlan
     for b in budgets:
         parse_params_target(b)
     calib.ids  # loaded once, shared by both granularities' calibrations
-    chosen = {}
+    chosen, costs = {}, {}
     for b in budgets:
         for g in GRANULARITIES:
             at = replace(calib, unit=g)  # shares the cached perplexities and one-pass scores
             spec = replace(config.select, unit=g, target_params=b)
-            for rule, removal in _choices(at, Budget(at, spec), config.select.beam_width).items():
-                chosen[(b, g, rule)] = removal
-    return GranularityPlan(budgets, chosen)
+            for rule, (removal, cost) in _choices(at, Budget(at, spec), config.select.beam_width).items():
+                chosen[(b, g, rule)], costs[(b, g, rule)] = removal, cost
+    return GranularityPlan(budgets, chosen, costs)
 
 
 def granularity_report(plan: GranularityPlan, rows: list[dict]) -> str:
@@ -90,7 +99,7 @@ def granularity_report(plan: GranularityPlan, rows: list[dict]) -> str:
                     continue
                 r = row(s)
                 body.append([b, g, rule, removed_label(s), f"{r['params'] / base['params'] * 100:.1f}",
-                             f"{r['perplexity']:,.2f}"])
+                             f"{r['perplexity']:,.2f}", plan.costs[(budget, gran, rule)]])
                 if g not in best or r["perplexity"] < best[g][1]["perplexity"]:
                     best[g] = (rule, r, s)
         (rb, block_row, sb), (rs, sub_row, ss) = best["block"], best["sublayer"]
@@ -101,7 +110,8 @@ def granularity_report(plan: GranularityPlan, rows: list[dict]) -> str:
         best_lines.append(f"At params <= {b}: best block set {removed_label(sb)} ({rb}, PPL "
                           f"{block_row['perplexity']:,.2f}), best sublayer set {removed_label(ss)} ({rs}, PPL "
                           f"{sub_row['perplexity']:,.2f}): {verdict}")
-    table = format_table(["Budget", "Units", "Rule", "Removed", "Params (%)", "Perplexity"], body)
+    table = format_table(["Budget", "Units", "Rule", "Removed", "Params (%)", "Perplexity", "Calibration cost"],
+                         body)
     return "\n\n".join([f"Whole blocks against sublayers at equal parameter budgets (baseline PPL "
                         f"{base['perplexity']:,.2f}; rules chose on calibration tokens, perplexities on the "
                         "evaluation tokens)", table, "\n".join(best_lines)])

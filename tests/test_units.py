@@ -202,7 +202,8 @@ def test_sequential_over_sublayers_has_a_row_per_unit(trained_dir, text_file, tm
     assert units == [(), *((u,) for u in candidate_units("sublayer", N_LAYER))]
     by_unit = dict(zip(units, rows.perplexity))
     assert by_unit[(f"attn{IDENTITY_ATTN}",)] == by_unit[()] == by_unit[(f"mlp{IDENTITY_MLP}",)]
-    assert (tmp_path / next(tmp_path.glob("*.csv")).name.replace(".csv", "_report.md")).exists()
+    assert main.main(["--mode", "report", "--input", str(next(tmp_path.glob("*.csv")))]) == 0
+    assert list(tmp_path.glob("*_per-unit.png")) and list(tmp_path.glob("*_report.md"))
 
 
 def test_greedy_over_units_and_resume_of_unit_rows(trained_dir, text_file, tmp_path):
