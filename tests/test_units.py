@@ -24,6 +24,7 @@ from pruning.calibration import Calibration
 from pruning.rules import RULES, choose
 from pruning.search import beam, greedy
 from test_families import N_LAYER, build
+from test_importance import only_csv
 from tiny import make_model, save_model_dir, train_briefly
 from utils.errors import KitError
 from utils.text import removal_key
@@ -60,6 +61,11 @@ def trained(tokenizer, ids):
     zero_output(model, IDENTITY_ATTN, "attn")
     zero_output(model, IDENTITY_MLP, "mlp")
     return train_briefly(model, ids, steps=150)
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, trained, tokenizer):
+    return save_model_dir(tmp_path_factory.mktemp("trained-units"), trained, tokenizer)
 
 
 def test_units_parse_merge_and_refuse():
@@ -168,19 +174,10 @@ def test_params_and_kv_cache_fall_with_the_units_removed(model):
     assert abs(attn / (attn + mlp) - 1 / 3) < 0.01
 
 
-@pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory, trained, tokenizer):
-    return save_model_dir(tmp_path_factory.mktemp("trained-units"), trained, tokenizer)
-
-
 def run(model_dir, text_file, out, *args):
+    """The kit on the saved tiny model, a CSV in ``out`` (test_importance.run with shorter windows)."""
     return main.main(["--model", str(model_dir), "--dataset", str(text_file), *FAST, "--save_results",
                       "--output-dir", str(out), *args])
-
-
-def only_csv(folder) -> pd.DataFrame:
-    (path,) = folder.glob("*.csv")
-    return pd.read_csv(path)
 
 
 def test_custom_mode_takes_units_and_the_csv_lists_them(trained_dir, text_file, tmp_path):
