@@ -297,3 +297,13 @@ def test_a_partial_block_export_loads_in_plain_transformers_with_the_same_logits
     with removed_units(trained, [0, "attn2", "mlp3"]) as pruned, torch.no_grad():
         assert torch.equal(reloaded(inputs).logits, pruned(inputs).logits)
         assert count_parameters(reloaded) > count_parameters(pruned)  # the zeroed sublayers' weights are kept
+
+
+def test_combinatorial_and_random_draw_units(trained_dir, text_file, tmp_path):
+    assert run(trained_dir, text_file, tmp_path / "c", "--mode", "combinatorial", "--unit", "attn",
+               "--min-remove", "1", "--max-remove", "2") == 0
+    units = [tuple(json.loads(u)) for u in only_csv(tmp_path / "c").removed_units]
+    assert len(units) == 1 + 4 + 6 and ("attn0", "attn3") in units
+    assert run(trained_dir, text_file, tmp_path / "r", "--mode", "random", "--unit", "mlp", "--num-remove", "2") == 0
+    (drawn,) = [json.loads(u) for u in only_csv(tmp_path / "r").removed_units[1:]]
+    assert len(drawn) == 2 and all(u.startswith("mlp") for u in drawn)
