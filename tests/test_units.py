@@ -307,3 +307,15 @@ def test_combinatorial_and_random_draw_units(trained_dir, text_file, tmp_path):
     assert run(trained_dir, text_file, tmp_path / "r", "--mode", "random", "--unit", "mlp", "--num-remove", "2") == 0
     (drawn,) = [json.loads(u) for u in only_csv(tmp_path / "r").removed_units[1:]]
     assert len(drawn) == 2 and all(u.startswith("mlp") for u in drawn)
+
+
+def test_shards_of_a_unit_sweep_merge_into_the_unsharded_rows(trained_dir, text_file, tmp_path):
+    args = ["--mode", "sequential", "--unit", "sublayer"]
+    assert run(trained_dir, text_file, tmp_path / "whole", *args) == 0
+    for i in (0, 1):
+        assert run(trained_dir, text_file, tmp_path / "shards", *args, "--shard", f"{i}/2") == 0
+    assert main.main(["--mode", "merge", "--inputs", *map(str, sorted((tmp_path / "shards").glob("*.csv"))),
+                      "--output-dir", str(tmp_path / "merged"), "--quiet"]) == 0
+    whole, merged = only_csv(tmp_path / "whole"), only_csv(tmp_path / "merged")
+    assert list(merged.removed_units) == list(whole.removed_units)
+    assert list(merged.perplexity) == list(whole.perplexity)
