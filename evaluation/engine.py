@@ -23,6 +23,13 @@ evaluation.perplexity.scored_nll, so each perplexity equals the one-model-at-
 a-time evaluation of evaluation.perplexity.perplexity to the last bit on a given
 device and batch size.
 
+Removal sets may hold sublayers (models.units): a node of the tree is then a
+(block, part) pair, part 'block' for the whole block or 'attn' / 'mlp' for a
+block that keeps only that sublayer. A partial node is one call of the real
+block with its other sublayer replaced by the stub removed_units uses
+(models.removal.skipped_sublayer), so it is exact for sequential and
+parallel-residual blocks alike, and sweeps over units share prefixes too.
+
 Peak memory beyond the model: (depth of the tree + 1) hidden states of one
 window batch (at most L + 1 tensors of batch x window x width), the attention
 temporaries of one block, and one LOGIT_ROWS x VOCAB_SLICE slice of logits.
