@@ -107,9 +107,9 @@ class WindowSpec:
 
 @dataclass(frozen=True)
 class SelectSpec:
-    """How the modes pick the blocks to remove."""
+    """How the modes pick the units (blocks, attentions, MLPs; models.units) to remove."""
 
-    remove: tuple[int, ...] | None = None
+    remove: tuple[int | str, ...] | None = None  # --remove: block indices and sublayer names ("attn4")
     min_remove: int = 2
     max_remove: int | None = None
     ratio: float = 0.5
@@ -118,6 +118,9 @@ class SelectSpec:
     beam_width: int = 4
     calib_tokens: int = 16384
     max_configs: int = 5000
+    unit: str = "block"  # --unit: the candidates, block | attn | mlp | sublayer (models.units.UNIT_KINDS)
+    target_params: str | None = None  # --target-params: "0.8" (a fraction of the original) or "60M"
+    target_speedup: float | None = None  # --target-speedup: measured prefill speed-up over the baseline
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from config import (DEFAULT_PROMPT, DataSpec, HealSpec, OutputSpec, RunConfig, S
                     TaskSpec, WindowSpec, parse_shard)
 from evaluation.windows import CONVENTIONS, DEFAULT_PROTOCOL
 from pruning.modes import MODE_OPTIONS, MODES, either, saving_modes, users
+from models.units import UNIT_KINDS, parse_unit
+from pruning.budget import parse_params_target
 from pruning.rules import RULES
 from utils.errors import KitError
 
@@ -30,11 +32,13 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def removal_list(text: str) -> list[int]:
+def removal_list(text: str) -> list[int | str]:
+    """Block indices and sublayers (attn4, mlp5), comma-separated."""
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated block indices such as 1,3, got '{text}'")
+        return [parse_unit(part) for part in text.split(",") if part.strip()]
+    except KitError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices such as 1,3 (or units such as "
+                                         f"2,attn4,mlp5), got '{text}'") from None
 
 
 def positive_int(text: str) -> int:
@@ -109,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "Qwen2 checkpoints were trained with it, GPT-2 was not")
 
     g = p.add_argument_group("which blocks")
-    g.add_argument("--remove", type=removal_list, help=f"{used_by('remove')}: blocks to remove, e.g. 1,3")
+    g.add_argument("--remove", type=removal_list, help=f"{used_by('remove')}: blocks to remove, e.g. 1,3; "
+                   "attnN / mlpN remove one sublayer of block N, e.g. 2,attn4,mlp5")
+    g.add_argument("--unit", choices=UNIT_KINDS, default="block",
+                   help=f"{used_by('unit')}: what a candidate is: a whole block (default), a block's attention "
+                        "(attn), its MLP (mlp), or either sublayer (sublayer)")
     g.add_argument("--min-remove", type=positive_int, default=2,
                    help=f"{used_by('min_remove')}: fewest blocks removed (default 2)")
     g.add_argument("--max-remove", type=positive_int,
@@ -118,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{used_by('ratio')}: fraction of blocks to remove (default 0.5)")
     g.add_argument("--num-remove", type=positive_int,
                    help=f"{used_by('num_remove')}: number of blocks to remove (overrides --ratio)")
+
+    g.add_argument("--target-params", metavar="P", help=f"{used_by('target_params')}: remove units until at most P "
+                   "parameters remain: a fraction of the original (0.8) or a count (60M); replaces --num-remove; "
+                   "compare: whole blocks against sublayers at each budget (0.9,0.8)")
+    g.add_argument("--target-speedup", type=float, metavar="X", help=f"{used_by('target_speedup')}: remove units "
+                   "until the measured prefill is X times as fast as the unpruned model's (1.3)")
 
     g = p.add_argument_group(f"choosing blocks on calibration tokens ({used_by('calib_tokens')})")
     g.add_argument("--metric", choices=list(RULES), help=f"{used_by('metric')}: "
@@ -198,6 +212,23 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             sys.stderr.write(f"warning: {flag} is only used by {where}; --mode {args.mode} ignores it\n")
         else:
             parser.error(f"{flag} is only used by {where}, not {args.mode}")
+    if args.target_params is not None:
+        budgets = args.target_params.split(",")
+        if len(budgets) > 1 and args.mode != "compare":
+            parser.error("several --target-params budgets (0.9,0.8) are for --mode compare; give one")
+        try:
+            for budget in budgets:
+                parse_params_target(budget)
+        except KitError as exc:
+            parser.error(str(exc))
+    if args.target_speedup is not None and not args.target_speedup > 1:
+        parser.error(f"--target-speedup must be above 1 (1.3 = 30% faster), got {args.target_speedup}")
+    if args.target_params is not None and args.target_speedup is not None:
+        parser.error("give --target-params or --target-speedup, not both")
+    if args.num_remove is not None and (args.target_params is not None or args.target_speedup is not None):
+        parser.error("--num-remove and a --target-* budget both say how much to remove; give one")
+    if args.unit != "block" and "unit" not in mode.options:
+        parser.error(f"--unit is only used by --mode {either(users('unit'))}, not {args.mode}")
     for option, message in mode.needs:
         if not getattr(args, option):
             parser.error(message)
@@ -227,6 +258,9 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--num-fewshot, --limit, --tasks-batch-size and --include-path need --tasks NAME[,NAME...]")
     if args.tasks and not mode.evaluates:
         parser.error(f"--mode {args.mode} evaluates nothing; --tasks scores the models an evaluating mode measures")
+    if args.heal_steps and (args.unit != "block" or any(isinstance(u, str) for u in args.remove or ())):
+        parser.error("--heal-steps with sublayer units (attnN, mlpN, --unit) is not supported; heal a whole-block "
+                     "configuration, or save the model without healing")
     if not args.heal_steps and (args.heal_kd or args.train_dataset or args.heal_lr is not None):
         parser.error("--heal-kd, --heal-lr and --train-dataset need --heal-steps N (N > 0)")
 
@@ -240,7 +274,8 @@ def to_config(args: argparse.Namespace, command_line: list[str]) -> RunConfig:
         windows=WindowSpec(args.max_length, args.stride, args.batch_size, args.protocol, args.bos),
         select=SelectSpec(tuple(args.remove) if args.remove is not None else None, args.min_remove,
                           args.max_remove, args.ratio, args.num_remove, args.metric or "bi", args.beam_width or 4,
-                          args.calib_tokens, args.max_configs),
+                          args.calib_tokens, args.max_configs, args.unit, args.target_params,
+                          args.target_speedup),
         speed=SpeedSpec(not args.no_speed, args.speed_runs, args.speed_warmup, args.gen_tokens, args.prompt),
         heal=HealSpec(args.heal_steps, args.heal_mode, args.heal_lr, args.heal_batch_size, args.heal_seq_len,
                       args.lora_rank, args.heal_kd, args.train_dataset, args.seed),

@@ -23,6 +23,13 @@ evaluation.perplexity.scored_nll, so each perplexity equals the one-model-at-
 a-time evaluation of evaluation.perplexity.perplexity to the last bit on a given
 device and batch size.
 
+Removal sets may hold sublayers (models.units): a node of the tree is then a
+(block, part) pair, part 'block' for the whole block or 'attn' / 'mlp' for a
+block that keeps only that sublayer. A partial node is one call of the real
+block with its other sublayer replaced by the stub removed_units uses
+(models.removal.skipped_sublayer), so it is exact for sequential and
+parallel-residual blocks alike, and sweeps over units share prefixes too.
+
 Peak memory beyond the model: (depth of the tree + 1) hidden states of one
 window batch (at most L + 1 tensors of batch x window x width), the attention
 temporaries of one block, and one LOGIT_ROWS x VOCAB_SLICE slice of logits.
@@ -40,8 +47,12 @@ from utils.log import progress_bar
 
 from evaluation.perplexity import PerplexityResult, batch_inputs, scored_nll, to_perplexity
 from evaluation.windows import DEFAULT_PROTOCOL, Window, make_windows, window_batches
-from models.families import block_output, check_prunable, final_modules, get_blocks, record_block_calls
-from models.units import kept_blocks
+from models.families import block_output, family_of, final_modules, get_blocks, module_at, record_block_calls
+from models.removal import check_units, skipped_sublayer
+from models.units import FULL, kept_nodes
+
+# A node of the prefix tree: a kept block and what of it runs ('block', or only its 'attn' or 'mlp').
+Node = tuple[int, str]
 
 
 @dataclass
@@ -88,35 +99,43 @@ class Work:
 
 @dataclass
 class _Node:
-    """A distinct prefix of kept blocks; ``block`` is its last block."""
+    """A distinct prefix of kept nodes; ``node`` is its last one: (block, 'block' | 'attn' | 'mlp')."""
 
-    block: int
-    children: dict[int, "_Node"] = field(default_factory=dict)
+    node: Node
+    children: dict[Node, "_Node"] = field(default_factory=dict)
     ends: list[int] = field(default_factory=list)  # configurations whose kept list is this prefix
 
 
-def prefix_tree(kept_lists: Sequence[Sequence[int]]) -> _Node:
-    root = _Node(-1)
+def prefix_tree(kept_lists: Sequence[Sequence[Node]]) -> _Node:
+    """The kept lists as a tree; a plain block index stands for the whole block."""
+    root = _Node((-1, FULL))
     for index, kept in enumerate(kept_lists):
         node = root
-        for block in kept:
-            node = node.children.setdefault(block, _Node(block))
+        for item in kept:
+            key = (item, FULL) if isinstance(item, int) else tuple(item)
+            node = node.children.setdefault(key, _Node(key))
         node.ends.append(index)
     return root
 
 
 def count_nodes(node: _Node) -> int:
     """Block evaluations per window batch: every node but the root."""
-    return sum(1 + count_nodes(child) for child in node.children.values())
+    return len(tree_nodes(node))
 
 
-def block_flops(model: nn.Module, window: int) -> float:
-    """Model FLOPs of one block on one window of ``window`` tokens."""
-    block = get_blocks(model)[0]
-    matmul_params = sum(p.numel() for p in block.parameters() if p.dim() == 2)
+def _matmul_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.dim() == 2)
+
+
+def block_flops(model: nn.Module, window: int, part: str = FULL) -> float:
+    """Model FLOPs of one block, or of the one sublayer ``part`` ('attn', 'mlp') of it, on ``window`` tokens."""
+    block, family = get_blocks(model)[0], family_of(model)
     width = model.config.hidden_size
-    causal_pairs = window * (window + 1) // 2
-    return 2.0 * matmul_params * window + 4.0 * width * causal_pairs
+    attention = 2.0 * _matmul_params(module_at(block, family.attention)) * window + 4.0 * width * (
+        window * (window + 1) // 2)
+    mlp = 2.0 * sum(_matmul_params(module_at(block, path)) for path in family.mlp) * window
+    full = 2.0 * _matmul_params(block) * window + 4.0 * width * (window * (window + 1) // 2)
+    return {FULL: full, "attn": attention, "mlp": mlp}[part]
 
 
 def head_flops(model: nn.Module, tokens: int) -> float:
@@ -138,8 +157,14 @@ class _BatchRunner:
         hidden, self.calls = record_block_calls(self.model, inputs.to(self.device))
         return hidden
 
-    def block(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        return block_output(self.model, self.calls[index](self.blocks[index], hidden))
+    def block(self, node: Node, hidden: torch.Tensor) -> torch.Tensor:
+        """The node's block on ``hidden``; a partial node runs the block with its other sublayer skipped."""
+        index, part = node
+        block = self.blocks[index]
+        if part == FULL:
+            return block_output(self.model, self.calls[index](block, hidden))
+        with skipped_sublayer(self.model, block, "mlp" if part == "attn" else "attn"):
+            return block_output(self.model, self.calls[index](block, hidden))
 
     def nll(self, hidden: torch.Tensor, rows, positions, targets) -> float:
         for module in self.final:
@@ -147,13 +172,13 @@ class _BatchRunner:
         return scored_nll(self.head, hidden, rows, positions, targets)
 
 
-def _walk(node: _Node, hidden: torch.Tensor, step: Callable[[int, torch.Tensor], torch.Tensor],
+def _walk(node: _Node, hidden: torch.Tensor, step: Callable[[Node, torch.Tensor], torch.Tensor],
           finish: Callable[[int, torch.Tensor], None]) -> None:
     """Depth first: only the states on the path from the root stay alive."""
     for config in node.ends:
         finish(config, hidden)
     for child in node.children.values():
-        _walk(child, step(child.block, hidden), step, finish)
+        _walk(child, step(child.node, hidden), step, finish)
 
 
 @torch.no_grad()
@@ -161,18 +186,14 @@ def sweep_perplexities(model: nn.Module, ids: torch.Tensor, removals: Sequence[S
                        stride: int | None, batch_size: int = 1, progress: bool = True, desc: str = "windows",
                        protocol: str = DEFAULT_PROTOCOL,
                        prefix_token: int | None = None) -> tuple[list[PerplexityResult], Work]:
-    """Perplexity of every removal set on ``ids``, in one pass over the windows of ``protocol``
-    (evaluation.windows.make_windows).
+    """Perplexity of every removal set (of blocks and sublayers, models.units) on ``ids``, in one pass over
+    the windows of ``protocol`` (evaluation.windows.make_windows).
 
-    ``removals`` must be valid for the model (models.removal.validate_removal).
     Results are in the order of ``removals``.
     """
-    if any(removals):
-        check_prunable(model)
     n_blocks = len(get_blocks(model))
-    kept_lists = [kept_blocks(n_blocks, removed) for removed in removals]
+    kept_lists = [kept_nodes(n_blocks, check_units(model, removed)) for removed in removals]
     tree = prefix_tree(kept_lists)
-    nodes = count_nodes(tree)
     runner = _BatchRunner(model)
     windows = make_windows(len(ids), max_length, stride, protocol, prefix_token)
     nll = [0.0] * len(kept_lists)
@@ -189,26 +210,37 @@ def sweep_perplexities(model: nn.Module, ids: torch.Tensor, removals: Sequence[S
             tokens[config] += len(targets)
 
         _walk(tree, hidden, runner.block, finish)
-        _account(work, model, batch, nodes, kept_lists, len(targets))
+        _account(work, model, batch, tree, kept_lists, len(targets))
         bar.update(len(batch))
     bar.close()
     work.seconds = time.perf_counter() - start
     return [PerplexityResult(to_perplexity(n, t), n, t) for n, t in zip(nll, tokens)], work
 
 
-def _account(work: Work, model: nn.Module, batch: Sequence[Window], nodes: int,
-             kept_lists: Sequence[Sequence[int]], scored: int) -> None:
-    per_window = len(batch) * block_flops(model, batch[0].length)  # a batch's windows have one length
+def tree_nodes(node: _Node) -> list[Node]:
+    """Every node of the tree but the root (one block evaluation each per window)."""
+    return [n for child in node.children.values() for n in (child.node, *tree_nodes(child))]
+
+
+def nodes_flops(model: nn.Module, nodes: Sequence[Node], window: int) -> float:
+    per_part = {part: block_flops(model, window, part) for part in {p for _, p in nodes}}
+    return sum(per_part[part] for _, part in nodes)
+
+
+def _account(work: Work, model: nn.Module, batch: Sequence[Window], tree: _Node,
+             kept_lists: Sequence[Sequence[Node]], scored: int) -> None:
+    nodes = tree_nodes(tree)
+    window = batch[0].length  # a batch's windows have one length
     work.windows += len(batch)
-    work.block_evals += nodes * len(batch)
+    work.block_evals += len(nodes) * len(batch)
     work.naive_block_evals += sum(len(k) for k in kept_lists) * len(batch)
     work.tokens_scored += scored * len(kept_lists)
-    work.flops += nodes * per_window + len(kept_lists) * head_flops(model, scored)
+    work.flops += len(batch) * nodes_flops(model, nodes, window) + len(kept_lists) * head_flops(model, scored)
 
 
-def one_model_work(model: nn.Module, windows: Sequence[Window], removed: Sequence[int], seconds: float) -> Work:
+def one_model_work(model: nn.Module, windows: Sequence[Window], removed: Sequence, seconds: float) -> Work:
     """The Work of evaluating one pruned model on its own (no sharing) over ``windows``."""
-    kept = len(kept_blocks(len(get_blocks(model)), removed))
+    kept = kept_nodes(len(get_blocks(model)), removed)
     scored = sum(w.scored for w in windows)
-    flops = kept * sum(block_flops(model, w.length) for w in windows) + head_flops(model, scored)
-    return Work(1, len(windows), kept * len(windows), kept * len(windows), scored, flops, seconds)
+    flops = sum(nodes_flops(model, kept, w.length) for w in windows) + head_flops(model, scored)
+    return Work(1, len(windows), len(kept) * len(windows), len(kept) * len(windows), scored, flops, seconds)

@@ -40,7 +40,7 @@ from typing import Callable, ContextManager, Sequence
 import torch
 from torch import nn
 
-from models.removal import context_size, removed_blocks
+from models.removal import context_size, removed_units
 
 log = logging.getLogger("gpt2-pruning-kit")
 
@@ -186,7 +186,7 @@ def measure_against_baseline(model: nn.Module, removed: Sequence[int], prompt_id
     """
     device = next(model.parameters()).device
     generate, prefill = _runs(model, prompt_ids, gen_tokens)
-    states = (nullcontext, lambda: removed_blocks(model, removed))
+    states = (nullcontext, lambda: removed_units(model, removed))
     base_gen, config_gen = _timed_pairs(generate, states, device, runs, warmup)
     base_prefill, config_prefill = _timed_pairs(prefill, states, device, runs, warmup)
     change, low, high = change_interval(base_gen, config_gen)

@@ -2,7 +2,7 @@
 
 Each configuration is measured on the original model, never a copy: the
 speed test and the parameter count temporarily prune the model in place
-(models.removal.removed_blocks), so the kept blocks are the very tensors of the
+(models.removal.removed_units), so the kept blocks are the very tensors of the
 original model and the model is intact afterwards.
 
 The speed test of a pruned configuration alternates its runs with the
@@ -34,14 +34,15 @@ import torch
 from torch import nn
 
 from config import SpeedSpec, WindowSpec
-from evaluation.engine import Work, block_flops, count_nodes, head_flops, one_model_work, prefix_tree, sweep_perplexities
+from evaluation.engine import (Work, block_flops, head_flops, nodes_flops, one_model_work, prefix_tree, sweep_perplexities,
+                               tree_nodes)
 from evaluation.latency import Latency, SpeedChange, measure_against_baseline, measure_latency, warn_if_noisy
-from evaluation.params import count_parameters
+from evaluation.params import count_parameters, kv_cache_bytes_per_token
 from evaluation.perplexity import PerplexityResult, batch_inputs, perplexity, window_batches
 from evaluation.windows import spec_windows
 from models.families import num_blocks
-from models.removal import removed_blocks
-from models.units import kept_blocks, validate_removal
+from models.removal import check_units, removed_units
+from models.units import kept_nodes
 
 # Configurations evaluated together in one shared-prefix pass.
 GROUP_SIZE = 64
@@ -62,7 +63,7 @@ class EvalSettings:
 
 @dataclass(frozen=True)
 class Measurement:
-    removed: tuple[int, ...]
+    removed: tuple  # the removal set, canonical (models.units)
     num_layers: int
     ppl: PerplexityResult
     params: int
@@ -73,6 +74,7 @@ class Measurement:
     tasks: dict[str, dict] | None = None  # task -> metric -> value (evaluation.tasks), None without --tasks
     # Against the baseline runs interleaved with this configuration's; None for the baseline and untimed runs.
     speed: SpeedChange | None = None
+    kv_cache_bytes: int | None = None  # per generated token
 
 
 def _speed(model: nn.Module, prompt_ids: torch.Tensor, removed: Sequence[int],
@@ -90,10 +92,10 @@ def _finish(model: nn.Module, prompt_ids: torch.Tensor | None, removed: Sequence
             settings: EvalSettings, work: Work | None) -> Measurement:
     """The measurements that need the pruned model itself: size, speed and downstream tasks."""
     latency, change = _speed(model, prompt_ids, removed, settings.speed) if settings.speed.enabled else (None, None)
-    with removed_blocks(model, removed) as pruned:
+    with removed_units(model, removed) as pruned:
         tasks = settings.tasks(pruned) if settings.tasks else None
         return Measurement(tuple(removed), num_blocks(pruned), ppl, count_parameters(pruned), latency, work,
-                           tasks=tasks, speed=change)
+                           tasks=tasks, speed=change, kv_cache_bytes=kv_cache_bytes_per_token(pruned))
 
 
 def measure(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None, removed: Sequence[int],
@@ -101,7 +103,7 @@ def measure(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None
     """One configuration on its own: the reference the engine must agree with."""
     w = settings.windows
     start = time.perf_counter()
-    with removed_blocks(model, removed) as pruned:
+    with removed_units(model, removed) as pruned:
         ppl = perplexity(pruned, ids, w.max_length, w.stride, w.batch_size, progress=settings.progress,
                          protocol=w.protocol, prefix_token=w.prefix_token)
     work = one_model_work(model, spec_windows(w, len(ids)), removed, time.perf_counter() - start)
@@ -131,18 +133,18 @@ def estimated_seconds(model: nn.Module, ids: torch.Tensor, removals: Sequence[Se
     model(input_ids=inputs, use_cache=False)
     seconds = time.perf_counter() - start
     batch_flops = inputs.shape[0] * n * block_flops(model, inputs.shape[1]) + head_flops(model, inputs.numel())
-    per_pass = sum(block_flops(model, x.length) for x in all_windows)
     scored = sum(x.scored for x in all_windows)
-    flops = sum(count_nodes(prefix_tree([kept_blocks(n, r) for r in group])) * per_pass
-                + len(group) * head_flops(model, scored) for _, group in _groups(removals))
+    flops = 0.0
+    for _, group in _groups(removals):
+        nodes = tree_nodes(prefix_tree([kept_nodes(n, r) for r in group]))
+        flops += sum(nodes_flops(model, nodes, x.length) for x in all_windows) + len(group) * head_flops(model, scored)
     return seconds * flops / batch_flops, seconds
 
 
 def measure_all(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None,
                 removals: Iterable[Sequence[int]], settings: EvalSettings) -> Iterator[Measurement]:
     """Measurements of every removal set, in the order given, in groups (see the module docstring)."""
-    n = num_blocks(model)
-    removals = [validate_removal(r, n) for r in removals]
+    removals = [check_units(model, r) for r in removals]
     w = settings.windows
     for start, group in _groups(removals):
         desc = (f"windows (configurations {start + 1}-{start + len(group)} of {len(removals)})"

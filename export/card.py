@@ -18,7 +18,7 @@ from huggingface_hub import ModelCardData
 from config import DataSpec, RunConfig, WindowSpec
 from evaluation.latency import PREFILL_TOKENS
 from models.loading import looks_local
-from models.units import kept_blocks
+from models.units import kept_blocks, removed_whole, row_removal, unit_names
 from reporting.schema import change_pct, row_task_scores, speed_within_noise
 from utils.data import is_local_dataset
 
@@ -49,7 +49,8 @@ def build_report(config: RunConfig, rows: Sequence[dict], windows: WindowSpec, h
     # lm-eval scores of the original and pruned model ({} without --tasks); the healed one's are in healing["tasks"]
     tasks = {"original": row_task_scores(original), "pruned": row_task_scores(pruned)}
     tasks = tasks if tasks["original"] else {}
-    removed = list(pruned["removed_layers"])
+    removal = row_removal(pruned)
+    removed = list(removed_whole(removal))
     n = original["num_layers"]
     data, speed = config.data, config.speed
     return {
@@ -58,6 +59,9 @@ def build_report(config: RunConfig, rows: Sequence[dict], windows: WindowSpec, h
         "mode": config.mode,
         "removed_blocks": removed,
         "kept_blocks": list(kept_blocks(n, removed)),
+        # every removed unit; attnN / mlpN are kept in the checkpoint with their output projection zeroed
+        "removed_units": unit_names(removal),
+        "zeroed_sublayers": [u for u in unit_names(removal) if not u.startswith("block")],
         "evaluation": {"dataset": data.dataset, "split": data.split, "text_column": data.text_column,
                        "scored_tokens": pruned["eval_tokens"], "max_length": windows.max_length,
                        "stride": windows.stride, "protocol": windows.protocol, "bos": windows.bos,
@@ -144,6 +148,20 @@ def _windows(ev: dict) -> str:
     return text + (f", each fed the BOS token (id {ev['prefix_token']}) first" if ev.get("bos") else "")
 
 
+def _zeroed_note(report: dict) -> list[str]:
+    """What a card says about removed sublayers, which plain transformers cannot skip."""
+    zeroed = report.get("zeroed_sublayers") or []
+    if not zeroed:
+        return []
+    return ["## Removed sublayers (weights kept, zeroed)", "",
+            f"Also removed: {', '.join(f'`{u}`' for u in zeroed)} (attnN: the attention of original block N, "
+            "mlpN: its MLP). Plain transformers has no way to skip a sublayer, so this checkpoint keeps their "
+            "weights with each one's output projection set to zero: the sublayer adds exactly nothing, the "
+            "outputs are those of the pruned model, but the checkpoint has the full parameter count of its "
+            "blocks and computes (and caches) these sublayers: no size or speed gain here. The pruned "
+            "parameters and speed below are the kit's, which skips them.", ""]
+
+
 def model_card(report: dict) -> str:
     """README.md for the checkpoint directory, from build_report's data."""
     o, p, h, ev = report["original"], report["pruned"], report["healing"], report["evaluation"]
@@ -183,7 +201,7 @@ def model_card(report: dict) -> str:
              f"{', '.join(map(str, report['removed_blocks']))} (0-based) and keeping blocks "
              f"{', '.join(map(str, report['kept_blocks']))}, which are renumbered 0..{p['num_layers'] - 1} here.", "",
              "## Removed blocks", "", f"`{json.dumps(report['removed_blocks'])}`", "",
-             "## Before and after", "", *table, "", speed, ""]
+             *_zeroed_note(report), "## Before and after", "", *table, "", speed, ""]
     if h:
         lines += ["## Healing", "",
                   f"After pruning, the model was fine-tuned for {h['steps']} steps ({h['mode']}"

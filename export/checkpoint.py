@@ -28,7 +28,8 @@ from evaluation.sweep import EvalSettings
 from export.card import build_report, model_card
 from export.heal import HealResult, describe, heal
 from models.loading import dtype_name
-from models.removal import removed_blocks
+from models.removal import removed_blocks, zeroed_copy
+from models.units import is_whole_blocks, row_removal
 from reporting.schema import change_pct
 from utils.errors import WriteError
 from utils.text import format_table
@@ -117,7 +118,7 @@ def deliver(config: RunConfig, model: nn.Module, tokenizer, rows: Sequence[dict]
     starts as an exact copy of the model it measured. ``heal_spec`` is the
     resolved HealSpec (None: no healing).
     """
-    removed = list(rows[-1]["removed_layers"])
+    removed = row_removal(rows[-1])
     device, dtype = next(model.parameters()).device.type, dtype_name(model)
     w, target = settings.windows, config.output.save_model
     healing, healed = None, None
@@ -140,6 +141,9 @@ def deliver(config: RunConfig, model: nn.Module, tokenizer, rows: Sequence[dict]
     report = build_report(config, rows, w, healing, checkpoint_ppl, dtype, device, model.config.model_type)
     if healed is not None:
         export_model(healed, tokenizer, target, report, ids[:CHECK_TOKENS])
+        return
+    if not is_whole_blocks(removed):  # partial blocks: plain transformers cannot skip a sublayer
+        export_model(zeroed_copy(model, removed), tokenizer, target, report, ids[:CHECK_TOKENS])
         return
     with removed_blocks(model, removed) as pruned:
         export_model(pruned, tokenizer, target, report, ids[:CHECK_TOKENS])

@@ -46,6 +46,12 @@ class Family:
     saved: tuple[str, ...] = ()  # config fields ``rewrite`` changes, saved and restored with the depth
     # a reason why blocks of this model cannot be removed, or None
     refuse: Callable[[Any], str | None] | None = None
+    # A block's sublayers, as attribute paths from the block: its attention module, the modules of its MLP
+    # (OPT's MLP is inline: fc1, then fc2), and the output projection of each (zeroed by export).
+    attention: str = "self_attn"
+    mlp: tuple[str, ...] = ("mlp",)
+    attention_out: str = "self_attn.o_proj"
+    mlp_out: str = "mlp.down_proj"
 
 
 def _gpt2_refuse(config) -> str | None:
@@ -80,12 +86,16 @@ def _qwen2_rewrite(config, keep: Sequence[int], state: dict) -> None:
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("gpt2", "transformer.h", ("transformer.ln_f",), transposed_linears=True, refuse=_gpt2_refuse),
+    Family("gpt2", "transformer.h", ("transformer.ln_f",), transposed_linears=True, refuse=_gpt2_refuse,
+           attention="attn", attention_out="attn.c_proj", mlp_out="mlp.c_proj"),
     Family("gpt_neo", "transformer.h", ("transformer.ln_f",), per_layer_fields=("attention_layers",),
-           index_attrs=("layer_id",), returns_tuple=True, rewrite=_gpt_neo_rewrite, saved=("attention_types",)),
-    Family("gpt_neox", "gpt_neox.layers", ("gpt_neox.final_layer_norm",), per_layer_fields=("layer_types",)),
+           index_attrs=("layer_id",), returns_tuple=True, rewrite=_gpt_neo_rewrite, saved=("attention_types",),
+           attention="attn", attention_out="attn.attention.out_proj", mlp_out="mlp.c_proj"),
+    Family("gpt_neox", "gpt_neox.layers", ("gpt_neox.final_layer_norm",), per_layer_fields=("layer_types",),
+           attention="attention", attention_out="attention.dense", mlp_out="mlp.dense_4h_to_h"),
     Family("opt", "model.decoder.layers", ("model.decoder.final_layer_norm", "model.decoder.project_out"),
-           per_layer_fields=("layer_types",)),
+           per_layer_fields=("layer_types",), attention_out="self_attn.out_proj", mlp=("fc1", "fc2"),
+           mlp_out="fc2"),
     Family("llama", "model.layers", ("model.norm",), per_layer_fields=("layer_types",)),
     Family("mistral", "model.layers", ("model.norm",), per_layer_fields=("layer_types",)),
     Family("qwen2", "model.layers", ("model.norm",), per_layer_fields=("layer_types",), rewrite=_qwen2_rewrite,

@@ -4,8 +4,16 @@ Calibration holds the model and the calibration tokens, and answers the two
 questions the scoring rules (pruning.rules) and searches (pruning.search) ask:
 the calibration perplexity of any removal sets (evaluated together in one
 shared-prefix pass, and cached), and the residual stream's cosines and angles
-between every pair of block boundaries (from one forward pass, with hooks
-between the blocks).
+between every pair of unit boundaries (from one forward pass, with hooks
+between the blocks and on every attention's output).
+
+The unit boundaries are the residual stream entering block 0, then after
+each sublayer in the order the block adds it: entering block i + its
+attention's output (the stream between attention i and MLP i), then leaving
+block i. For a parallel-residual block (GPT-NeoX), whose MLP reads the
+stream entering the block, the middle boundary is still "after the attention
+is added", so each sublayer's score is the turn its own output gives the
+stream.
 """
 
 from __future__ import annotations
@@ -22,8 +30,8 @@ from utils.log import progress_bar
 from config import DataSpec
 from evaluation.engine import sweep_perplexities
 from evaluation.windows import DEFAULT_PROTOCOL, Window, window_batches
-from models.families import get_blocks
-from models.units import Removal
+from models.families import family_of, get_blocks, module_at
+from models.units import SUBLAYERS, Removal, Unit, candidate_units, canonical
 from utils.cache import cached_token_ids
 from utils.data import is_local_dataset, load_text, tokenize
 from utils.errors import KitError
@@ -88,28 +96,40 @@ def leading_ids(tokenizer, text: str, n: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class OnePassScores:
     """``cos[a, b]`` and ``angle[a, b]``: mean cosine and mean angular distance
-    (arccos/pi) over calibration tokens between the residual stream entering
-    block a and entering block b (index L = leaving the last block)."""
+    (arccos/pi) over calibration tokens between the residual stream at unit
+    boundaries a and b: boundary 2i enters block i, 2i+1 follows its attention,
+    2i+2 leaves it (2L: leaving the last block)."""
 
-    cos: torch.Tensor  # (L+1, L+1) float64
-    angle: torch.Tensor  # (L+1, L+1) float64
+    cos: torch.Tensor  # (2L+1, 2L+1) float64
+    angle: torch.Tensor  # (2L+1, 2L+1) float64
     tokens: int
 
     @property
     def n_blocks(self) -> int:
-        return self.cos.shape[0] - 1
+        return (self.cos.shape[0] - 1) // 2
 
     def bi(self) -> list[float]:
         """Block Influence of every block (ShortGPT)."""
-        return [1.0 - self.cos[i, i + 1].item() for i in range(self.n_blocks)]
+        return [1.0 - self.cos[2 * i, 2 * i + 2].item() for i in range(self.n_blocks)]
 
     def angular(self, n: int) -> dict[Removal, float]:
         """Angular distance across every span of n consecutive blocks (Gromov et al.)."""
-        return {tuple(range(i, i + n)): self.angle[i, i + n].item() for i in range(self.n_blocks - n + 1)}
+        return {tuple(range(i, i + n)): self.angle[2 * i, 2 * i + 2 * n].item() for i in range(self.n_blocks - n + 1)}
+
+    def unit_bi(self) -> dict[Unit, float]:
+        """Block Influence of every sublayer: 1 - cos between the stream before and after it is added."""
+        return {f"{kind}{u // 2}": 1.0 - self.cos[u, u + 1].item()
+                for u, kind in zip(range(2 * self.n_blocks), SUBLAYERS * self.n_blocks)}
+
+    def unit_angular(self, n: int) -> dict[Removal, float]:
+        """Angular distance across every run of n consecutive sublayers (attn0, mlp0, attn1, ...)."""
+        names = [f"{kind}{u // 2}" for u, kind in zip(range(2 * self.n_blocks), SUBLAYERS * self.n_blocks)]
+        return {canonical(names[u : u + n]): self.angle[u, u + n].item() for u in range(2 * self.n_blocks - n + 1)}
 
 
-def _stream_hooks(blocks: nn.ModuleList, states: list) -> list:
-    """Hooks that append the hidden state entering block 0 and leaving every block."""
+def _stream_hooks(model: nn.Module, blocks: nn.ModuleList, states: list) -> list:
+    """Hooks that append the hidden state entering block 0, then each block's attention output and the
+    state leaving the block (one_pass_scores turns them into unit boundaries)."""
 
     def entering(module, args, kwargs):
         states.append(args[0] if args else kwargs["hidden_states"])
@@ -117,9 +137,20 @@ def _stream_hooks(blocks: nn.ModuleList, states: list) -> list:
     def leaving(module, args, output):
         states.append(output[0] if isinstance(output, tuple) else output)
 
+    attention = family_of(model).attention
     handles = [blocks[0].register_forward_pre_hook(entering, with_kwargs=True)]
-    handles += [block.register_forward_hook(leaving) for block in blocks]
+    for block in blocks:
+        handles.append(module_at(block, attention).register_forward_hook(leaving))
+        handles.append(block.register_forward_hook(leaving))
     return handles
+
+
+def unit_boundaries(states: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[entering 0, attention 0's output, leaving 0, ...] -> the stream at every unit boundary."""
+    bounds = [states[0]]
+    for i in range(1, len(states), 2):
+        bounds += [bounds[-1] + states[i], states[i + 1]]
+    return bounds
 
 
 @torch.no_grad()
@@ -132,7 +163,7 @@ def one_pass_scores(model: nn.Module, ids: torch.Tensor, max_length: int, batch_
     that an exact identity block scores 0 to rounding.
     """
     blocks = get_blocks(model)
-    size = len(blocks) + 1
+    size = 2 * len(blocks) + 1
     device = next(model.parameters()).device
     cos_sum = torch.zeros(size, size, dtype=torch.float64, device=device)
     angle_sum = torch.zeros_like(cos_sum)
@@ -140,7 +171,7 @@ def one_pass_scores(model: nn.Module, ids: torch.Tensor, max_length: int, batch_
     # every token is a position to score here, the first of a window included
     windows = [Window(begin, min(begin + max_length, len(ids)), begin) for begin in range(0, len(ids), max_length)]
     states: list[torch.Tensor] = []
-    handles = _stream_hooks(blocks, states)
+    handles = _stream_hooks(model, blocks, states)
     bar = progress_bar(total=len(windows), desc="calibration pass", unit="win", leave=False, disable=not progress)
     try:
         for batch in window_batches(windows, batch_size):
@@ -148,7 +179,7 @@ def one_pass_scores(model: nn.Module, ids: torch.Tensor, max_length: int, batch_
             states.clear()
             model.base_model(input_ids=inputs, use_cache=False)
             # (L+1, tokens, D), each token's hidden state normalized to unit length
-            stream = torch.stack([s.reshape(-1, s.shape[-1]) for s in states]).double()
+            stream = torch.stack([s.reshape(-1, s.shape[-1]) for s in unit_boundaries(states)]).double()
             stream = stream / stream.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             cos = torch.einsum("atd,btd->abt", stream, stream).clamp(-1.0, 1.0)
             cos_sum += cos.sum(-1)
@@ -179,6 +210,7 @@ class Calibration:
     progress: bool = True
     protocol: str = DEFAULT_PROTOCOL  # the evaluation's windows (evaluation.windows)
     prefix_token: int | None = None
+    unit: str = "block"  # --unit: what the rules and searches take as candidates
     _ids: torch.Tensor | None = field(default=None, repr=False)
     _ppl: dict[Removal, float] = field(default_factory=dict, repr=False)
     _one_pass: OnePassScores | None = field(default=None, repr=False)
@@ -186,6 +218,11 @@ class Calibration:
     @property
     def n_blocks(self) -> int:
         return len(get_blocks(self.model))
+
+    @property
+    def units(self) -> list[Unit]:
+        """The candidates of --unit (models.units.candidate_units)."""
+        return candidate_units(self.unit, self.n_blocks)
 
     @property
     def ids(self) -> torch.Tensor:
@@ -201,7 +238,7 @@ class Calibration:
         The sets not yet cached are evaluated together, in one shared-prefix
         pass: a search step's candidates share most of their blocks.
         """
-        keys = [tuple(sorted(r)) for r in removals]
+        keys = [canonical(r) for r in removals]
         todo = list(dict.fromkeys(k for k in keys if k not in self._ppl))
         results = []
         if todo:
@@ -217,6 +254,6 @@ class Calibration:
         return self._one_pass
 
     def single_removal(self) -> dict[Removal, float]:
-        """Calibration perplexity with each block removed alone (the ppl criterion)."""
-        singles = [(i,) for i in range(self.n_blocks)]
+        """Calibration perplexity with each candidate unit removed alone (the ppl criterion)."""
+        singles = [(u,) for u in self.units]
         return dict(zip(singles, self.perplexities(singles)))

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable
 
-from models.units import Removal
+from models.units import SUBLAYERS, Removal, removed_whole, unit_names
 from pruning.rules import ranked
 from utils.text import format_table, removal_key, removed_label
 
@@ -25,6 +25,7 @@ def scores_json(scores: dict[Removal, float]) -> str:
 
 
 def scores_table(scores: dict[Removal, float], chosen: Removal, header: str) -> str:
+    gone = set(unit_names(chosen)) | {f"{kind}{i}" for i in removed_whole(chosen) for kind in SUBLAYERS}
     return format_table(["Candidate", header, "Removed"],
-                        ([removed_label(c), f"{scores[c]:.6g}", "yes" if set(c) <= set(chosen) else ""]
+                        ([removed_label(c), f"{scores[c]:.6g}", "yes" if set(unit_names(c)) <= gone else ""]
                          for c in ranked(scores)))

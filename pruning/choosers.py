@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from config import RunConfig
+from models.units import is_whole_blocks
+from pruning.budget import Budget, target_label
 from pruning.choice import Choice, scores_json, scores_table
 from pruning.plans import removal_count
 from pruning.rules import RULES, choose
@@ -21,32 +23,51 @@ if TYPE_CHECKING:
     from pruning.calibration import Calibration
 
 
+def how_many(config: RunConfig, calib: "Calibration") -> int:
+    """Units to remove: --num-remove or --ratio, or with a budget the most a search may try."""
+    if Budget(calib, config.select).active:
+        return len(calib.units) - 1
+    return removal_count(config.select, calib.n_blocks)
+
+
+def extras(config: RunConfig, metric: str, scores: dict) -> dict:
+    """The CSV columns a chosen set carries: the rule, the candidates it scored, any budget it met."""
+    return {"metric": metric, "scores": scores_json(scores), "target": target_label(config.select)}
+
+
 def importance(config: RunConfig, calib: "Calibration") -> Choice:
     rule = RULES[config.select.metric]
-    chosen, scores = choose(rule, calib, removal_count(config.select, calib.n_blocks))
+    budget = Budget(calib, config.select)
+    # with a budget: the rule's choice of 1, 2, ... units, until one meets the target
+    k = (budget.fewest(lambda k: choose(rule, calib, k)[0], how_many(config, calib)) if budget.active
+         else removal_count(config.select, calib.n_blocks))
+    chosen, scores = choose(rule, calib, k)
     title = f"{rule.title} on {len(calib.ids):,} calibration tokens (lower: removed first)"
-    return Choice([chosen], {chosen: {"metric": rule.name, "scores": scores_json(scores)}},
+    return Choice([chosen], {chosen: extras(config, rule.name, scores)},
                   lambda rows: f"{title}\n\n{scores_table(scores, chosen, rule.title)}")
 
 
 def steps_table(steps: list[Step]) -> str:
-    return format_table(["Blocks removed", "Removed", "Calibration PPL", "Sets scored"],
-                        ([str(len(s.removed)), removed_label(s.removed), f"{s.score:.4f}", str(len(s.candidates))]
-                         for s in steps))
+    noun = "Blocks" if all(is_whole_blocks(s.removed) for s in steps) else "Units"
+    return format_table([f"{noun} removed", "Removed", "Calibration PPL", "Sets scored"],
+                        ([str(n), removed_label(s.removed), f"{s.score:.4f}", str(len(s.candidates))]
+                         for n, s in enumerate(steps, start=1)))
 
 
 def greedy_mode(config: RunConfig, calib: "Calibration") -> Choice:
-    steps = greedy(calib.perplexities, calib.n_blocks, removal_count(config.select, calib.n_blocks), calib.progress)
-    return Choice([s.removed for s in steps],
-                  {s.removed: {"metric": "greedy", "scores": scores_json(s.candidates)} for s in steps},
+    budget = Budget(calib, config.select)
+    steps = greedy(calib.perplexities, calib.n_blocks, how_many(config, calib), calib.progress, units=calib.units,
+                   stop=budget.met if budget.active else None)
+    return Choice([s.removed for s in steps], {s.removed: extras(config, "greedy", s.candidates) for s in steps},
                   lambda rows: "Greedy elimination on calibration tokens (SLEB)\n\n" + steps_table(steps))
 
 
 def beam_mode(config: RunConfig, calib: "Calibration") -> Choice:
     width = config.select.beam_width
-    steps = beam(calib.perplexities, calib.n_blocks, removal_count(config.select, calib.n_blocks), width,
-                 calib.progress)
+    budget = Budget(calib, config.select)
+    steps = beam(calib.perplexities, calib.n_blocks, how_many(config, calib), width, calib.progress,
+                 units=calib.units, stop=budget.met if budget.active else None)
     best = steps[-1]
-    return Choice([best.removed], {best.removed: {"metric": "beam", "scores": scores_json(best.candidates)}},
+    return Choice([best.removed], {best.removed: extras(config, "beam", best.candidates)},
                   lambda rows: f"Beam search (width {width}) on calibration tokens: best set per size\n\n"
                   + steps_table(steps))

@@ -22,8 +22,9 @@ from itertools import combinations
 from typing import TYPE_CHECKING, Sequence
 
 from config import RunConfig
-from models.units import Removal
+from models.units import Removal, row_removal
 from pruning.choice import Choice
+from pruning.granularity import compare_granularity
 from pruning.plans import random_blocks
 from pruning.rules import RULES, rank_key
 from pruning.search import beam, greedy
@@ -108,7 +109,7 @@ def _cell(value: float | None, fmt: str) -> str:
 
 def compare_report(plan: ComparePlan, rows: list[dict], beam_width: int) -> str:
     """The rules-against-optimum table, each rule's summary, and the score correlations."""
-    by_key = {removal_key(r["removed_layers"]): r for r in rows}
+    by_key = {removal_key(row_removal(r)): r for r in rows}
     ppl = lambda s: by_key[removal_key(s)]["perplexity"]
     base = by_key[removal_key(())]["perplexity"]
     body, gaps = [], {rule: [] for rule in COMPARED}
@@ -144,6 +145,8 @@ def compare_report(plan: ComparePlan, rows: list[dict], beam_width: int) -> str:
 
 
 def compare(config: RunConfig, calib: "Calibration") -> Choice:
+    if config.select.target_params is not None:  # whole blocks against sublayers at equal size
+        return compare_granularity(config, calib)
     plan = plan_compare(config, calib)
     removals = plan.removals()
     extras = {}

@@ -33,9 +33,11 @@ MODE_OPTIONS = {
     "remove": "--remove", "min_remove": "--min-remove", "max_remove": "--max-remove", "ratio": "--ratio",
     "num_remove": "--num-remove", "metric": "--metric", "beam_width": "--beam-width",
     "calib_tokens": "--calib-tokens", "max_configs": "--max-configs", "input": "--input", "inputs": "--inputs",
-    "allow_partial": "--allow-partial",
+    "allow_partial": "--allow-partial", "unit": "--unit", "target_params": "--target-params",
+    "target_speedup": "--target-speedup",
 }
-HOW_MANY = frozenset({"ratio", "num_remove"})
+HOW_MANY = frozenset({"ratio", "num_remove", "unit"})
+BUDGETS = frozenset({"target_params", "target_speedup"})
 CALIBRATED = frozenset({"calib_tokens"})
 
 
@@ -63,20 +65,22 @@ class Mode:
 
 MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("baseline", "the unpruned model", plan=plans.baseline, removes=False),
-    Mode("sequential", "each single block removed in turn", plan=plans.sequential),
-    Mode("combinatorial", "every set of --min-remove..--max-remove blocks", plan=plans.combinatorial,
-         options=frozenset({"min_remove", "max_remove", "max_configs"})),
+    Mode("sequential", "each single block (or --unit) removed in turn", plan=plans.sequential,
+         options=frozenset({"unit"})),
+    Mode("combinatorial", "every set of --min-remove..--max-remove blocks (or --unit)", plan=plans.combinatorial,
+         options=frozenset({"min_remove", "max_remove", "max_configs", "unit"})),
     Mode("random", "randomly drawn blocks (--seed)", plan=plans.random_removal, options=HOW_MANY, saves=True,
          seeded=True),
     Mode("custom", "the blocks in --remove", plan=plans.custom, options=frozenset({"remove"}), saves=True),
     Mode("importance", "the blocks a --metric scores lowest on calibration tokens", choose=choosers.importance,
-         options=HOW_MANY | CALIBRATED | {"metric"}, saves=True, seeded=True),
+         options=HOW_MANY | CALIBRATED | BUDGETS | {"metric"}, saves=True, seeded=True),
     Mode("greedy", "iterative elimination by calibration perplexity (SLEB)", choose=choosers.greedy_mode,
-         options=HOW_MANY | CALIBRATED, saves=True, seeded=True),
+         options=HOW_MANY | CALIBRATED | BUDGETS, saves=True, seeded=True),
     Mode("beam", "beam search by calibration perplexity", choose=choosers.beam_mode,
-         options=HOW_MANY | CALIBRATED | {"beam_width"}, saves=True, seeded=True),
-    Mode("compare", "every rule's choice against the exhaustive optimum", choose=compare,
-         options=CALIBRATED | {"max_remove", "beam_width", "max_configs"}, seeded=True),
+         options=HOW_MANY | CALIBRATED | BUDGETS | {"beam_width"}, saves=True, seeded=True),
+    Mode("compare", "every rule's choice against the exhaustive optimum (with --target-params: whole blocks "
+         "against sublayers at equal size)", choose=compare,
+         options=CALIBRATED | {"max_remove", "beam_width", "max_configs", "target_params"}, seeded=True),
     Mode("report", "figures and report.md again from --input", action="report", options=frozenset({"input"}),
          needs=(("input", "--mode report needs --input RESULTS.csv (a CSV written with --save_results)"),)),
     Mode("merge", "join the results files of --shard runs (--inputs)", action="merge",

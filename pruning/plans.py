@@ -1,7 +1,11 @@
 """Modes that plan their configurations from the depth alone: each turns the
 depth and the options into the removal sets to evaluate (the baseline is
 always added by the caller). They are pure functions, registered in
-pruning.modes."""
+pruning.modes.
+
+--unit chooses what a candidate is (models.units.candidate_units): whole
+blocks, as always, or attentions, MLPs or both kinds of sublayer. Counts
+(--num-remove, --ratio, --min-remove, --max-remove) then count those units."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from fractions import Fraction
 from itertools import combinations
 
 from config import RunConfig, SelectSpec
-from models.units import Removal, validate_removal
+from models.units import Removal, Unit, candidate_units, canonical, validate_removal
 from utils.errors import KitError
 
 
@@ -19,40 +23,64 @@ def baseline(config: RunConfig, n_blocks: int) -> list[Removal]:
     return []
 
 
+def units_of(select: SelectSpec, n_blocks: int) -> list[Unit]:
+    """The candidates of --unit for an n-block model."""
+    return candidate_units(select.unit, n_blocks)
+
+
+def _noun(select: SelectSpec) -> str:
+    return "blocks" if select.unit == "block" else "units"
+
+
+def valid_sets(sets, n_blocks: int) -> list[Removal]:
+    """The canonical sets among ``sets`` that keep a block and an attention (models.units.validate_removal)."""
+    out = []
+    for s in sets:
+        try:
+            out.append(validate_removal(s, n_blocks))
+        except KitError:
+            pass
+    return out
+
+
 def sequential(config: RunConfig, n_blocks: int) -> list[Removal]:
-    return [(i,) for i in range(n_blocks)]
+    return [canonical([u]) for u in units_of(config.select, n_blocks)]
 
 
 def combinatorial(config: RunConfig, n_blocks: int) -> list[Removal]:
+    units, noun = units_of(config.select, n_blocks), _noun(config.select)
+    n = len(units) if config.select.unit != "block" else n_blocks
     low = config.select.min_remove
-    high = n_blocks - 1 if config.select.max_remove is None else config.select.max_remove
+    high = n - 1 if config.select.max_remove is None else config.select.max_remove
     if low < 1:
         raise KitError(f"--min-remove must be at least 1 (got {low})")
-    if high >= n_blocks:
-        raise KitError(f"--max-remove must be less than the model's {n_blocks} blocks (got {high}); "
-                       f"valid: {low}..{n_blocks - 1}")
+    if high >= n:
+        raise KitError(f"--max-remove must be less than the model's {n} {noun} (got {high}); "
+                       f"valid: {low}..{n - 1}")
     if high < low:
         raise KitError(f"--max-remove ({high}) is smaller than --min-remove ({low})")
-    count = sum(math.comb(n_blocks, k) for k in range(low, high + 1))
+    count = sum(math.comb(n, k) for k in range(low, high + 1))
     if count > config.select.max_configs:
         raise KitError(f"--mode combinatorial would evaluate {count:,} configurations of a {n_blocks}-block model "
-                       f"(removing {low}..{high} blocks), more than --max-configs {config.select.max_configs:,}; "
+                       f"(removing {low}..{high} {noun}), more than --max-configs {config.select.max_configs:,}; "
                        "narrow --min-remove/--max-remove or raise --max-configs")
-    return [c for k in range(low, high + 1) for c in combinations(range(n_blocks), k)]
+    return valid_sets((c for k in range(low, high + 1) for c in combinations(units, k)), n_blocks)
 
 
 def removal_count(select: SelectSpec, n_blocks: int) -> int:
-    """--num-remove, or --ratio x depth rounded half up (0.5 x 3 blocks -> 2)."""
+    """--num-remove, or --ratio x the number of --unit candidates rounded half up (0.5 x 3 blocks -> 2)."""
+    n = n_blocks if select.unit == "block" else len(units_of(select, n_blocks))
+    what = f"{n}-block model" if select.unit == "block" else f"model with {n} {select.unit} units"
     if select.num_remove is not None:
         k = select.num_remove
-        if not 1 <= k < n_blocks:
-            raise KitError(f"--num-remove must be between 1 and {n_blocks - 1} for a {n_blocks}-block model (got {k})")
+        if not 1 <= k < n:
+            raise KitError(f"--num-remove must be between 1 and {n - 1} for a {what} (got {k})")
         return k
     # exact decimal arithmetic: in floats 0.58 x 25 rounds to 14 instead of 15
-    k = math.floor(Fraction(str(select.ratio)) * n_blocks + Fraction(1, 2))
-    if k == 0 or k == n_blocks:
-        raise KitError(f"--ratio {select.ratio} removes {k} of {n_blocks} blocks; choose a ratio that removes "
-                       f"between 1 and {n_blocks - 1}, or use --num-remove")
+    k = math.floor(Fraction(str(select.ratio)) * n + Fraction(1, 2))
+    if k == 0 or k == n:
+        raise KitError(f"--ratio {select.ratio} removes {k} of {n} {_noun(select)}; choose a ratio that removes "
+                       f"between 1 and {n - 1}, or use --num-remove")
     return k
 
 
@@ -62,7 +90,10 @@ def random_blocks(seed: int, n_blocks: int, k: int) -> Removal:
 
 
 def random_removal(config: RunConfig, n_blocks: int) -> list[Removal]:
-    return [random_blocks(config.seed, n_blocks, removal_count(config.select, n_blocks))]
+    k = removal_count(config.select, n_blocks)
+    if config.select.unit == "block":
+        return [random_blocks(config.seed, n_blocks, k)]
+    return [validate_removal(random.Random(config.seed).sample(units_of(config.select, n_blocks), k), n_blocks)]
 
 
 def custom(config: RunConfig, n_blocks: int) -> list[Removal]:

@@ -24,6 +24,12 @@ The three published criteria:
 bi and every span's angular distance come from one forward pass over the
 calibration tokens; ppl costs one calibration evaluation per block (shared
 prefixes: about L(L+1)/2 block evaluations per window in all).
+
+With --unit attn, mlp or sublayer (Calibration.unit) the candidates are
+sublayers: bi is taken across each sublayer (the stream before and after its
+output is added, pruning.calibration), ppl removes each sublayer alone, and
+angular measures runs of consecutive sublayers (attn0, mlp0, attn1, ...),
+which exist only when both kinds are candidates (--unit sublayer).
 """
 
 from __future__ import annotations
@@ -31,15 +37,16 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from models.units import Removal
+from models.units import Removal, canonical, unit_order
+from utils.errors import KitError
 
 if TYPE_CHECKING:  # the rules only call its methods; importing it would load torch for --help
     from pruning.calibration import Calibration
 
 
-def rank_key(score: float, removal: Removal) -> tuple[float, Removal]:
+def rank_key(score: float, removal: Removal) -> tuple[float, tuple]:
     """Sort key: lower score first, NaN (a broken evaluation) last, ties by the set."""
-    return (math.inf if math.isnan(score) else score, removal)
+    return (math.inf if math.isnan(score) else score, unit_order(removal))
 
 
 def ranked(scores: dict[Removal, float]) -> list[Removal]:
@@ -57,14 +64,17 @@ class BlockRule:
         raise NotImplementedError
 
     def select(self, scores: dict[Removal, float], k: int) -> Removal:
-        return tuple(sorted(c[0] for c in ranked(scores)[:k]))
+        return canonical([c[0] for c in ranked(scores)[:k]])
 
 
 class BlockInfluence(BlockRule):
     name, title = "bi", "Block Influence"
 
     def scores(self, calib: "Calibration", k: int) -> dict[Removal, float]:
-        return {(i,): s for i, s in enumerate(calib.one_pass().bi())}
+        if calib.unit == "block":
+            return {(i,): s for i, s in enumerate(calib.one_pass().bi())}
+        per_unit = calib.one_pass().unit_bi()
+        return {(u,): per_unit[u] for u in calib.units}
 
 
 class CalibrationPerplexity(BlockRule):
@@ -81,7 +91,12 @@ class AngularDistance(BlockRule):
     per_block = False
 
     def scores(self, calib: "Calibration", k: int) -> dict[Removal, float]:
-        return calib.one_pass().angular(k)
+        if calib.unit == "block":
+            return calib.one_pass().angular(k)
+        if calib.unit != "sublayer":
+            raise KitError(f"--metric angular scores runs of consecutive units, which --unit {calib.unit} does not "
+                           "have; use --unit block or sublayer, or another --metric")
+        return calib.one_pass().unit_angular(k)
 
     def select(self, scores: dict[Removal, float], k: int) -> Removal:
         return ranked(scores)[0]

@@ -9,16 +9,22 @@ Exhaustive search costs C(L, k) evaluations, out of reach for deep models
 - beam search keeps the W best sets of each size and extends each by every
   remaining block. Width 1 is greedy; wider beams can undo a greedy step that
   looked good alone. At most about W x k x L evaluations.
+
+Both search over any candidate units (models.units): blocks, or the
+attention and MLP sublayers (BlockPruner, Zhong et al. 2024, searches
+sublayers this way). A step adds one unit; a set that would lose its last
+block or attention is not a candidate.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from utils.log import progress_bar
 
-from models.units import Removal
+from models.units import Removal, Unit, extended, validate_removal
+from utils.errors import KitError
 from pruning.rules import rank_key
 
 # Scores a search step's candidate sets together (lower is better), so that an
@@ -35,31 +41,51 @@ class Step:
     candidates: dict[Removal, float]
 
 
-def _extensions(removed: Removal, n_blocks: int) -> list[Removal]:
-    return [tuple(sorted((*removed, i))) for i in range(n_blocks) if i not in removed]
+def _valid(removal: Removal, n_blocks: int) -> bool:
+    try:
+        validate_removal(removal, n_blocks)
+    except KitError:
+        return False
+    return True
 
 
-def greedy(score: Scorer, n_blocks: int, k: int, progress: bool = True) -> list[Step]:
+def _extensions(removed: Removal, units: Sequence[Unit], n_blocks: int) -> list[Removal]:
+    grown = (extended(removed, u) for u in units)
+    return [s for s in grown if s is not None and _valid(s, n_blocks)]
+
+
+def greedy(score: Scorer, n_blocks: int, k: int, progress: bool = True,
+           units: Sequence[Unit] | None = None, stop: Callable[[Removal], bool] | None = None) -> list[Step]:
     """Steps 1..k of iterative elimination; ``score`` maps removal sets to calibration perplexities."""
-    return beam(score, n_blocks, k, width=1, progress=progress)
+    return beam(score, n_blocks, k, width=1, progress=progress, units=units, stop=stop)
 
 
-def beam(score: Scorer, n_blocks: int, k: int, width: int, progress: bool = True) -> list[Step]:
-    """Best set of each size 1..k found by a beam of ``width`` sets.
+def beam(score: Scorer, n_blocks: int, k: int, width: int, progress: bool = True,
+         units: Sequence[Unit] | None = None, stop: Callable[[Removal], bool] | None = None) -> list[Step]:
+    """Best set of each size 1..k found by a beam of ``width`` sets; ``units`` are the candidates
+    (default: the n_blocks blocks), and size counts the units removed. With ``stop`` (a budget,
+    pruning.budget) the search ends at the first step whose best set meets it.
 
     Ties are broken by the sets themselves, so the search is deterministic;
     a step's ``candidates`` are the distinct sets it scored.
     """
-    if not 1 <= k < n_blocks:
-        raise ValueError(f"k must be between 1 and {n_blocks - 1}, got {k}")
+    units = list(range(n_blocks)) if units is None else list(units)
+    if not 1 <= k < len(units):
+        raise ValueError(f"k must be between 1 and {len(units) - 1}, got {k}")
     if width < 1:
         raise ValueError(f"width must be positive, got {width}")
     frontier: list[Removal] = [()]
     steps = []
     for size in progress_bar(range(1, k + 1), desc="search", unit="step", leave=False, disable=not progress):
-        todo = list(dict.fromkeys(c for base in frontier for c in _extensions(base, n_blocks)))
+        todo = list(dict.fromkeys(c for base in frontier for c in _extensions(base, units, n_blocks)))
+        if not todo:
+            raise KitError(f"no unit can be removed after {size - 1} without losing the last block or attention")
         candidates = dict(zip(todo, score(todo)))
         ranked = sorted(candidates, key=lambda c: rank_key(candidates[c], c))
         frontier = ranked[:width]
         steps.append(Step(frontier[0], candidates[frontier[0]], candidates))
+        if stop is not None and stop(frontier[0]):
+            return steps
+    if stop is not None:
+        raise KitError(f"no set of up to {k} units found by the search meets the target")
     return steps

@@ -13,6 +13,7 @@ import os
 import re
 from datetime import datetime
 
+from models.units import row_removal
 from reporting.schema import COLUMNS, TASK_PREFIX
 from utils.errors import KitError, WriteError
 from utils.text import removal_key
@@ -137,6 +138,8 @@ def _csv_value(value):
         return ""
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else ("inf" if value > 0 else ("-inf" if value < 0 else "nan"))
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
     return value
 
 
@@ -170,6 +173,11 @@ def read_rows(path: str) -> list[dict]:
             row["removed_layers"] = [int(i) for i in json.loads(raw["removed_layers"])]
         except (ValueError, TypeError):
             raise KitError(f"'{path}' has a malformed removed_layers value: {raw['removed_layers']!r}") from None
+        if raw.get("removed_units"):
+            try:
+                row["removed_units"] = [str(u) for u in json.loads(raw["removed_units"])]
+            except (ValueError, TypeError):
+                raise KitError(f"'{path}' has a malformed removed_units value: {raw['removed_units']!r}") from None
         rows.append(row)
     return rows
 
@@ -178,7 +186,7 @@ def check_unique(rows: list[dict], path: str) -> None:
     """Each configuration once: a repeat means two runs wrote to the file at once, and its rows cannot be trusted."""
     seen: set[str] = set()
     for row in rows:
-        key = removal_key(row["removed_layers"])
+        key = removal_key(row_removal(row))
         if key in seen:
             raise KitError(f"'{path}' holds configuration {key} twice (two runs wrote to it at once?); "
                            "start a new file")

@@ -22,6 +22,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from models.units import SUBLAYERS, is_whole_blocks, row_removal, unit_parts
 from pruning.rules import RULES
 from reporting.schema import task_column, task_metrics
 from utils.text import compact_label
@@ -132,6 +133,50 @@ def per_block_figure(rows: Sequence[dict]) -> Figure | None:
     return fig
 
 
+def single_units(rows: Sequence[dict]) -> dict[tuple[int, str], dict]:
+    """The first row removing each unit alone, by (block, 'block' | 'attn' | 'mlp')."""
+    singles: dict[tuple[int, str], dict] = {}
+    for r in rows:
+        removal = row_removal(r)
+        if len(removal) == 1:
+            singles.setdefault(unit_parts(removal[0]), r)
+    return singles
+
+
+def per_unit_figure(rows: Sequence[dict]) -> Figure | None:
+    """PPL change for removing each attention and each MLP alone (and each block, where the file has it),
+    side by side per block, on the log scale of the per-block figure."""
+    singles = single_units(rows)
+    kinds = [k for k in ("attn", "mlp", "block") if any(kind == k for _, kind in singles)]
+    if not any(k in kinds for k in SUBLAYERS) or len(singles) < 2:
+        return None
+    blocks = sorted({i for i, _ in singles})
+    fig = Figure(figsize=(max(6.5, 0.9 * len(blocks) * len(kinds) / 2 + 3), 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(kinds)
+    colours = {"attn": "#2e86c1", "mlp": "#e67e22", "block": "#7f8c8d"}
+    ratios_all = [1.0]
+    for n, kind in enumerate(kinds):
+        xs, ratios = [], []
+        for b in blocks:
+            change = singles.get((b, kind), {}).get("ppl_change_pct")
+            if _finite(change):
+                xs.append(b - 0.4 + width * (n + 0.5))
+                ratios.append(1 + change / 100)
+        ax.bar(xs, [r - 1 for r in ratios], width=width, bottom=1, color=colours[kind],
+               label={"attn": "attention", "mlp": "MLP", "block": "whole block"}[kind])
+        ratios_all += ratios
+    ax.set_yscale("log")
+    _log_ticks(ax.yaxis, min(ratios_all), max(ratios_all), _ratio_text)
+    ax.axhline(1, color="black", linewidth=0.8)
+    ax.set_xticks(blocks)
+    ax.set_xlabel("block")
+    ax.set_ylabel("perplexity change (log scale of PPL / baseline)")
+    ax.legend()
+    fig.suptitle(f"{rows[0].get('model', '')}: removing one attention or MLP at a time")
+    return fig
+
+
 def tradeoff_figure(rows: Sequence[dict]) -> Figure | None:
     """Perplexity against kept blocks and against latency, with the Pareto frontier labelled."""
     if len({len(r["removed_layers"]) for r in rows if r["removed_layers"]}) < 2:
@@ -236,7 +281,7 @@ def importance_scores(rows: Sequence[dict]) -> dict[str, dict[int, float]]:
                 continue
             if key.startswith("["):
                 candidate = json.loads(key)
-                if len(candidate) == 1:
+                if len(candidate) == 1 and isinstance(candidate[0], int):
                     scores.setdefault(r["metric"], {})[candidate[0]] = float(value)
             elif len(removed) == 1:
                 scores.setdefault(key, {})[removed[0]] = float(value)
@@ -270,7 +315,7 @@ def tasks_figure(rows: Sequence[dict]) -> Figure | None:
     if not columns:
         return None
     x = np.arange(len(rows))
-    labels = [_label(r["removed_layers"]) for r in rows]
+    labels = [_label(row_removal(r)) for r in rows]
     fig = Figure(figsize=(max(11, 0.5 * len(rows) + 6), 4.8), layout="constrained")
     ax = fig.add_subplot(1, 2, 1)
     offsets = np.linspace(-0.2, 0.2, len(columns)) if len(columns) > 1 else [0.0]
@@ -317,8 +362,11 @@ def figure_path(csv_path: str, kind: str) -> str:
 def write_figures(rows: Sequence[dict], csv_path: str) -> list[str]:
     """Every figure the rows support, as PNG files beside ``csv_path``; their paths."""
     paths = []
-    for kind, build in FIGURES.items():
-        fig = build(rows) if rows else None
+    # the block figures draw whole-block rows (removed_layers is their whole removal set)
+    blocks_only = [r for r in rows if is_whole_blocks(row_removal(r))]
+    figures = [(kind, build(blocks_only) if blocks_only else None) for kind, build in FIGURES.items()]
+    figures.append(("per-unit", per_unit_figure(rows) if rows else None))  # attention and MLP rows
+    for kind, fig in figures:
         if fig is None:
             continue
         path = figure_path(csv_path, kind)

@@ -7,6 +7,7 @@ import logging
 import os
 from typing import Sequence
 
+from models.units import is_whole_blocks, row_removal
 from reporting.figures import write_figures
 from reporting.schema import REQUIRED_COLUMNS, speed_within_noise, task_column
 from reporting.tables import (COMPARISON_HEADERS, accuracy_cell, accuracy_headers, comparison_cells, interval_cell,
@@ -36,7 +37,7 @@ def best_per_depth(rows: Sequence[dict]) -> list[dict]:
     """The lowest-perplexity configuration for each number of removed blocks."""
     best: dict[int, dict] = {}
     for r in rows:
-        k = len(r["removed_layers"])
+        k = len(row_removal(r))
         if k and (k not in best or r["perplexity"] < best[k]["perplexity"]):
             best[k] = r
     return [best[k] for k in sorted(best)]
@@ -51,8 +52,8 @@ def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: s
     """
     first = rows[0]
     mode = str(first.get("mode") or "results")
-    base = next((r for r in rows if not r["removed_layers"]), None)
-    pruned = [r for r in rows if r["removed_layers"]]
+    base = next((r for r in rows if not row_removal(r)), None)
+    pruned = [r for r in rows if row_removal(r)]
     lines = [f"# Pruning results: {first.get('model', '?')} ({mode})", ""]
     facts = [f"dataset {first.get('dataset', '?')}"]
     if first.get("eval_tokens") is not None:
@@ -68,7 +69,8 @@ def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: s
     notes = noise_note(rows)
     if base and len(pruned) == 1:
         title = f"{mode.capitalize()} Layer Removal"
-        lines += [f"## {title}", "", f"Removed blocks: {removed_label(pruned[0]['removed_layers'])}.", "",
+        lines += [f"## {title}", "", f"Removed {'blocks' if is_whole_blocks(row_removal(pruned[0])) else 'units'}: "
+                  f"{removed_label(row_removal(pruned[0]))}.", "",
                   markdown_table(COMPARISON_HEADERS, comparison_cells(base, pruned[0])), ""]
         if speed_within_noise(pruned[0]) is not None:
             lines += [f"Speed change 95% interval: {interval_cell(pruned[0])}.", *notes, ""]
@@ -83,7 +85,7 @@ def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: s
     if len(depths) > 1:
         lines += ["## Best configuration per number of removed blocks", "",
                   markdown_table(["Blocks Removed", "Best Set", "Perplexity (↓)", "PPL Change (%)"],
-                                 [[str(len(r["removed_layers"])), removed_label(r["removed_layers"]),
+                                 [[str(len(row_removal(r))), removed_label(row_removal(r)),
                                    format_number(r["perplexity"]), format_number(r.get("ppl_change_pct"), sign=True)]
                                   for r in depths], left=2), ""]
     lines += task_section(rows)
@@ -110,7 +112,7 @@ def task_section(rows: Sequence[dict]) -> list[str]:
             f"lm-evaluation-harness scores in percent ± standard error, change against the baseline in percentage "
             f"points in brackets; examples per task: {counts}.", "",
             markdown_table(["Layers Removed", *(f"{t} {m} (%)" for t, m in columns)],
-                           [[removed_label(r["removed_layers"]), *(accuracy_cell(r, t, m, 2, stderr=True)
+                           [[removed_label(row_removal(r)), *(accuracy_cell(r, t, m, 2, stderr=True)
                                                                    for t, m in columns)] for r in rows]), ""]
 
 

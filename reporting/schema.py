@@ -15,6 +15,8 @@ import math
 from datetime import datetime
 from typing import Any
 
+from models.units import removed_whole, unit_names
+
 COLUMNS = [
     "mode", "model", "dataset", "removed_layers", "num_removed", "num_layers", "perplexity", "ppl_change_pct",
     "params", "params_m", "params_change_pct", "latency_ms", "latency_iqr_ms", "prefill_ms", "tokens_per_s",
@@ -25,6 +27,10 @@ COLUMNS = [
     "speed_change_low_pct", "speed_change_high_pct", "baseline_latency_ms",
     # the perplexity convention (evaluation.windows), "+bos" when every window starts with BOS
     "protocol",
+    # the removal set as units, JSON: ["block2", "attn4", "mlp5"] (removed_layers lists only the whole blocks)
+    "removed_units", "kv_cache_bytes_per_token",
+    # --target-params / --target-speedup the choosing mode removed units until it met; empty otherwise
+    "target",
 ]
 # The columns a file must have for --mode report to draw from it.
 REQUIRED_COLUMNS = ("removed_layers", "num_layers", "perplexity")
@@ -116,8 +122,8 @@ def to_row(measurement: Any, context: dict) -> dict:
     m, lat, speed = measurement, measurement.latency, measurement.speed
     return {
         **context,
-        "removed_layers": list(m.removed),
-        "num_removed": len(m.removed),
+        "removed_layers": list(removed_whole(m.removed)),
+        "num_removed": len(removed_whole(m.removed)),
         "num_layers": m.num_layers,
         "perplexity": m.ppl.perplexity,
         "params": m.params,
@@ -131,5 +137,7 @@ def to_row(measurement: Any, context: dict) -> dict:
         "baseline_latency_ms": speed.baseline.latency_ms if speed else None,
         "eval_tokens": m.ppl.tokens,
         "timestamp": datetime.now().isoformat(timespec="seconds"),
+        "removed_units": unit_names(m.removed),
+        "kv_cache_bytes_per_token": m.kv_cache_bytes,
         **task_cells(m.tasks),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from models.units import is_whole_blocks, row_removal
 from reporting.schema import change_pct, speed_within_noise, task_column, task_metrics
 from utils.text import compact_label, format_number, format_table, removed_label
 
@@ -27,6 +28,12 @@ def noise_note(rows: Sequence[dict]) -> list[str]:
     return [NOISE_NOTE] if any(speed_within_noise(r) for r in rows) else []
 
 
+def units_phrase(removal) -> str:
+    """'block 3', 'blocks 1, 3', 'units 1, attn3'."""
+    noun = "block" if is_whole_blocks(removal) else "unit"
+    return f"{noun}{'' if len(removal) == 1 else 's'} {removed_label(removal)}"
+
+
 def sweep_cells(rows: Sequence[dict], width: int | None = None) -> list[list[str]]:
     """One row of cells per configuration, shared by the console table and report.md.
 
@@ -34,7 +41,7 @@ def sweep_cells(rows: Sequence[dict], width: int | None = None) -> list[list[str
     """
     label = removed_label if width is None else compact_label
     return [[
-        label(r["removed_layers"]), str(r["num_layers"]), format_number(r["perplexity"], width=width),
+        label(row_removal(r)), str(r["num_layers"]), format_number(r["perplexity"], width=width),
         format_number(r.get("latency_ms"), width=width), format_number(r.get("params_m"), width=width),
         format_number(r.get("ppl_change_pct"), sign=True, width=width), speed_change_cell(r, width),
     ] for r in rows]
@@ -71,7 +78,7 @@ def accuracy_cell(row: dict, task: str, metric: str, digits: int = 1, stderr: bo
     if stderr and isinstance(err, (int, float)):
         text += f" ± {err * 100:.{digits}f}"
     change = row.get(task_column(task, f"{metric}_change_pts"))
-    if row["removed_layers"] and isinstance(change, (int, float)):
+    if row_removal(row) and isinstance(change, (int, float)):
         text += f" ({change:+.{digits}f})"
     return text
 
@@ -80,7 +87,7 @@ def task_table(rows: Sequence[dict], width: int = CONSOLE_WIDTH) -> str:
     """Each configuration's downstream-task scores (percent, change against the baseline in points), in
     as many tables as ``width`` columns need; empty without task columns."""
     columns = accuracy_headers(rows)
-    labels = [compact_label(r["removed_layers"]) for r in rows]
+    labels = [compact_label(row_removal(r)) for r in rows]
     tables, start = [], 0
     while start < len(columns):
         used, end = max(len("Removed"), *map(len, labels)), start
@@ -124,10 +131,10 @@ def comparison_table(original: dict, pruned: dict) -> str:
 
 def observations(rows: Sequence[dict]) -> list[str]:
     """A few sentences a reader would otherwise work out from the table."""
-    pruned = [r for r in rows if r["removed_layers"]]
+    pruned = [r for r in rows if row_removal(r)]
     if not pruned:
         return []
-    label = lambda r: ("block " if len(r["removed_layers"]) == 1 else "blocks ") + removed_label(r["removed_layers"])
+    label = lambda r: units_phrase(row_removal(r))
     worst = max(pruned, key=lambda r: r["perplexity"])
     best = min(pruned, key=lambda r: r["perplexity"])
     notes = []

@@ -29,7 +29,7 @@ from export.heal import healing_inputs
 from models.families import check_prunable, num_blocks
 from models.loading import dtype_name, load_model, resolve_device
 from models.removal import context_size
-from models.units import Removal
+from models.units import Removal, canonical, row_removal
 from pruning.calibration import Calibration, calibration_ids
 from pruning.choice import Choice
 from pruning.modes import MODES, saving_modes
@@ -166,7 +166,7 @@ def plan(config: RunConfig, loaded: Loaded, procs: Processes) -> tuple[list[Remo
     calib = Calibration(loaded.model, lambda: calibration_ids(config.data, config.select.calib_tokens,
                                                               loaded.tokenizer, loaded.stream, loaded.cache_dir),
                         w.max_length, w.stride, w.batch_size, progress=loaded.settings.progress,
-                        protocol=w.protocol, prefix_token=w.prefix_token)
+                        protocol=w.protocol, prefix_token=w.prefix_token, unit=config.select.unit)
     chosen: list[Choice] = []
 
     def choose() -> tuple[list[Removal], dict]:
@@ -293,7 +293,7 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: 
     model, device, info = loaded.model, loaded.device, record.info
     context = {"mode": config.mode, "model": config.data.model, "dataset": config.data.dataset,
                "device": device.type, "dtype": dtype_name(model), "protocol": loaded.settings.windows.label}
-    done = {removal_key(r["removed_layers"]): r for r in resumed}
+    done = {removal_key(row_removal(r)): r for r in resumed}
     work = Work()
     base = done.get(removal_key(()))
     # The baseline goes into the sweep's own pass (its chain of blocks is every other configuration's
@@ -309,7 +309,7 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: 
                    disable=config.output.quiet or len(todo) < 2 or not procs.is_main)
     extras = choice.extras if choice else {}
     measurements = counted(measure_all(model, loaded.ids, loaded.prompt_ids, mine, loaded.settings), work)
-    measured = (to_row(m, {**context, **extras.get(tuple(sorted(m.removed)), {})}) for m in measurements)
+    measured = (to_row(m, {**context, **extras.get(canonical(m.removed), {})}) for m in measurements)
     rows = dict(done)
     # Each process measures its share; every row reaches every process, in order, and the main
     # process writes it. Process 0's share starts with the baseline, so it is the first row of all.
@@ -317,12 +317,12 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: 
         for row in batch:
             base = base or row
             row = with_changes(row, base)
-            rows[removal_key(row["removed_layers"])] = row
+            rows[removal_key(row_removal(row))] = row
             info["configurations_evaluated"] += 1
             info["tokens_evaluated"] += row["eval_tokens"]
             if record.out:
                 record.out.write(row)
-                if not row["removed_layers"]:  # what --resume checks the file's baseline row against
+                if not row_removal(row):  # what --resume checks the file's baseline row against
                     info["baseline"] = {"perplexity": row["perplexity"], "params": row["params"]}
                     record.save()
             bar.update()

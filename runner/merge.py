@@ -8,6 +8,7 @@ import os
 from typing import Sequence
 
 from config import RunConfig
+from models.units import removal_order, row_removal
 from reporting.csvfile import ResultsFile, read_rows, results_path
 from reporting.markdown import write_outputs
 from reporting.schema import columns_of, with_changes
@@ -57,8 +58,8 @@ def merge_rows(tables: Sequence[tuple[str, list[dict]]]) -> list[dict]:
             if columns_of(row) != columns_of(reference):
                 raise KitError(f"'{path}' and '{first_path}' have different task columns (--tasks); merge only the "
                                "shards of one sweep")
-            key = removal_key(row["removed_layers"])
-            if not row["removed_layers"]:
+            key = removal_key(row_removal(row))
+            if not row_removal(row):
                 if baseline is None:
                     baseline = row
                 elif not math.isclose(row["perplexity"], baseline["perplexity"], rel_tol=BASELINE_RTOL):
@@ -74,7 +75,7 @@ def merge_rows(tables: Sequence[tuple[str, list[dict]]]) -> list[dict]:
             pruned.append(row)
     if baseline is None:
         raise KitError("none of the --inputs holds a baseline row (removed_layers []); every shard writes one")
-    pruned.sort(key=lambda r: (len(r["removed_layers"]), sorted(r["removed_layers"])))
+    pruned.sort(key=lambda r: removal_order(row_removal(r)))
     return [baseline] + pruned
 
 

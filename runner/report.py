@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from config import RunConfig
+from models.units import row_removal
 from reporting.csvfile import check_unique, read_rows
 from reporting.markdown import check_rows, write_outputs
 from reporting.schema import with_changes
@@ -16,7 +17,7 @@ def run(config: RunConfig) -> int:
     check_unique(rows, path)
     # a file written by hand or by another tool may lack the change columns: recomputed against its
     # baseline row, or left empty without one
-    base = next((r for r in rows if not r["removed_layers"]), None)
+    base = next((r for r in rows if not row_removal(r)), None)
     record = read_sidecar(path) or {}  # what the run kept beside the rows (a choosing mode's own report)
     write_outputs([with_changes(r, base) for r in rows], path, plot=True, mode_report=record.get("mode_report"),
                   partial=bool(record.get("partial")))

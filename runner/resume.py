@@ -15,6 +15,7 @@ from dataclasses import asdict
 from typing import Any
 
 from config import RunConfig, WindowSpec
+from models.units import row_removal
 from pruning.modes import MODES
 from reporting.csvfile import check_columns, check_unique, drop_partial_row, read_rows
 from reporting.sidecar import read_sidecar
@@ -74,7 +75,7 @@ def check_same_experiment(path: str, rows: list[dict], identity: dict[str, Any],
         raise KitError(f"--resume file '{path}' was evaluated on {other} tokens, this run scores {scored_tokens}: "
                        "use the same --dataset, --max-tokens, --max-length and --stride")
     baseline = record.get("baseline")
-    row = next((r for r in rows if not r["removed_layers"]), None)
+    row = next((r for r in rows if not row_removal(r)), None)
     if baseline and row and (row["perplexity"] != baseline["perplexity"] or row.get("params") != baseline["params"]):
         raise KitError(f"the baseline row of '{path}' (perplexity {row['perplexity']!r}) differs from the one its "
                        f"run recorded ({baseline['perplexity']!r}): the file was changed after it was written")

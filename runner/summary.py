@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 from config import RunConfig
+from models.units import is_whole_blocks, row_removal, unit_names
 from pruning.choice import Choice
 from reporting.tables import comparison_table, observations, sweep_table, task_table
+
+
+def removed_phrase(row: dict) -> str:
+    removal = row_removal(row)
+    if is_whole_blocks(removal):
+        return f"removed blocks {list(removal)}"
+    return f"removed units {unit_names(removal)}"
 
 
 def print_summary(config: RunConfig, rows: list[dict], choice: Choice | None = None) -> None:
     if config.output.quiet:
         return
     if config.mode == "random" and len(rows) == 2:
-        print(f"\nRandom Layer Removal (seed {config.seed}, removed blocks {rows[1]['removed_layers']})\n")
+        print(f"\nRandom Layer Removal (seed {config.seed}, {removed_phrase(rows[1])})\n")
         print(comparison_table(rows[0], rows[1]))
     if choice and choice.report:
         print("\n" + choice.report(rows))

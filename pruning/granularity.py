@@ -1,0 +1,124 @@
+"""Which granularity loses less at a given size: whole blocks or sublayers?
+
+`--mode compare --target-params 0.8` (several budgets: 0.9,0.8) answers it in
+one run. For each budget and each granularity (whole blocks; attention and
+MLP sublayers, --unit sublayer) every rule (bi, angular, ppl, greedy, beam)
+removes units in its own order until at most that many parameters remain
+(pruning.budget); the run then evaluates every chosen set on the evaluation
+tokens, and the report puts, per budget, the best block-only set against the
+best sublayer set. BlockPruner (Zhong et al., 2024) reports that sublayers
+lose much less at equal size on Llama-2; this measures it on your model.
+
+Choosing costs calibration evaluations: ppl one per candidate unit (L
+blocks, 2L sublayers), greedy and beam as in pruning.search, run until the
+budget is met; bi and angular one calibration pass in all. Calibration
+perplexities are cached across granularities (the same set is scored once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from config import RunConfig
+from models.units import Removal, row_removal
+from pruning.budget import Budget, parse_params_target
+from pruning.choice import Choice
+from pruning.rules import RULES, choose
+from pruning.search import beam
+from utils.text import format_table, removal_key, removed_label
+
+if TYPE_CHECKING:
+    from pruning.calibration import Calibration
+
+GRANULARITIES = ("block", "sublayer")
+
+
+@dataclass(frozen=True)
+class GranularityPlan:
+    budgets: tuple[str, ...]
+    chosen: dict[tuple[str, str, str], Removal]  # (budget, granularity, rule) -> the set it removes
+    costs: dict[tuple[str, str, str], str]  # what choosing it cost, in calibration evaluations (or passes)
+
+    def removals(self) -> list[Removal]:
+        return list(dict.fromkeys(self.chosen.values()))
+
+    def roles(self, removal: Removal) -> str:
+        return ",".join(f"{g} {rule} @{b}" for (b, g, rule), s in self.chosen.items() if s == removal)
+
+
+def _choices(calib: "Calibration", budget: Budget, width: int) -> dict[str, tuple[Removal, str]]:
+    """Each rule's fewest units meeting ``budget`` at the calibration's granularity, and its cost.
+
+    Costs are what the rule needs on its own (the run shares a cache, so it
+    pays less): bi and angular one calibration pass, ppl one calibration
+    evaluation per candidate unit, a search the sets it scored.
+    """
+    most = len(calib.units) - 1
+    out = {}
+    for name, rule in RULES.items():
+        removal = choose(rule, calib, budget.fewest(lambda k: choose(rule, calib, k)[0], most))[0]
+        out[name] = (removal, f"{len(calib.units)} evaluations" if name == "ppl" else "1 pass")
+    for name, width_ in (("greedy", 1), ("beam", width)):
+        scored: list[int] = []
+
+        def score(sets):
+            scored.append(len(sets))
+            return calib.perplexities(sets)
+
+        steps = beam(score, calib.n_blocks, most, width_, calib.progress, units=calib.units, stop=budget.met)
+        out[name] = (steps[-1].removed, f"{sum(scored)} evaluations")
+    return out
+
+
+def plan_granularity(config: RunConfig, calib: "Calibration") -> GranularityPlan:
+    budgets = tuple(b.strip() for b in config.select.target_params.split(",") if b.strip())
+    for b in budgets:
+        parse_params_target(b)
+    calib.ids  # loaded once, shared by both granularities' calibrations
+    chosen, costs = {}, {}
+    for b in budgets:
+        for g in GRANULARITIES:
+            at = replace(calib, unit=g)  # shares the cached perplexities and one-pass scores
+            spec = replace(config.select, unit=g, target_params=b)
+            for rule, (removal, cost) in _choices(at, Budget(at, spec), config.select.beam_width).items():
+                chosen[(b, g, rule)], costs[(b, g, rule)] = removal, cost
+    return GranularityPlan(budgets, chosen, costs)
+
+
+def granularity_report(plan: GranularityPlan, rows: list[dict]) -> str:
+    by_key = {removal_key(row_removal(r)): r for r in rows}
+    base = by_key[removal_key(())]
+    row = lambda s: by_key[removal_key(s)]
+    body, best_lines = [], []
+    for b in plan.budgets:
+        best = {}
+        for g in GRANULARITIES:
+            for (budget, gran, rule), s in plan.chosen.items():
+                if (budget, gran) != (b, g):
+                    continue
+                r = row(s)
+                body.append([b, g, rule, removed_label(s), f"{r['params'] / base['params'] * 100:.1f}",
+                             f"{r['perplexity']:,.2f}", plan.costs[(budget, gran, rule)]])
+                if g not in best or r["perplexity"] < best[g][1]["perplexity"]:
+                    best[g] = (rule, r, s)
+        (rb, block_row, sb), (rs, sub_row, ss) = best["block"], best["sublayer"]
+        gap = (block_row["perplexity"] - sub_row["perplexity"]) / sub_row["perplexity"] * 100
+        verdict = ("both lose the same" if gap == 0 else
+                   f"{'sublayers' if gap > 0 else 'whole blocks'} lose less (the best block set's PPL is "
+                   f"{gap:+.1f}% against the best sublayer set's)")
+        best_lines.append(f"At params <= {b}: best block set {removed_label(sb)} ({rb}, PPL "
+                          f"{block_row['perplexity']:,.2f}), best sublayer set {removed_label(ss)} ({rs}, PPL "
+                          f"{sub_row['perplexity']:,.2f}): {verdict}")
+    table = format_table(["Budget", "Units", "Rule", "Removed", "Params (%)", "Perplexity", "Calibration cost"],
+                         body)
+    return "\n\n".join([f"Whole blocks against sublayers at equal parameter budgets (baseline PPL "
+                        f"{base['perplexity']:,.2f}; rules chose on calibration tokens, perplexities on the "
+                        "evaluation tokens)", table, "\n".join(best_lines)])
+
+
+def compare_granularity(config: RunConfig, calib: "Calibration") -> Choice:
+    plan = plan_granularity(config, calib)
+    extras = {s: {"metric": plan.roles(s), "target": f"params<={config.select.target_params}"}
+              for s in plan.removals()}
+    return Choice(plan.removals(), extras, lambda rows: granularity_report(plan, rows), sweep_table=False)
