@@ -42,7 +42,7 @@ from evaluation.perplexity import PerplexityResult, batch_inputs, perplexity, wi
 from evaluation.windows import spec_windows
 from models.families import num_blocks
 from models.removal import check_units, removed_units
-from models.units import kept_nodes
+from models.units import kept_nodes, unit_names
 
 # Configurations evaluated together in one shared-prefix pass.
 GROUP_SIZE = 64
@@ -84,7 +84,7 @@ def _speed(model: nn.Module, prompt_ids: torch.Tensor, removed: Sequence[int],
         warn_if_noisy("the baseline", latency)
         return latency, None
     latency, change = measure_against_baseline(model, removed, prompt_ids, speed.gen_tokens, speed.runs, speed.warmup)
-    warn_if_noisy(f"removed blocks {list(removed)}", latency, change.baseline)
+    warn_if_noisy(f"removing {', '.join(unit_names(removed))}", latency, change.baseline)
     return latency, change
 
 
