@@ -151,7 +151,10 @@ def final_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def block_output(model: nn.Module, output: Any) -> torch.Tensor:
-    return output[0] if family_of(model).returns_tuple or isinstance(output, tuple) else output
+    """The hidden state a block returns: GPT-Neo's blocks return a tuple, the others a tensor.
+
+    Called once per block evaluation in the engine, so it looks at the output, not the registry."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ is ignored and rewritten.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -41,6 +42,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def file_hash(path: str) -> str:
+    """SHA-256 of a file's bytes. The token cache and --resume's run identity both ask for it, so it is
+    computed once per file version (path, size and modification time) in a process."""
+    stat = os.stat(path)
+    return _file_hash(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
