@@ -24,7 +24,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from models.units import SUBLAYERS, is_whole_blocks, row_removal, unit_parts
 from pruning.rules import RULES
-from reporting.schema import task_column, task_metrics
+from reporting.schema import speed_within_noise, task_column, task_metrics
 from utils.text import compact_label
 
 log = logging.getLogger("gpt2-pruning-kit")
@@ -122,15 +122,31 @@ def per_block_figure(rows: Sequence[dict]) -> Figure | None:
     ax.set_title("Perplexity change")
     if timed:
         ax2 = fig.add_subplot(1, 2, 2)
-        changes = [singles[b]["speed_change_pct"] for b in timed]
-        ax2.bar(timed, changes, color=["#27ae60" if c < 0 else "#7f8c8d" for c in changes])
-        ax2.axhline(0, color="black", linewidth=0.8)
+        _speed_bars(ax2, [singles[b] for b in timed], timed)
         ax2.set_xticks(blocks)
         ax2.set_xlabel("removed block")
-        ax2.set_ylabel("latency change (%)")
-        ax2.set_title("Latency change (negative is faster)")
     fig.suptitle(f"{rows[0].get('model', '')}: removing one block at a time")
     return fig
+
+
+def _speed_bars(ax, rows: Sequence[dict], xs: Sequence) -> None:
+    """Latency changes with their 95% intervals (evaluation.latency): a bar whose
+    interval includes 0 is within the timing noise and drawn pale, so that no
+    bar claims a speed-up the timing cannot tell from none."""
+    changes = [r["speed_change_pct"] for r in rows]
+    noise = [speed_within_noise(r) for r in rows]
+    colors = ["#d5d8dc" if n else ("#27ae60" if c < 0 else "#7f8c8d") for c, n in zip(changes, noise)]
+    ax.bar(xs, changes, color=colors, edgecolor="#7f8c8d", linewidth=0.5)
+    with_interval = [(x, r) for x, r, n in zip(xs, rows, noise) if n is not None]
+    if with_interval:
+        centre = np.array([r["speed_change_pct"] for _, r in with_interval])
+        low = np.array([r["speed_change_low_pct"] for _, r in with_interval])
+        high = np.array([r["speed_change_high_pct"] for _, r in with_interval])
+        ax.errorbar([x for x, _ in with_interval], centre, yerr=[centre - low, high - centre], fmt="none",
+                    ecolor="black", capsize=3, linewidth=0.8)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("latency change (%)" + (", 95% interval" if with_interval else ""))
+    ax.set_title("Latency change (negative is faster)" + ("; pale: within the noise" if any(noise) else ""))
 
 
 def single_units(rows: Sequence[dict]) -> dict[tuple[int, str], dict]:

@@ -15,6 +15,8 @@ import pytest
 
 import main
 from utils import metadata
+from matplotlib.colors import to_rgb
+from matplotlib.container import BarContainer, ErrorbarContainer
 from reporting.figures import importance_figure, pair_heatmap, pareto_front, per_block_figure, tradeoff_figure
 from reporting.markdown import report_markdown
 from reporting.csvfile import ResultsFile, read_rows
@@ -143,6 +145,24 @@ def test_per_block_figure_plots_each_rows_change(sequential_rows):
     assert bar_tops(ppl_ax) == pytest.approx({b: 1 + r["ppl_change_pct"] / 100 for b, r in singles.items()})
     assert bar_tops(ppl_ax)[0] == pytest.approx(12095.66 / 39.29)
     assert bar_tops(speed_ax) == pytest.approx({b: r["speed_change_pct"] for b, r in singles.items()})
+
+
+def test_per_block_figure_draws_each_speed_change_with_its_interval(sequential_rows):
+    singles = [r for r in sequential_rows if r["removed_layers"]]
+    for r in singles:  # block 3 is timed within the noise (its interval holds 0), the others beyond it
+        c = r["speed_change_pct"]
+        assert abs(c) > 1
+        r["speed_change_low_pct"], r["speed_change_high_pct"] = (-abs(c), abs(c)) if r["removed_layers"] == [3] else (
+            c - 0.5, c + 1)
+    speed_ax = per_block_figure(sequential_rows).axes[1]
+    [bars] = [c for c in speed_ax.containers if isinstance(c, BarContainer)]
+    [errors] = [c for c in speed_ax.containers if isinstance(c, ErrorbarContainer)]
+    segments = errors.lines[2][0].get_segments()
+    assert [(s[0][0], s[0][1], s[1][1]) for s in segments] == pytest.approx(
+        [(r["removed_layers"][0], r["speed_change_low_pct"], r["speed_change_high_pct"]) for r in singles])
+    pale = {round(bar.get_x() + bar.get_width() / 2) for bar in bars if bar.get_facecolor()[:3] == to_rgb("#d5d8dc")}
+    assert pale == {3}
+    assert "within the noise" in speed_ax.get_title()
 
 
 def test_per_block_figure_without_latency_has_one_panel(sequential_rows):
