@@ -258,9 +258,6 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--num-fewshot, --limit, --tasks-batch-size and --include-path need --tasks NAME[,NAME...]")
     if args.tasks and not mode.evaluates:
         parser.error(f"--mode {args.mode} evaluates nothing; --tasks scores the models an evaluating mode measures")
-    if args.heal_steps and (args.unit != "block" or any(isinstance(u, str) for u in args.remove or ())):
-        parser.error("--heal-steps with sublayer units (attnN, mlpN, --unit) is not supported; heal a whole-block "
-                     "configuration, or save the model without healing")
     if not args.heal_steps and (args.heal_kd or args.train_dataset or args.heal_lr is not None):
         parser.error("--heal-kd, --heal-lr and --train-dataset need --heal-steps N (N > 0)")
 

@@ -159,7 +159,8 @@ def _zeroed_note(report: dict) -> list[str]:
             "weights with each one's output projection set to zero: the sublayer adds exactly nothing, the "
             "outputs are those of the pruned model, but the checkpoint has the full parameter count of its "
             "blocks and computes (and caches) these sublayers: no size or speed gain here. The pruned "
-            "parameters and speed below are the kit's, which skips them.", ""]
+            "parameters and speed below are the kit's, which skips them."
+            + (" Healing kept these projections frozen at zero." if report.get("healing") else ""), ""]
 
 
 def model_card(report: dict) -> str:

@@ -2,7 +2,7 @@
 
 Gromov et al. (2024, "The Unreasonable Ineffectiveness of the Deeper Layers")
 recover much of the quality lost to block removal with a brief parameter-
-efficient fine-tune; this module does that for the kit's pruned GPT-2 models.
+efficient fine-tune; this module does that for the kit's pruned models.
 
 Design, and why:
 
@@ -11,6 +11,8 @@ Design, and why:
   the original model too, and with it the teacher and any later measurement.
   The student is therefore a deep copy of the pruned model, taken once when
   healing starts; the original model is never written to and is the teacher.
+  Removed attention or MLP sublayers are in the copy as the export writes
+  them, output projections zeroed, and those projections are frozen.
 - LoRA (Hu et al. 2021, via peft) is the default: adapters on every linear
   layer but the LM head (for GPT-2 the attention and MLP projections c_attn,
   c_proj, c_fc; for Llama-like models q/k/v/o and the MLP), alpha = 2 x rank,
@@ -29,7 +31,6 @@ Design, and why:
 
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 from dataclasses import dataclass
@@ -41,8 +42,8 @@ from torch.nn import functional as F
 from utils.log import progress_bar
 
 from config import HealSpec
-from models.families import family_of
-from models.removal import context_size, removed_blocks
+from models.families import family_of, num_blocks
+from models.removal import check_units, context_size, zeroed_copy, zeroed_projections
 from utils.cache import cached_token_ids
 from utils.data import is_local_dataset
 from utils.errors import KitError
@@ -129,10 +130,26 @@ def random_windows(ids: torch.Tensor, seq_len: int, batch_size: int, generator: 
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
-def student_copy(model: nn.Module, removed: Sequence[int]) -> nn.Module:
-    """An independent copy of the pruned model: training it leaves ``model`` untouched."""
-    with removed_blocks(model, removed) as pruned:
-        return copy.deepcopy(pruned)
+def student_copy(model: nn.Module, removed: Sequence) -> tuple[nn.Module, list[nn.Module]]:
+    """An independent copy of the pruned model, and the modules of it that must not train.
+
+    Training the copy leaves ``model`` untouched. Removed sublayers (attnN,
+    mlpN) are in the copy as in the exported checkpoint: kept, with their
+    output projections zeroed (models.removal.zeroed_copy), so the student
+    computes exactly the pruned model. Those projections are returned to be
+    frozen: a zero weight still gets a gradient, and one step would bring the
+    removed sublayer back.
+    """
+    student = zeroed_copy(model, removed)
+    return student, zeroed_projections(student, check_units(model, removed), num_blocks(model))
+
+
+def frozen(student: nn.Module, modules: Sequence[nn.Module]) -> None:
+    """Stop ``modules`` (and LoRA adapters peft put on them, which wrap them as ``base_layer``) from training."""
+    wrapped = {id(m) for m in modules}
+    for module in student.modules():
+        if id(module) in wrapped or id(getattr(module, "base_layer", None)) in wrapped:
+            module.requires_grad_(False)
 
 
 def with_lora(model: nn.Module, rank: int) -> nn.Module:
@@ -152,9 +169,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
-def heal(model: nn.Module, removed: Sequence[int], train_ids: torch.Tensor, settings: HealSpec,
+def heal(model: nn.Module, removed: Sequence, train_ids: torch.Tensor, settings: HealSpec,
          progress: bool = True) -> HealResult:
-    """Fine-tune a copy of ``model`` with blocks ``removed`` on ``train_ids`` (1-D).
+    """Fine-tune a copy of ``model`` with the units ``removed`` (blocks, attnN, mlpN) on ``train_ids`` (1-D).
 
     ``model`` is the unpruned model; it is only read (as the teacher with
     distillation) and is unchanged afterwards.
@@ -168,7 +185,7 @@ def heal(model: nn.Module, removed: Sequence[int], train_ids: torch.Tensor, sett
     generator = torch.Generator().manual_seed(settings.seed)
     device = next(model.parameters()).device
 
-    student = student_copy(model, removed)
+    student, keep_zero = student_copy(model, removed)
     dtype = next(student.parameters()).dtype
     if settings.mode == "lora":
         student = with_lora(student, settings.lora_rank)  # peft keeps the adapters in float32
@@ -176,6 +193,7 @@ def heal(model: nn.Module, removed: Sequence[int], train_ids: torch.Tensor, sett
         # AdamW on bfloat16 weights rounds most small updates away (40% of the weights changed in 10
         # steps against 97% in float32): train float32 master weights and cast back once at the end.
         student.float().requires_grad_(True)
+    frozen(student, keep_zero)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
     log.info(f"Healing ({settings.mode}{', distillation' if settings.kd else ''}): {settings.steps} steps of "

@@ -189,17 +189,22 @@ def zeroed_copy(model: nn.Module, remove: Sequence[Unit]) -> nn.Module:
     computes it (and caches its keys and values): full size, no speed gain.
     """
     remove = check_units(model, remove)
-    family = family_of(model)
     with removed_blocks(model, removed_whole(remove)) as pruned:
         out = copy.deepcopy(pruned)
-    blocks = get_blocks(out)
-    at = {old: new for new, old in enumerate(kept_blocks(len(getattr(*block_owner(model))), remove))}
-    for index, sublayer in removed_sublayers(remove).items():
-        proj = module_at(blocks[at[index]], family.attention_out if sublayer == "attn" else family.mlp_out)
+    for proj in zeroed_projections(out, remove, len(getattr(*block_owner(model)))):
         proj.weight.zero_()
         if getattr(proj, "bias", None) is not None:
             proj.bias.zero_()
     return out
+
+
+def zeroed_projections(pruned: nn.Module, remove: Removal, n_blocks: int) -> list[nn.Module]:
+    """The output projections of the removed sublayers in a zeroed copy (``pruned``, of a model of
+    ``n_blocks`` blocks): the modules that must stay zero, and so untrained, when the copy is healed."""
+    family, blocks = family_of(pruned), get_blocks(pruned)
+    at = {old: new for new, old in enumerate(kept_blocks(n_blocks, remove))}
+    return [module_at(blocks[at[index]], family.attention_out if sublayer == "attn" else family.mlp_out)
+            for index, sublayer in removed_sublayers(remove).items()]
 
 
 @contextmanager

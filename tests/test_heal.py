@@ -14,7 +14,7 @@ from evaluation.perplexity import perplexity
 import export.heal
 from config import HealSpec
 from export.heal import heal, kd_loss, training_ids
-from models.removal import removed_blocks
+from models.removal import removed_blocks, removed_units
 from tiny import make_model, make_text, make_tokenizer, save_model_dir
 from utils.data import tokenize
 
@@ -73,6 +73,38 @@ def test_merged_lora_model_is_a_plain_gpt2_of_the_pruned_shape(corpus):
     assert not torch.equal(healed.transformer.h[0].attn.c_attn.weight, model.transformer.h[1].attn.c_attn.weight)
     assert torch.equal(healed.transformer.h[0].ln_1.weight, model.transformer.h[1].ln_1.weight)
     assert torch.equal(healed.transformer.wte.weight, model.transformer.wte.weight)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_healing_keeps_removed_sublayers_removed(corpus, mode):
+    """Block 0, the attention of block 2 and the MLP of block 3 removed: the student is the zeroed
+    copy the export writes, its zeroed projections stay zero, and what they gate adds nothing."""
+    _, train_ids, eval_ids = corpus
+    model = make_model(n_layer=4)
+    original = snapshot(model)
+    removed = (0, "attn2", "mlp3")
+    with removed_units(model, removed) as pruned:
+        before = eval_ppl(pruned, eval_ids)
+    lr = 1e-2 if mode == "lora" else 1e-3
+    healed = heal(model, removed, train_ids, HealSpec(steps=8, mode=mode, lr=lr, batch_size=4, seq_len=64),
+                  progress=False).model
+
+    assert type(healed) is GPT2LMHeadModel and healed.config.n_layer == 3
+    attn2, mlp3 = healed.transformer.h[1].attn.c_proj, healed.transformer.h[2].mlp.c_proj
+    for proj in (attn2, mlp3):
+        assert not proj.weight.any() and not proj.bias.any(), "a removed sublayer came back"
+    # everything else trained: the kept attention of block 2 and the kept MLP of block 3 included
+    assert not torch.equal(healed.transformer.h[1].mlp.c_fc.weight, model.transformer.h[2].mlp.c_fc.weight)
+    assert not torch.equal(healed.transformer.h[2].attn.c_attn.weight, model.transformer.h[3].attn.c_attn.weight)
+    assert eval_ppl(healed, eval_ids) < before
+    # what a zeroed projection gates adds nothing: new weights inside it leave the logits as they are
+    inputs = eval_ids[None, :32]
+    with torch.no_grad():
+        logits = healed(inputs).logits
+        healed.transformer.h[1].attn.c_attn.weight.normal_()
+        healed.transformer.h[2].mlp.c_fc.weight.normal_()
+        assert torch.equal(healed(inputs).logits, logits)
+    assert unchanged(model, original)
 
 
 def test_full_distillation_moves_the_student_towards_the_unpruned_teacher(corpus):

@@ -25,7 +25,7 @@ from pruning.rules import RULES, choose
 from pruning.search import beam, greedy
 from test_families import N_LAYER, build
 from test_importance import only_csv
-from tiny import make_model, save_model_dir, train_briefly
+from tiny import make_model, make_text, save_model_dir, train_briefly
 from utils.errors import KitError
 from utils.text import removal_key
 
@@ -297,6 +297,23 @@ def test_a_partial_block_export_loads_in_plain_transformers_with_the_same_logits
     with removed_units(trained, [0, "attn2", "mlp3"]) as pruned, torch.no_grad():
         assert torch.equal(reloaded(inputs).logits, pruned(inputs).logits)
         assert count_parameters(reloaded) > count_parameters(pruned)  # the zeroed sublayers' weights are kept
+
+
+def test_a_healed_partial_block_export_keeps_its_sublayers_removed(trained_dir, text_file, tmp_path, ids):
+    from transformers import AutoModelForCausalLM
+
+    target = tmp_path / "healed"
+    train = tmp_path / "train.txt"
+    train.write_text(make_text(300, seed=5), encoding="utf-8")
+    assert run(trained_dir, text_file, tmp_path / "out", "--mode", "custom", "--remove", "0,attn2",
+               "--heal-steps", "3", "--heal-seq-len", "32", "--train-dataset", str(train),
+               "--save-model", str(target)) == 0
+    report = json.loads((target / "pruning_report.json").read_text())
+    assert report["zeroed_sublayers"] == ["attn2"] and report["healing"]["steps"] == 3
+    assert "frozen at zero" in (target / "README.md").read_text().replace("\n", " ")
+    reloaded = AutoModelForCausalLM.from_pretrained(target).eval()
+    proj = reloaded.transformer.h[1].attn.c_proj  # original block 2 is block 1 once block 0 is gone
+    assert not proj.weight.any() and not proj.bias.any()
 
 
 def test_combinatorial_and_random_draw_units(trained_dir, text_file, tmp_path):
