@@ -22,7 +22,9 @@ from evaluation.perplexity import perplexity
 from models.families import FAMILIES as REGISTRY
 from models.families import get_blocks, num_blocks
 from models.removal import removed_blocks
+from config import RunConfig
 from pruning.calibration import Calibration
+from pruning.compare import plan_compare
 from pruning.search import beam, greedy
 from tiny import make_model, make_text, make_tokenizer
 
@@ -226,19 +228,25 @@ def test_engine_equals_one_model_at_a_time(family, batch_size, protocol, stride,
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neo"])
-def test_search_chooses_the_same_through_the_engine_and_one_model_at_a_time(family, tokenizer, long_ids):
-    model = build(family, len(tokenizer))
+class OneAtATime(Calibration):
+    """Calibration whose perplexities come from each pruned model evaluated alone, not from the engine."""
 
-    def one_at_a_time(sets):
+    def perplexities(self, removals):
         out = []
-        for removed in sets:
-            with removed_blocks(model, removed) as pruned:
-                out.append(perplexity(pruned, long_ids, 32, 16, progress=False).perplexity)
+        for removed in removals:
+            with removed_blocks(self.model, removed) as pruned:
+                out.append(perplexity(pruned, self.ids, self.max_length, self.stride, progress=False).perplexity)
         return out
 
-    calib = Calibration(model, lambda: long_ids, 32, 16, progress=False)
-    assert beam(calib.perplexities, N_LAYER, 2, 2, progress=False) == beam(one_at_a_time, N_LAYER, 2, 2,
-                                                                            progress=False)
-    assert greedy(calib.perplexities, N_LAYER, 3, progress=False) == greedy(one_at_a_time, N_LAYER, 3,
-                                                                             progress=False)
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_searches_and_compare_choose_the_same_through_the_engine_and_one_model_at_a_time(family, tokenizer,
+                                                                                           long_ids):
+    model = build(family, len(tokenizer))
+    engine = Calibration(model, lambda: long_ids, 32, 16, progress=False)
+    alone = OneAtATime(model, lambda: long_ids, 32, 16, progress=False)
+    assert greedy(engine.perplexities, N_LAYER, 3, False) == greedy(alone.perplexities, N_LAYER, 3, False)
+    assert beam(engine.perplexities, N_LAYER, 2, 2, False) == beam(alone.perplexities, N_LAYER, 2, 2, False)
+    # compare: every rule's pick for k = 1..3, greedy and beam included, and the ppl rule's scores
+    config = RunConfig(mode="compare")
+    assert plan_compare(config, engine).chosen == plan_compare(config, alone).chosen
