@@ -62,7 +62,7 @@ class TaskScorer:
         lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.spec.batch_size)
         was_training = model.training
         try:
-            with _silenced(not self.progress):
+            with _silenced(not self.progress), _as_local_rank_zero():
                 out = lm_eval.simple_evaluate(lm, tasks=list(self.loaded), num_fewshot=self.spec.num_fewshot,
                                               limit=self.spec.limit, task_manager=self.manager, log_samples=False)
         finally:
@@ -88,6 +88,26 @@ def _silenced(on: bool) -> Iterator[None]:
         return
     with open(os.devnull, "w", encoding="utf-8") as sink, contextlib.redirect_stderr(sink):
         yield
+
+
+@contextlib.contextmanager
+def _as_local_rank_zero() -> Iterator[None]:
+    """LOCAL_RANK set to 0 while lm-eval evaluates.
+
+    Under accelerate launch each process scores its own configurations on its
+    own (an HFLM around a model object runs with world size 1), but
+    simple_evaluate returns None wherever the LOCAL_RANK variable is not 0:
+    the second process got no scores and failed.
+    """
+    saved = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["LOCAL_RANK"]
+        else:
+            os.environ["LOCAL_RANK"] = saved
 
 
 def _number(value: Any) -> float | None:

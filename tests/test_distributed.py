@@ -15,7 +15,7 @@ import torch
 
 import main
 from conftest import ROOT
-from tiny import make_model, make_text, make_tokenizer, save_model_dir
+from tiny import N_EXAMPLES, TASK, make_model, make_text, make_tokenizer, save_model_dir, write_task
 from runner.processes import WORLD_SIZE_VARS, current_processes, share
 
 FAST = ["--mode", "combinatorial", "--max-tokens", "300", "--max-length", "64", "--no-speed"]
@@ -173,10 +173,12 @@ def test_two_processes_resume_a_run_into_the_rows_of_one_process(inputs, single,
 
 def test_two_processes_work_from_the_main_process_choice(inputs, tmp_path):
     """A choosing mode under accelerate launch: the main process chooses on calibration tokens and
-    broadcasts the plan, so the two processes' rows are exactly those of a one-process run."""
+    broadcasts the plan, so the two processes' rows are exactly those of a one-process run, their
+    downstream task scores included (each process scores its own configurations with lm-eval)."""
     model_dir, text_file = inputs
+    tasks = write_task(tmp_path)
     greedy = ["--mode", "greedy", "--num-remove", "2", "--calib-tokens", "400", "--max-tokens", "300",
-              "--max-length", "64", "--no-speed"]
+              "--max-length", "64", "--no-speed", "--tasks", TASK, "--include-path", str(tasks)]
     alone = tmp_path / "alone"
     assert main.main(["--model", str(model_dir), "--dataset", str(text_file), *greedy, "--quiet",
                       "--save_results", "--output-dir", str(alone)]) == 0
@@ -191,7 +193,9 @@ def test_two_processes_work_from_the_main_process_choice(inputs, tmp_path):
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "over 2 processes" in done.stderr
-    pd.testing.assert_frame_equal(comparable(only_csv(together)), comparable(only_csv(alone)))
+    rows = comparable(only_csv(together))
+    assert rows[f"task:{TASK}:n"].tolist() == [N_EXAMPLES] * len(rows)
+    pd.testing.assert_frame_equal(rows, comparable(only_csv(alone)))
 
 
 def test_only_the_main_process_chooses_the_others_receive_its_plan(monkeypatch):

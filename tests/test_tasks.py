@@ -15,48 +15,14 @@ import main
 from conftest import IDENTITY_BLOCK, N_LAYER
 from reporting.csvfile import read_rows
 from reporting.schema import COLUMNS, task_column
-from tiny import OBJECTS, SUBJECTS, VERBS, make_text
+from tiny import N_EXAMPLES, TASK, YAML, examples, make_text, write_task
 
-TASK = "tiny_mc"
-N_EXAMPLES = 12
 FAST = ["--no-speed", "--max-tokens", "600", "--max-length", "64"]
-
-YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{query}}}}"
-doc_to_target: label
-doc_to_choice: choices
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-
-
-def examples() -> list[dict]:
-    """Sentence openings of the tiny corpus, each with three objects to choose from."""
-    return [{"query": f"{SUBJECTS[i % len(SUBJECTS)].capitalize()} {VERBS[i % len(VERBS)]}",
-             "choices": [OBJECTS[(i + j) % len(OBJECTS)] for j in range(3)], "label": i % 3}
-            for i in range(N_EXAMPLES)]
 
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tasks")
-    data = folder / "tiny_mc.jsonl"
-    data.write_text("".join(json.dumps(e) + "\n" for e in examples()), encoding="utf-8")
-    (folder / "tiny_mc.yaml").write_text(YAML.format(name=TASK, data=data), encoding="utf-8")
-    return folder
+    return write_task(tmp_path_factory.mktemp("tasks"))
 
 
 @pytest.fixture(scope="module")

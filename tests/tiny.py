@@ -3,6 +3,7 @@ so the suite never needs the network."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -91,3 +92,45 @@ def train_briefly(model: GPT2LMHeadModel, ids: torch.Tensor, steps: int = 60, id
         loss.backward()
         opt.step()
     return model.eval()
+
+
+# A multiple-choice lm-eval task over the corpus's sentence openings, written as YAML over a local jsonl
+# file, so that --tasks runs offline (tests/test_tasks.py, tests/test_distributed.py).
+TASK = "tiny_mc"
+N_EXAMPLES = 12
+
+YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_target: label
+doc_to_choice: choices
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def examples() -> list[dict]:
+    """Sentence openings of the tiny corpus, each with three objects to choose from."""
+    return [{"query": f"{SUBJECTS[i % len(SUBJECTS)].capitalize()} {VERBS[i % len(VERBS)]}",
+             "choices": [OBJECTS[(i + j) % len(OBJECTS)] for j in range(3)], "label": i % 3}
+            for i in range(N_EXAMPLES)]
+
+
+def write_task(folder: Path) -> Path:
+    """The task's jsonl and YAML in ``folder``, for --include-path."""
+    data = folder / "tiny_mc.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in examples()), encoding="utf-8")
+    (folder / "tiny_mc.yaml").write_text(YAML.format(name=TASK, data=data), encoding="utf-8")
+    return folder
