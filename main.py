@@ -214,6 +214,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             parser.error(f"{flag} is only used by {where}, not {args.mode}")
     if args.target_params is not None:
         budgets = args.target_params.split(",")
+        if args.mode == "compare" and args.unit != "block":
+            parser.error("--mode compare --target-params sets whole blocks against sublayers itself; drop --unit")
         if len(budgets) > 1 and args.mode != "compare":
             parser.error("several --target-params budgets (0.9,0.8) are for --mode compare; give one")
         try:

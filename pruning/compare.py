@@ -1,15 +1,21 @@
-"""How close each block-choosing rule gets to the true optimum.
+"""How close each rule gets to the true optimum.
 
-For every k = 1..--max-remove each rule picks k blocks on calibration tokens
-(bi, angular, ppl, greedy, beam, random with --seed, the last k blocks); the
+For every k = 1..--max-remove each rule picks k units on calibration tokens
+(bi, angular, ppl, greedy, beam, random with --seed, the last k units); the
 run then measures every picked set on the evaluation tokens, along with
-every k-subset where C(L, k) <= --max-configs (the exhaustive optimum) and
+every k-subset where C(n, k) <= --max-configs (the exhaustive optimum) and
 every single removal. Choosing and judging on different tokens keeps the
 table honest: a rule that overfits its calibration text shows a gap.
 
+Units are whole blocks, or with --unit attention and MLP sublayers (a block
+whose two sublayers are both removed counts as two units), so the same table
+says how well each rule picks sublayers. A rule that cannot score a kind of
+unit (angular: runs of consecutive units, which attention-only or MLP-only
+candidates do not have) is left out.
+
 The one-pass scores are also checked directly: the Spearman rank correlation
 between each score and the true (evaluation) perplexity increase of removing
-each block alone.
+each unit alone.
 """
 
 from __future__ import annotations
@@ -22,10 +28,10 @@ from itertools import combinations
 from typing import TYPE_CHECKING, Sequence
 
 from config import RunConfig
-from models.units import Removal, row_removal
+from models.units import Removal, Unit, canonical, row_removal
 from pruning.choice import Choice
 from pruning.granularity import compare_granularity
-from pruning.plans import random_blocks
+from pruning.plans import random_units, valid_sets
 from pruning.rules import RULES, rank_key
 from pruning.search import beam, greedy
 from utils.errors import KitError
@@ -40,52 +46,66 @@ log = logging.getLogger("gpt2-pruning-kit")
 COMPARED = (*RULES, "greedy", "beam", "random", "last")
 
 
+def units_in(removal: Removal, kind: str) -> int:
+    """How many --unit candidates a set removes: a whole block is two units when the candidates are sublayers."""
+    return sum(2 if kind == "sublayer" and isinstance(u, int) else 1 for u in removal)
+
+
 @dataclass(frozen=True)
 class ComparePlan:
-    n_blocks: int
+    units: tuple[Unit, ...]  # the candidates: blocks, or sublayers (--unit)
+    kind: str  # --unit
     chosen: dict[int, dict[str, Removal]]  # k -> rule -> the set it removes
-    exhaustive: tuple[int, ...]  # the k whose every subset is evaluated
-    block_scores: dict[str, list[float]]  # scoring rule -> its score of each block alone
+    exhaustive: dict[int, tuple[Removal, ...]]  # k -> every valid k-unit set, for the k with at most --max-configs
+    unit_scores: dict[str, list[float]]  # scoring rule -> its score of each unit alone
+
+    def size(self, removal: Removal) -> int:
+        return units_in(removal, self.kind)
 
     def removals(self) -> list[Removal]:
         """Every set to evaluate, once: single removals, the rules' sets, then the exhaustive subsets."""
-        sets = [(i,) for i in range(self.n_blocks)]
+        sets = [canonical([u]) for u in self.units]
         for k, by_rule in self.chosen.items():
             sets += by_rule.values()
-            if k in self.exhaustive:
-                sets += combinations(range(self.n_blocks), k)
+            sets += self.exhaustive.get(k, ())
         return list(dict.fromkeys(sets))
 
     def roles(self, removed: Removal) -> list[str]:
-        roles = [rule for rule, s in self.chosen.get(len(removed), {}).items() if s == removed]
-        if len(removed) in self.exhaustive:
+        k = self.size(removed)
+        roles = [rule for rule, s in self.chosen.get(k, {}).items() if s == removed]
+        if k in self.exhaustive:
             roles.append("exhaustive")
-        elif len(removed) == 1:
+        elif k == 1:
             roles.append("single")
         return roles
 
 
 def plan_compare(config: RunConfig, calib: "Calibration") -> ComparePlan:
-    n, select = calib.n_blocks, config.select
+    select, n_blocks, units = config.select, calib.n_blocks, tuple(calib.units)
+    n = len(units)
     high = n - 1 if select.max_remove is None else select.max_remove
     if not 1 <= high < n:
-        raise KitError(f"--max-remove must be between 1 and {n - 1} for a {n}-block model (got {high})")
-    greedy_steps = greedy(calib.perplexities, n, high, calib.progress)
-    beam_steps = beam(calib.perplexities, n, high, select.beam_width, calib.progress)
-    # every rule's scores of single blocks (a span of one block, for angular)
-    singles = {name: rule.scores(calib, 1) for name, rule in RULES.items()}
+        what = f"a {n}-block model" if select.unit == "block" else f"the {n} {select.unit} units of this model"
+        raise KitError(f"--max-remove must be between 1 and {n - 1} for {what} (got {high})")
+    greedy_steps = greedy(calib.perplexities, n_blocks, high, calib.progress, units=units)
+    beam_steps = beam(calib.perplexities, n_blocks, high, select.beam_width, calib.progress, units=units)
+    rules = {name: rule for name, rule in RULES.items() if select.unit in rule.units}
+    # every rule's scores of single units (a span of one unit, for angular)
+    singles = {name: rule.scores(calib, 1) for name, rule in rules.items()}
     chosen = {}
     for k in range(1, high + 1):
         by_rule = {name: rule.select(singles[name] if rule.per_block else rule.scores(calib, k), k)
-                   for name, rule in RULES.items()}
+                   for name, rule in rules.items()}
         by_rule["greedy"] = greedy_steps[k - 1].removed
         by_rule["beam"] = beam_steps[k - 1].removed
-        by_rule["random"] = random_blocks(config.seed, n, k)
-        by_rule["last"] = tuple(range(n - k, n))
+        by_rule["random"] = random_units(config.seed, select, n_blocks, k)
+        for last in valid_sets([units[n - k :]], n_blocks):  # none when the last k units hold every attention
+            by_rule["last"] = last
         chosen[k] = by_rule
-    exhaustive = tuple(k for k in chosen if math.comb(n, k) <= select.max_configs)
-    block_scores = {name: [singles[name][(i,)] for i in range(n)] for name in RULES}
-    return ComparePlan(n, chosen, exhaustive, block_scores)
+    exhaustive = {k: tuple(valid_sets(combinations(units, k), n_blocks))
+                  for k in chosen if math.comb(n, k) <= select.max_configs}
+    unit_scores = {name: [singles[name][canonical([u])] for u in units] for name in rules}
+    return ComparePlan(units, select.unit, chosen, exhaustive, unit_scores)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -115,8 +135,8 @@ def compare_report(plan: ComparePlan, rows: list[dict], beam_width: int) -> str:
     body, gaps = [], {rule: [] for rule in COMPARED}
     for k, by_rule in plan.chosen.items():
         optimum = None
-        if k in plan.exhaustive:
-            optimum = min(combinations(range(plan.n_blocks), k), key=lambda s: rank_key(ppl(s), s))
+        if plan.exhaustive.get(k):
+            optimum = min(plan.exhaustive[k], key=lambda s: rank_key(ppl(s), s))
             body.append([str(k), "optimum", removed_label(optimum), _cell(ppl(optimum), ",.2f"), "0.00"])
         for rule, s in by_rule.items():
             gap = (ppl(s) - ppl(optimum)) / ppl(optimum) * 100 if optimum is not None else None
@@ -131,16 +151,19 @@ def compare_report(plan: ComparePlan, rows: list[dict], beam_width: int) -> str:
         ([rule, str(sum(g <= 0 for g in gaps[rule])), _cell(sum(gaps[rule]) / len(gaps[rule]), "+,.2f"),
           _cell(max(gaps[rule]), "+,.2f")] if gaps[rule] else [rule, "-", "-", "-"] for rule in COMPARED))
 
-    increase = [ppl((i,)) - base for i in range(plan.n_blocks)]
-    corr = ", ".join(f"{m} {_cell(spearman(plan.block_scores[m], increase), '+.3f')}" for m in RULES)
+    increase = [ppl(canonical([u])) - base for u in plan.units]
+    corr = ", ".join(f"{m} {_cell(spearman(scores, increase), '+.3f')}" for m, scores in plan.unit_scores.items())
     skipped = [k for k in plan.chosen if k not in plan.exhaustive]
+    what = "blocks" if plan.kind == "block" else f"{plan.kind} units"
     notes = [f"Rules chose on calibration tokens; every perplexity here is on the evaluation tokens "
              f"(baseline {base:,.2f}). beam width {beam_width}."]
+    if plan.kind == "sublayer":
+        notes.append("k counts sublayers: a whole block removed is two (its attention and its MLP).")
     if skipped:
         notes.append(f"No exhaustive optimum for k = {', '.join(map(str, skipped))} "
                      f"(more than --max-configs subsets).")
     notes.append(f"Spearman correlation of each one-pass score with the true single-removal perplexity increase "
-                 f"over {plan.n_blocks} blocks: {corr}")
+                 f"over {len(plan.units)} {what}: {corr}")
     return "\n\n".join(["Rules against the exhaustive optimum", table, summary, *notes])
 
 
@@ -150,9 +173,10 @@ def compare(config: RunConfig, calib: "Calibration") -> Choice:
     plan = plan_compare(config, calib)
     removals = plan.removals()
     extras = {}
+    position = {canonical([u]): i for i, u in enumerate(plan.units)}
     for s in removals:
         extras[s] = {"metric": ",".join(plan.roles(s))}
-        if len(s) == 1:
-            extras[s]["scores"] = json.dumps({m: plan.block_scores[m][s[0]] for m in RULES})
+        if s in position:
+            extras[s]["scores"] = json.dumps({m: scores[position[s]] for m, scores in plan.unit_scores.items()})
     return Choice(removals, extras, lambda rows: compare_report(plan, rows, config.select.beam_width),
                   sweep_table=False)

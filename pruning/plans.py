@@ -84,16 +84,15 @@ def removal_count(select: SelectSpec, n_blocks: int) -> int:
     return k
 
 
-def random_blocks(seed: int, n_blocks: int, k: int) -> Removal:
+def random_units(seed: int, select: SelectSpec, n_blocks: int, k: int) -> Removal:
     """The random draw of --mode random, which --mode compare must repeat exactly."""
-    return tuple(sorted(random.Random(seed).sample(range(n_blocks), k)))
+    if select.unit == "block":
+        return tuple(sorted(random.Random(seed).sample(range(n_blocks), k)))
+    return validate_removal(random.Random(seed).sample(units_of(select, n_blocks), k), n_blocks)
 
 
 def random_removal(config: RunConfig, n_blocks: int) -> list[Removal]:
-    k = removal_count(config.select, n_blocks)
-    if config.select.unit == "block":
-        return [random_blocks(config.seed, n_blocks, k)]
-    return [validate_removal(random.Random(config.seed).sample(units_of(config.select, n_blocks), k), n_blocks)]
+    return [random_units(config.seed, config.select, n_blocks, removal_count(config.select, n_blocks))]
 
 
 def custom(config: RunConfig, n_blocks: int) -> list[Removal]:

@@ -59,6 +59,7 @@ class BlockRule:
     name = ""
     title = ""
     per_block = True  # its scores are one per block, whatever k is
+    units = ("block", "attn", "mlp", "sublayer")  # the --unit kinds it can score
 
     def scores(self, calib: "Calibration", k: int) -> dict[Removal, float]:
         raise NotImplementedError
@@ -89,11 +90,12 @@ class AngularDistance(BlockRule):
 
     name, title = "angular", "Angular distance"
     per_block = False
+    units = ("block", "sublayer")  # runs of consecutive blocks, or of consecutive sublayers
 
     def scores(self, calib: "Calibration", k: int) -> dict[Removal, float]:
         if calib.unit == "block":
             return calib.one_pass().angular(k)
-        if calib.unit != "sublayer":
+        if calib.unit not in self.units:
             raise KitError(f"--metric angular scores runs of consecutive units, which --unit {calib.unit} does not "
                            "have; use --unit block or sublayer, or another --metric")
         return calib.one_pass().unit_angular(k)

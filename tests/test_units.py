@@ -5,7 +5,9 @@ projection zeroed): removing it must change nothing to the last bit, and
 every rule must pick it first when sublayers are the candidates.
 """
 
+import itertools
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -314,6 +316,39 @@ def test_a_healed_partial_block_export_keeps_its_sublayers_removed(trained_dir, 
     reloaded = AutoModelForCausalLM.from_pretrained(target).eval()
     proj = reloaded.transformer.h[1].attn.c_proj  # original block 2 is block 1 once block 0 is gone
     assert not proj.weight.any() and not proj.bias.any()
+
+
+def test_compare_judges_every_rule_against_the_exhaustive_optimum_over_sublayers(trained_dir, text_file, tmp_path,
+                                                                                   capsys):
+    """8 sublayer units, k = 1, 2: every 1- and 2-unit set is evaluated; attn1 and mlp3 are exact
+    identities, so the optimum removes them at no cost, and each rule's gap is read off the CSV."""
+    assert run(trained_dir, text_file, tmp_path, "--mode", "compare", "--unit", "sublayer", "--max-remove", "2") == 0
+    out = capsys.readouterr().out
+    rows = only_csv(tmp_path)
+    ppl = {canonical([parse_unit(x) for x in json.loads(u)]): p for u, p in zip(rows.removed_units, rows.perplexity)}
+    base = ppl[()]
+    units = candidate_units("sublayer", 4)
+    pairs = {validate_removal(pair, 4) for pair in itertools.combinations(units, 2)}
+    assert set(ppl) == {()} | {canonical([u]) for u in units} | pairs  # every set once, the rules' picks among them
+    assert len(rows) == 1 + 8 + 28
+    optimum = dict(re.findall(r"^(\d)\s+optimum\s+(\S+(?:, \S+)*)\s+[\d,.]+\s+0\.00$", out, re.M))
+    assert optimum == {"1": f"attn{IDENTITY_ATTN}", "2": f"attn{IDENTITY_ATTN}, mlp{IDENTITY_MLP}"}
+    assert ppl[("attn1", "mlp3")] == base and min(ppl[p] for p in pairs) == base
+    gaps = re.findall(r"^(\d)\s+(bi|angular|ppl|greedy|beam|random|last)\s+(\S+(?:, \S+)*)\s+[\d,.]+\s+"
+                      r"([+-][\d,.]+)$", out, re.M)
+    assert {rule for _, rule, _, _ in gaps} == {"bi", "angular", "ppl", "greedy", "beam", "random", "last"}
+    for k, rule, removed, gap in gaps:
+        chosen = canonical([parse_unit(u) for u in removed.split(", ")])
+        best = ppl[canonical([parse_unit(u) for u in optimum[k].split(", ")])]
+        assert float(gap) == pytest.approx((ppl[chosen] - best) / best * 100, abs=0.005), (k, rule)
+    assert "k counts sublayers" in out and "over 8 sublayer units" in out
+
+
+def test_compare_over_attentions_leaves_out_angular(trained_dir, text_file, tmp_path, capsys):
+    assert run(trained_dir, text_file, tmp_path, "--mode", "compare", "--unit", "attn", "--max-remove", "1") == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"^1\s+optimum\s+attn{IDENTITY_ATTN}\s", out, re.M)
+    assert not re.search(r"^1\s+angular\s", out, re.M) and "Spearman correlation" in out
 
 
 def test_combinatorial_and_random_draw_units(trained_dir, text_file, tmp_path):
