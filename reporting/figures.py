@@ -22,7 +22,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from models.units import SUBLAYERS, is_whole_blocks, row_removal, unit_parts
+from models.units import (SUBLAYERS, Unit, canonical, is_whole_blocks, parse_unit, row_removal, unit_name,
+                         unit_order, unit_parts)
 from pruning.rules import RULES
 from reporting.schema import speed_within_noise, task_column, task_metrics
 from utils.text import compact_label
@@ -280,24 +281,25 @@ def pair_heatmap(rows: Sequence[dict]) -> Figure | None:
     return fig
 
 
-def importance_scores(rows: Sequence[dict]) -> dict[str, dict[int, float]]:
-    """Per-block scores by metric, from the ``scores`` cells the choosing modes write.
+def importance_scores(rows: Sequence[dict]) -> dict[str, dict[Unit, float]]:
+    """Per-unit scores by metric (units: blocks, or attnN / mlpN with --unit), from the ``scores`` cells
+    the choosing modes write.
 
     importance, greedy and beam rows hold their rule's candidates keyed by
-    removal set (only single blocks are per-block scores); compare's
-    single-removal rows hold every one-pass score of their block, keyed by metric.
+    removal set (only single units are per-unit scores); compare's
+    single-removal rows hold every one-pass score of their unit, keyed by metric.
     """
-    scores: dict[str, dict[int, float]] = {}
+    scores: dict[str, dict[Unit, float]] = {}
     for r in rows:
         if not isinstance(r.get("scores"), str):
             continue
-        removed = r["removed_layers"]
+        removed = row_removal(r)
         for key, value in json.loads(r["scores"]).items():
             if not _finite(value):
                 continue
             if key.startswith("["):
-                candidate = json.loads(key)
-                if len(candidate) == 1 and isinstance(candidate[0], int):
+                candidate = canonical([parse_unit(str(u)) for u in json.loads(key)])
+                if len(candidate) == 1:
                     scores.setdefault(r["metric"], {})[candidate[0]] = float(value)
             elif len(removed) == 1:
                 scores.setdefault(key, {})[removed[0]] = float(value)
@@ -305,22 +307,27 @@ def importance_scores(rows: Sequence[dict]) -> dict[str, dict[int, float]]:
 
 
 def importance_figure(rows: Sequence[dict]) -> Figure | None:
-    """Each metric's per-block scores side by side (each on its own scale)."""
+    """Each metric's per-unit scores side by side (each on its own scale)."""
     scores = importance_scores(rows)
     if not scores:
         return None
     fig = Figure(figsize=(4.5 * len(scores) + 1, 4), layout="constrained")
     # the scoring rules in registry order, then the searches' candidate scores
     order = [m for m in RULES if m in scores] + sorted(m for m in scores if m not in RULES)
+    blocks_only = all(isinstance(u, int) for metric in scores.values() for u in metric)
     for n, metric in enumerate(order, start=1):
         ax = fig.add_subplot(1, len(scores), n)
-        blocks = sorted(scores[metric])
-        ax.bar(blocks, [scores[metric][b] for b in blocks], color="#8e44ad")
-        ax.set_xticks(blocks)
-        ax.set_xlabel("block")
+        units = sorted(scores[metric], key=lambda u: unit_order((u,)))
+        # blocks at their index; units one after another, named
+        xs = units if blocks_only else list(range(len(units)))
+        ax.bar(xs, [scores[metric][u] for u in units], color="#8e44ad")
+        ax.set_xticks(xs)
+        if not blocks_only:
+            ax.set_xticklabels([unit_name(u) for u in units], rotation=90, fontsize=7)
+        ax.set_xlabel("block" if blocks_only else "unit")
         ax.set_ylabel("score")
         ax.set_title(metric)
-    fig.suptitle(f"{rows[0].get('model', '')}: block importance scores")
+    fig.suptitle(f"{rows[0].get('model', '')}: {'block' if blocks_only else 'unit'} importance scores")
     return fig
 
 
@@ -362,12 +369,17 @@ def tasks_figure(rows: Sequence[dict]) -> Figure | None:
     return fig
 
 
-FIGURES: dict[str, Callable[[Sequence[dict]], Figure | None]] = {
+# Figures of whole-block removals (removed_layers is their whole removal set): they get those rows only.
+BLOCK_FIGURES: dict[str, Callable[[Sequence[dict]], Figure | None]] = {
     "per-block": per_block_figure,
     "tradeoff": tradeoff_figure,
     "pairs": pair_heatmap,
+}
+# Figures that name attention and MLP units as well: they get every row.
+UNIT_FIGURES: dict[str, Callable[[Sequence[dict]], Figure | None]] = {
     "importance": importance_figure,
     "tasks": tasks_figure,
+    "per-unit": per_unit_figure,
 }
 
 
@@ -378,10 +390,9 @@ def figure_path(csv_path: str, kind: str) -> str:
 def write_figures(rows: Sequence[dict], csv_path: str) -> list[str]:
     """Every figure the rows support, as PNG files beside ``csv_path``; their paths."""
     paths = []
-    # the block figures draw whole-block rows (removed_layers is their whole removal set)
     blocks_only = [r for r in rows if is_whole_blocks(row_removal(r))]
-    figures = [(kind, build(blocks_only) if blocks_only else None) for kind, build in FIGURES.items()]
-    figures.append(("per-unit", per_unit_figure(rows) if rows else None))  # attention and MLP rows
+    figures = [(kind, build(blocks_only) if blocks_only else None) for kind, build in BLOCK_FIGURES.items()]
+    figures += [(kind, build(rows) if rows else None) for kind, build in UNIT_FIGURES.items()]
     for kind, fig in figures:
         if fig is None:
             continue

@@ -230,6 +230,14 @@ def test_importance_figure_draws_the_scores_the_choosing_modes_write(model_dir, 
     fig = importance_figure(compare_rows)
     assert [ax.get_title() for ax in fig.axes] == ["bi", "angular"]  # registry order
     assert bar_tops(fig.axes[1]) == pytest.approx({b: 0.2 * b for b in range(3)})
+    # with --unit sublayer, the single-unit rows are attentions and MLPs, drawn in block order and named
+    unit_rows = [{"removed_layers": [], "removed_units": [u], "metric": "bi,single",
+                  "scores": json.dumps({"bi": score})} for u, score in (("mlp1", 0.4), ("attn0", 0.1), ("mlp0", 0.3))]
+    fig = importance_figure(unit_rows)
+    [ax] = fig.axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["attn0", "mlp0", "mlp1"]
+    assert bar_tops(ax) == pytest.approx({0: 0.1, 1: 0.3, 2: 0.4})
+    assert "unit importance scores" in fig._suptitle.get_text()
 
 
 def test_console_table_fits_80_columns():
