@@ -41,7 +41,7 @@ from runner.processes import Processes, current_processes, in_rounds, share
 from runner.resume import check_same_experiment, resumed_rows, run_identity
 from runner.summary import print_summary
 from utils.cache import cached_token_ids, default_cache_dir
-from utils.data import tokenize
+from utils.data import check_local_dataset, tokenize
 from utils.errors import Interrupted, KitError
 from utils.log import progress_bar
 from utils.metadata import device_name, now
@@ -108,6 +108,9 @@ def load(config: RunConfig, procs: Processes) -> Loaded:
         device = procs.device  # one accelerator per process
     torch.manual_seed(config.seed)
     mode, data = MODES[config.mode], config.data
+    check_local_dataset(data.dataset)  # a missing or unreadable file is named before a model loads for minutes
+    if config.heal.steps and config.heal.train_dataset:
+        check_local_dataset(config.heal.train_dataset, "--train-dataset")
     model, tokenizer = load_model(data.model, device, config.dtype, data.trust_remote_code)
     if mode.removes:
         check_prunable(model)

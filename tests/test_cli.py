@@ -185,6 +185,27 @@ def bad_paths(tmp_path, model_dir, text_file):
     ]
 
 
+def test_an_unreadable_dataset_file_is_named_before_any_model_loads(model_dir, tmp_path, capsys, monkeypatch):
+    import runner.evaluate
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the dataset was checked")
+
+    monkeypatch.setattr(runner.evaluate, "load_model", no_loading)
+    raw = tmp_path / "wiki.test.raw"  # WikiText's own file name: text, but not a suffix the kit reads
+    raw.write_text("Some text.\n", encoding="utf-8")
+    for args, message in [(["--dataset", str(raw)], "has an unknown type"),
+                          (["--dataset", str(tmp_path / "none.txt")], "does not exist"),
+                          (["--mode", "custom", "--remove", "1", "--dataset", str(raw.with_suffix(".txt")),
+                            "--heal-steps", "1", "--train-dataset", str(tmp_path / "gone.txt")],
+                           "--train-dataset file")]:
+        raw.with_suffix(".txt").write_text("Some text.\n", encoding="utf-8")
+        argv = ["--model", str(model_dir), *FAST, *args]
+        assert main.main(argv if "--mode" in args else ["--mode", "baseline", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
 def test_bad_paths_are_one_line_errors(model_dir, text_file, tmp_path, capsys):
     out_dir = tmp_path / "out"
     for args, message in bad_paths(tmp_path, model_dir, text_file):

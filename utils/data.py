@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import os
-
-import pandas as pd
-import torch
+from typing import TYPE_CHECKING
 
 from utils.errors import OFFLINE_HINT, KitError, first_line
 
+if TYPE_CHECKING:  # pandas and torch load when text is read, not when main.py checks its arguments
+    import torch
+
 # Short names for the configurations of the Hub's "wikitext" dataset.
 WIKITEXT_CONFIGS = ("wikitext-2-raw-v1", "wikitext-2-v1", "wikitext-103-raw-v1", "wikitext-103-v1")
-TABLE_READERS = {
-    ".csv": pd.read_csv,
-    ".json": pd.read_json,
-    ".jsonl": lambda path: pd.read_json(path, lines=True),
-    ".parquet": pd.read_parquet,
-}
+# Table files: suffix -> pandas reader and its keyword arguments.
+TABLE_READERS = {".csv": ("read_csv", {}), ".json": ("read_json", {}), ".jsonl": ("read_json", {"lines": True}),
+                 ".parquet": ("read_parquet", {})}
 LOCAL_SUFFIXES = (".txt", *TABLE_READERS)
 
 
 def is_local_dataset(name: str) -> bool:
     return os.path.exists(name) or name.lower().endswith(LOCAL_SUFFIXES)
+
+
+def check_local_dataset(name: str, option: str = "--dataset") -> None:
+    """Refuse a local path the kit cannot read, before any model loads (a Hub name passes)."""
+    if not is_local_dataset(name):
+        return
+    if not os.path.isfile(name):
+        raise KitError(f"{option} file '{name}' does not exist")
+    if os.path.splitext(name)[1].lower() not in LOCAL_SUFFIXES:
+        raise KitError(f"{option} file '{name}' has an unknown type (choices: {', '.join(LOCAL_SUFFIXES)}); "
+                       "a plain text file needs the .txt suffix")
 
 
 def _local_texts(path: str, text_column: str) -> list[str]:
@@ -36,8 +45,11 @@ def _local_texts(path: str, text_column: str) -> list[str]:
             raise KitError(f"dataset file '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if suffix not in TABLE_READERS:
         raise KitError(f"dataset file '{path}' has an unknown type (choices: {', '.join(LOCAL_SUFFIXES)})")
+    import pandas as pd
+
+    reader, kwargs = TABLE_READERS[suffix]
     try:
-        table = TABLE_READERS[suffix](path)
+        table = getattr(pd, reader)(path, **kwargs)
     except Exception as exc:  # malformed files raise many different errors
         raise KitError(f"cannot read dataset file '{path}': {first_line(exc)}") from None
     if text_column not in table.columns:
@@ -79,6 +91,8 @@ def load_text(name: str, split: str = "test", text_column: str = "text") -> str:
 
 def tokenize(tokenizer, text: str, what: str = "the evaluation text", min_tokens: int = 2) -> torch.Tensor:
     """The whole text as one 1-D stream of token ids."""
+    import torch
+
     ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
     if len(ids) < min_tokens:
         raise KitError(f"{what} is shorter than {min_tokens} token{'s' if min_tokens > 1 else ''}")
