@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "parameters remain: a fraction of the original (0.8) or a count (60M); replaces --num-remove; "
                    "compare: whole blocks against sublayers at each budget (0.9,0.8)")
     g.add_argument("--target-speedup", type=float, metavar="X", help=f"{used_by('target_speedup')}: remove units "
-                   "until the measured prefill is X times as fast as the unpruned model's (1.3)")
+                   "until the measured prefill is X times as fast as the unpruned model's (1.3); compare: whole blocks against "
+                   "sublayers at that speed-up")
 
     g = p.add_argument_group(f"choosing blocks on calibration tokens ({used_by('calib_tokens')})")
     g.add_argument("--metric", choices=list(RULES), help=f"{used_by('metric')}: "
@@ -214,8 +215,6 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             parser.error(f"{flag} is only used by {where}, not {args.mode}")
     if args.target_params is not None:
         budgets = args.target_params.split(",")
-        if args.mode == "compare" and args.unit != "block":
-            parser.error("--mode compare --target-params sets whole blocks against sublayers itself; drop --unit")
         if len(budgets) > 1 and args.mode != "compare":
             parser.error("several --target-params budgets (0.9,0.8) are for --mode compare; give one")
         try:
@@ -227,6 +226,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--target-speedup must be above 1 (1.3 = 30% faster), got {args.target_speedup}")
     if args.target_params is not None and args.target_speedup is not None:
         parser.error("give --target-params or --target-speedup, not both")
+    if args.mode == "compare" and args.unit != "block" and (args.target_params or args.target_speedup):
+        parser.error("--mode compare with a budget sets whole blocks against sublayers itself; drop --unit")
     if args.num_remove is not None and (args.target_params is not None or args.target_speedup is not None):
         parser.error("--num-remove and a --target-* budget both say how much to remove; give one")
     if args.unit != "block" and "unit" not in mode.options:

@@ -168,8 +168,8 @@ def compare_report(plan: ComparePlan, rows: list[dict], beam_width: int) -> str:
 
 
 def compare(config: RunConfig, calib: "Calibration") -> Choice:
-    if config.select.target_params is not None:  # whole blocks against sublayers at equal size
-        return compare_granularity(config, calib)
+    if config.select.target_params is not None or config.select.target_speedup is not None:
+        return compare_granularity(config, calib)  # whole blocks against sublayers at equal size or speed
     plan = plan_compare(config, calib)
     removals = plan.removals()
     extras = {}

@@ -1,7 +1,8 @@
 """Which granularity loses less at a given size: whole blocks or sublayers?
 
 `--mode compare --target-params 0.8` (several budgets: 0.9,0.8) answers it in
-one run. For each budget and each granularity (whole blocks; attention and
+one run, at equal size; `--mode compare --target-speedup 1.3` at equal measured
+prefill speed. For each budget and each granularity (whole blocks; attention and
 MLP sublayers, --unit sublayer) every rule (bi, angular, ppl, greedy, beam)
 removes units in its own order until at most that many parameters remain
 (pruning.budget); the run then evaluates every chosen set on the evaluation
@@ -20,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from config import RunConfig
+from config import RunConfig, SelectSpec
 from models.units import Removal, row_removal
-from pruning.budget import Budget, parse_params_target
+from pruning.budget import Budget, parse_params_target, target_label
 from pruning.choice import Choice
 from pruning.rules import RULES, choose
 from pruning.search import beam
@@ -36,7 +37,8 @@ GRANULARITIES = ("block", "sublayer")
 
 @dataclass(frozen=True)
 class GranularityPlan:
-    budgets: tuple[str, ...]
+    budgets: tuple[str, ...]  # each budget's label: '0.8' (params), '1.3x' (prefill speed-up)
+    specs: dict[str, SelectSpec]  # budget label -> the selection settings that state it
     chosen: dict[tuple[str, str, str], Removal]  # (budget, granularity, rule) -> the set it removes
     costs: dict[tuple[str, str, str], str]  # what choosing it cost, in calibration evaluations (or passes)
 
@@ -71,19 +73,27 @@ def _choices(calib: "Calibration", budget: Budget, width: int) -> dict[str, tupl
     return out
 
 
-def plan_granularity(config: RunConfig, calib: "Calibration") -> GranularityPlan:
-    budgets = tuple(b.strip() for b in config.select.target_params.split(",") if b.strip())
+def budget_specs(select: SelectSpec) -> dict[str, SelectSpec]:
+    """Budget label -> settings: one per --target-params budget, or the one --target-speedup."""
+    if select.target_params is None:
+        return {f"{select.target_speedup}x": select}
+    budgets = [b.strip() for b in select.target_params.split(",") if b.strip()]
     for b in budgets:
         parse_params_target(b)
+    return {b: replace(select, target_params=b) for b in budgets}
+
+
+def plan_granularity(config: RunConfig, calib: "Calibration") -> GranularityPlan:
+    specs = budget_specs(config.select)
     calib.ids  # loaded once, shared by both granularities' calibrations
     chosen, costs = {}, {}
-    for b in budgets:
+    for b, spec in specs.items():
         for g in GRANULARITIES:
             at = replace(calib, unit=g)  # shares the cached perplexities and one-pass scores
-            spec = replace(config.select, unit=g, target_params=b)
-            for rule, (removal, cost) in _choices(at, Budget(at, spec), config.select.beam_width).items():
+            budget = Budget(at, replace(spec, unit=g))
+            for rule, (removal, cost) in _choices(at, budget, config.select.beam_width).items():
                 chosen[(b, g, rule)], costs[(b, g, rule)] = removal, cost
-    return GranularityPlan(budgets, chosen, costs)
+    return GranularityPlan(tuple(specs), specs, chosen, costs)
 
 
 def granularity_report(plan: GranularityPlan, rows: list[dict]) -> str:
@@ -107,18 +117,18 @@ def granularity_report(plan: GranularityPlan, rows: list[dict]) -> str:
         verdict = ("both lose the same" if gap == 0 else
                    f"{'sublayers' if gap > 0 else 'whole blocks'} lose less (the best block set's PPL is "
                    f"{gap:+.1f}% against the best sublayer set's)")
-        best_lines.append(f"At params <= {b}: best block set {removed_label(sb)} ({rb}, PPL "
+        best_lines.append(f"At {target_label(plan.specs[b])}: best block set {removed_label(sb)} ({rb}, PPL "
                           f"{block_row['perplexity']:,.2f}), best sublayer set {removed_label(ss)} ({rs}, PPL "
                           f"{sub_row['perplexity']:,.2f}): {verdict}")
     table = format_table(["Budget", "Units", "Rule", "Removed", "Params (%)", "Perplexity", "Calibration cost"],
                          body)
-    return "\n\n".join([f"Whole blocks against sublayers at equal parameter budgets (baseline PPL "
+    equal = "parameter budgets" if plan.specs[plan.budgets[0]].target_params is not None else "prefill speed-up"
+    return "\n\n".join([f"Whole blocks against sublayers at equal {equal} (baseline PPL "
                         f"{base['perplexity']:,.2f}; rules chose on calibration tokens, perplexities on the "
                         "evaluation tokens)", table, "\n".join(best_lines)])
 
 
 def compare_granularity(config: RunConfig, calib: "Calibration") -> Choice:
     plan = plan_granularity(config, calib)
-    extras = {s: {"metric": plan.roles(s), "target": f"params<={config.select.target_params}"}
-              for s in plan.removals()}
+    extras = {s: {"metric": plan.roles(s), "target": target_label(config.select)} for s in plan.removals()}
     return Choice(plan.removals(), extras, lambda rows: granularity_report(plan, rows), sweep_table=False)

@@ -78,9 +78,9 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          options=HOW_MANY | CALIBRATED | BUDGETS, saves=True, seeded=True),
     Mode("beam", "beam search by calibration perplexity", choose=choosers.beam_mode,
          options=HOW_MANY | CALIBRATED | BUDGETS | {"beam_width"}, saves=True, seeded=True),
-    Mode("compare", "every rule's choice against the exhaustive optimum (with --target-params: whole blocks "
-         "against sublayers at equal size)", choose=compare,
-         options=CALIBRATED | {"max_remove", "beam_width", "max_configs", "target_params", "unit"}, seeded=True),
+    Mode("compare", "every rule's choice against the exhaustive optimum (with --target-params or "
+         "--target-speedup: whole blocks against sublayers at equal size or speed)", choose=compare,
+         options=CALIBRATED | BUDGETS | {"max_remove", "beam_width", "max_configs", "unit"}, seeded=True),
     Mode("report", "figures and report.md again from --input", action="report", options=frozenset({"input"}),
          needs=(("input", "--mode report needs --input RESULTS.csv (a CSV written with --save_results)"),)),
     Mode("merge", "join the results files of --shard runs (--inputs)", action="merge",

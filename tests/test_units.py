@@ -267,13 +267,40 @@ def test_a_speedup_budget_stops_at_the_first_set_fast_enough(trained, ids, monke
     assert len(steps) == 2 and steps[-1].removed == (f"attn{IDENTITY_ATTN}", f"mlp{IDENTITY_MLP}")
 
 
+def test_compare_puts_blocks_against_sublayers_at_equal_prefill_speed(trained_dir, text_file, tmp_path, capsys,
+                                                                       monkeypatch):
+    """Under a controlled clock (prefill time = the sublayers that still run, 8 unpruned), a 1.3x
+    speed-up needs 2 sublayers gone: one whole block, or two sublayers; the exact identities attn1 and
+    mlp3 make the best sublayer pair cost nothing."""
+    from pruning import budget
+
+    def clock(model, tokens):
+        running = [b.attn for b in get_blocks(model)] + [b.mlp for b in get_blocks(model)]
+        return float(sum(not isinstance(m, (SkippedAttention, SkippedMLP)) for m in running))
+
+    monkeypatch.setattr(budget, "_prefill_ms", clock)
+    assert run(trained_dir, text_file, tmp_path, "--mode", "compare", "--target-speedup", "1.3") == 0
+    out = capsys.readouterr().out
+    assert "Whole blocks against sublayers at equal prefill speed-up" in out
+    rows = only_csv(tmp_path)
+    assert set(rows.target[1:]) == {"prefill speed-up>=1.3"}  # the baseline row has none
+    chosen = [json.loads(u) for u in rows.removed_units[1:]]
+    blocks = [u for u in chosen if all(x.startswith("block") for x in u)]
+    assert blocks and all(len(u) == 1 for u in blocks)  # one block is 8/6 = 1.33x
+    assert ["attn1", "mlp3"] in chosen
+    best = re.search(r"At prefill speed-up>=1.3: best block set .*best sublayer set (\S+, \S+) \((\w+), PPL ([\d,.]+)\)",
+                     out)
+    assert best and best.group(1) == "attn1, mlp3"
+    assert float(best.group(3).replace(",", "")) == pytest.approx(rows.perplexity.iloc[0], abs=0.005)
+
+
 def test_compare_puts_blocks_against_sublayers_at_each_budget(trained_dir, text_file, tmp_path, capsys):
     assert run(trained_dir, text_file, tmp_path, "--mode", "compare", "--target-params", "0.9,0.8") == 0
     rows = only_csv(tmp_path)
     out = capsys.readouterr().out
     assert "Whole blocks against sublayers at equal parameter budgets" in out
     for budget in ("0.9", "0.8"):
-        assert f"At params <= {budget}: best block set" in out
+        assert f"At params<={budget}: best block set" in out
     base = rows.params.iloc[0]
     for metric, params in zip(rows.metric.iloc[1:], rows.params.iloc[1:]):  # each set meets its tightest budget
         tightest = min(float(role.split("@")[1]) for role in metric.split(","))
