@@ -98,10 +98,10 @@ def plan_compare(config: RunConfig, calib: "Calibration") -> ComparePlan:
                    for name, rule in rules.items()}
         by_rule["greedy"] = greedy_steps[k - 1].removed
         by_rule["beam"] = beam_steps[k - 1].removed
-        by_rule["random"] = random_units(config.seed, select, n_blocks, k)
-        for last in valid_sets([units[n - k :]], n_blocks):  # none when the last k units hold every attention
-            by_rule["last"] = last
-        chosen[k] = by_rule
+        by_rule["random"] = random_units(config.seed, units, k)
+        by_rule["last"] = units[n - k :]
+        # a rule is left out at a k where its set would remove every attention (possible with sublayers)
+        chosen[k] = {rule: valid[0] for rule, s in by_rule.items() if (valid := valid_sets([s], n_blocks))}
     exhaustive = {k: tuple(valid_sets(combinations(units, k), n_blocks))
                   for k in chosen if math.comb(n, k) <= select.max_configs}
     unit_scores = {name: [singles[name][canonical([u])] for u in units] for name in rules}

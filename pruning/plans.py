@@ -13,6 +13,7 @@ import math
 import random
 from fractions import Fraction
 from itertools import combinations
+from typing import Sequence
 
 from config import RunConfig, SelectSpec
 from models.units import Removal, Unit, candidate_units, canonical, validate_removal
@@ -84,15 +85,15 @@ def removal_count(select: SelectSpec, n_blocks: int) -> int:
     return k
 
 
-def random_units(seed: int, select: SelectSpec, n_blocks: int, k: int) -> Removal:
-    """The random draw of --mode random, which --mode compare must repeat exactly."""
-    if select.unit == "block":
-        return tuple(sorted(random.Random(seed).sample(range(n_blocks), k)))
-    return validate_removal(random.Random(seed).sample(units_of(select, n_blocks), k), n_blocks)
+def random_units(seed: int, units: Sequence[Unit], k: int) -> list[Unit]:
+    """The random draw of --mode random, which --mode compare must repeat exactly (not yet checked:
+    a draw of sublayers may hold every attention)."""
+    return random.Random(seed).sample(list(units), k)
 
 
 def random_removal(config: RunConfig, n_blocks: int) -> list[Removal]:
-    return [random_units(config.seed, config.select, n_blocks, removal_count(config.select, n_blocks))]
+    k = removal_count(config.select, n_blocks)
+    return [validate_removal(random_units(config.seed, units_of(config.select, n_blocks), k), n_blocks)]
 
 
 def custom(config: RunConfig, n_blocks: int) -> list[Removal]:

@@ -371,6 +371,25 @@ def test_compare_judges_every_rule_against_the_exhaustive_optimum_over_sublayers
     assert "k counts sublayers" in out and "over 8 sublayer units" in out
 
 
+def test_compare_up_to_one_unit_left_plans_only_sets_that_keep_an_attention(trained, ids):
+    """At k = 7 of 8 sublayers, a rule's pick, the random draw or the last 7 units may leave an MLP alone:
+    such a pick is left out of that k, not evaluated (the model would have no attention)."""
+    from config import RunConfig, SelectSpec
+    from pruning.compare import plan_compare
+
+    calib = Calibration(trained, lambda: ids[:600], 64, 32, progress=False, unit="sublayer")
+    plan = plan_compare(RunConfig(mode="compare", select=SelectSpec(unit="sublayer", max_configs=8)), calib)
+    assert sorted(plan.chosen) == list(range(1, 8)) and sorted(plan.exhaustive) == [1, 7]
+    for k, by_rule in plan.chosen.items():
+        assert {"greedy", "beam"} <= set(by_rule)
+        for removal in by_rule.values():
+            assert validate_removal(removal, 4) == removal and plan.size(removal) == k
+    assert plan.chosen[7]["last"] == ("mlp0", 1, 2, 3)  # the last 7 of attn0, mlp0, attn1, ...: attn0 stays
+    assert len(plan.chosen[7]) < 7  # some rule's 7 lowest-scored units held every attention: left out
+    assert all(len(kept_nodes(4, s)) == 1 for s in plan.exhaustive[7])  # 4 sets, each keeping one attention
+    assert len(plan.exhaustive[7]) == 4
+
+
 def test_compare_over_attentions_leaves_out_angular(trained_dir, text_file, tmp_path, capsys):
     assert run(trained_dir, text_file, tmp_path, "--mode", "compare", "--unit", "attn", "--max-remove", "1") == 0
     out = capsys.readouterr().out
