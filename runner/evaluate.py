@@ -20,6 +20,7 @@ import torch
 
 from config import HealSpec, RunConfig, WindowSpec
 from evaluation.engine import Work
+from evaluation.latency import estimated_speed_seconds
 from evaluation.params import count_parameters
 from evaluation.sweep import EvalSettings, estimated_seconds, measure_all
 from evaluation.tasks import load_tasks
@@ -188,12 +189,17 @@ def announce(config: RunConfig, loaded: Loaded, removals: list[Removal]) -> None
     stride = f"stride {w.stride}, " if w.stride else ""
     log.info(f"Evaluating {len(loaded.ids):,} tokens in {n_windows:,} windows (max length {w.max_length}, {stride}"
              f"protocol {w.label}) for each of {len(removals) + 1} configurations (baseline included)")
-    if loaded.device.type == "cpu" and log.isEnabledFor(logging.INFO):  # the estimate costs a forward pass
+    if loaded.device.type == "cpu" and log.isEnabledFor(logging.INFO):  # the estimates cost a forward and a generation
         seconds, batch = estimated_seconds(model, loaded.ids, [(), *removals], w)
-        if seconds > CPU_SLOW_SECONDS:
+        s = config.speed
+        speed = (estimated_speed_seconds(model, loaded.prompt_ids, s.gen_tokens, s.runs, s.warmup, len(removals))
+                 if s.enabled else 0.0)
+        if seconds + speed > CPU_SLOW_SECONDS:
+            tests = f" and {speed / 60:,.0f} minutes of speed tests (from one timed generation)" if speed else ""
+            fewer = "; --no-speed, or fewer --speed-runs, shortens the speed tests" if speed else ""
             log.info(f"On a CPU this is slow: about {seconds / 60:,.0f} minutes of perplexity passes (from the first "
-                     f"window batch, {batch:.2f} s){', plus the speed tests' if config.speed.enabled else ''}. "
-                     "Use --max-tokens (e.g. --max-tokens 20000) for a quick estimate.")
+                     f"window batch, {batch:.2f} s){tests}. Use --max-tokens (e.g. --max-tokens 20000) for a quick "
+                     f"estimate{fewer}.")
 
 
 def counted(measurements: Iterator, work: Work) -> Iterator:

@@ -152,6 +152,14 @@ def test_the_run_time_estimate_scales_the_first_window_batch_by_the_work(model, 
     assert baseline < everything < (num_blocks(model) + 1) * baseline  # the sweep shares its prefixes
 
 
+def test_the_speed_test_estimate_counts_every_timed_call(model, monkeypatch):
+    """One generation plus one prefill took 0.5 s: the baseline's 10 runs and 2 warm-ups, then twice
+    that for each of 3 pruned configurations (their runs alternate with the baseline's): 0.5 x 12 x 7."""
+    ticks = iter([0.0, 0.5])
+    monkeypatch.setattr(latency, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    assert latency.estimated_speed_seconds(model, torch.arange(5), 4, 10, 2, 3) == 0.5 * 12 * 7
+
+
 def test_the_cpu_hint_comes_from_the_estimate(model_dir, text_file, monkeypatch, capsys):
     argv = ["--mode", "baseline", "--model", str(model_dir), "--dataset", str(text_file), "--max-tokens", "300",
             "--no-speed"]
@@ -161,3 +169,7 @@ def test_the_cpu_hint_comes_from_the_estimate(model_dir, text_file, monkeypatch,
     assert main.main(argv) == 0
     assert "On a CPU this is slow: about 0 minutes of perplexity passes (from the first window batch" \
         in capsys.readouterr().err
+    timed = [a for a in argv if a != "--no-speed"] + ["--speed-runs", "2", "--gen-tokens", "4"]
+    assert main.main(timed) == 0
+    err = capsys.readouterr().err
+    assert "minutes of speed tests (from one timed generation)" in err and "--no-speed" in err
