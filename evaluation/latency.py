@@ -160,7 +160,8 @@ def estimated_speed_seconds(model: nn.Module, prompt_ids: torch.Tensor, gen_toke
     timed, times the calls the tests make (the baseline's own runs and warm-ups, then twice that for
     each pruned configuration, whose runs alternate with the baseline's). Pruned models are faster,
     so this errs high. On a CPU the tests can take far longer than the perplexity passes: about 20 of
-    24 minutes for a distilgpt2-shaped sweep over 4,096 tokens on the 2-core development machine.
+    24 minutes for a distilgpt2-shaped sweep over 4,096 tokens on the 2-core development machine,
+    shared with other jobs at the time.
     """
     generate, prefill = _runs(model, prompt_ids, gen_tokens)
     device = next(model.parameters()).device
