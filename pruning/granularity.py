@@ -1,13 +1,13 @@
-"""Which granularity loses less at a given size: whole blocks or sublayers?
+"""Which granularity loses less at a given size or speed: whole blocks or sublayers?
 
 `--mode compare --target-params 0.8` (several budgets: 0.9,0.8) answers it in
 one run, at equal size; `--mode compare --target-speedup 1.3` at equal measured
 prefill speed. For each budget and each granularity (whole blocks; attention and
 MLP sublayers, --unit sublayer) every rule (bi, angular, ppl, greedy, beam)
-removes units in its own order until at most that many parameters remain
-(pruning.budget); the run then evaluates every chosen set on the evaluation
-tokens, and the report puts, per budget, the best block-only set against the
-best sublayer set. BlockPruner (Zhong et al., 2024) reports that sublayers
+removes units in its own order until the budget is met (pruning.budget);
+the run then evaluates every chosen set on the evaluation tokens, and the
+report puts, per budget, the best block-only set against the best sublayer
+set. BlockPruner (Zhong et al., 2024) reports that sublayers
 lose much less at equal size on Llama-2; this measures it on your model.
 
 Choosing costs calibration evaluations: ppl one per candidate unit (L
@@ -37,8 +37,7 @@ GRANULARITIES = ("block", "sublayer")
 
 @dataclass(frozen=True)
 class GranularityPlan:
-    budgets: tuple[str, ...]  # each budget's label: '0.8' (params), '1.3x' (prefill speed-up)
-    specs: dict[str, SelectSpec]  # budget label -> the selection settings that state it
+    specs: dict[str, SelectSpec]  # budget label ('0.8' of the params, '1.3x' prefill speed-up) -> its settings
     chosen: dict[tuple[str, str, str], Removal]  # (budget, granularity, rule) -> the set it removes
     costs: dict[tuple[str, str, str], str]  # what choosing it cost, in calibration evaluations (or passes)
 
@@ -93,7 +92,7 @@ def plan_granularity(config: RunConfig, calib: "Calibration") -> GranularityPlan
             budget = Budget(at, replace(spec, unit=g))
             for rule, (removal, cost) in _choices(at, budget, config.select.beam_width).items():
                 chosen[(b, g, rule)], costs[(b, g, rule)] = removal, cost
-    return GranularityPlan(tuple(specs), specs, chosen, costs)
+    return GranularityPlan(specs, chosen, costs)
 
 
 def granularity_report(plan: GranularityPlan, rows: list[dict]) -> str:
@@ -101,7 +100,7 @@ def granularity_report(plan: GranularityPlan, rows: list[dict]) -> str:
     base = by_key[removal_key(())]
     row = lambda s: by_key[removal_key(s)]
     body, best_lines = [], []
-    for b in plan.budgets:
+    for b in plan.specs:
         best = {}
         for g in GRANULARITIES:
             for (budget, gran, rule), s in plan.chosen.items():
@@ -122,7 +121,7 @@ def granularity_report(plan: GranularityPlan, rows: list[dict]) -> str:
                           f"{sub_row['perplexity']:,.2f}): {verdict}")
     table = format_table(["Budget", "Units", "Rule", "Removed", "Params (%)", "Perplexity", "Calibration cost"],
                          body)
-    equal = "parameter budgets" if plan.specs[plan.budgets[0]].target_params is not None else "prefill speed-up"
+    equal = "prefill speed-up" if any(s.target_params is None for s in plan.specs.values()) else "parameter budgets"
     return "\n\n".join([f"Whole blocks against sublayers at equal {equal} (baseline PPL "
                         f"{base['perplexity']:,.2f}; rules chose on calibration tokens, perplexities on the "
                         "evaluation tokens)", table, "\n".join(best_lines)])
