@@ -23,9 +23,14 @@ def speed_change_cell(row: dict, width: int | None = None) -> str:
     return NOISE_MARK + cell if speed_within_noise(row) else cell
 
 
+# Why a speed change need not equal the ratio of the latency column's numbers.
+PAIRED_NOTE = "Speed chg %: against baseline runs timed alternately with each configuration's"
+
+
 def noise_note(rows: Sequence[dict]) -> list[str]:
-    """The legend of NOISE_MARK, for tables that show it."""
-    return [NOISE_NOTE] if any(speed_within_noise(r) for r in rows) else []
+    """The legends of a speed change column: pairing, when any change was paired, and NOISE_MARK."""
+    paired = any(speed_within_noise(r) is not None for r in rows)
+    return [PAIRED_NOTE] * paired + [NOISE_NOTE] * any(speed_within_noise(r) for r in rows)
 
 
 def units_phrase(removal) -> str:

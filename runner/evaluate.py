@@ -266,7 +266,7 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
     identity = run_identity(config, w, device, dtype)
     if config.output.resume:
         record.info["baseline"] = procs.from_main(lambda: check_same_experiment(
-            config.output.resume, resumed, identity, scored_tokens(loaded.ids, w)))
+            config.output.resume, resumed, identity, scored_tokens(loaded.ids, w), w.label))
     record.info.update(identity=identity, device=device, device_name=device_name(loaded.device), dtype=dtype,
                        stream_tokens=len(loaded.ids), max_length=w.max_length, stride=w.stride,
                        protocol=w.label, prefix_token=w.prefix_token, configurations_evaluated=0, tokens_evaluated=0)

@@ -57,15 +57,18 @@ def resumed_rows(path: str) -> list[dict]:
     return rows
 
 
-def check_same_experiment(path: str, rows: list[dict], identity: dict[str, Any],
-                          scored_tokens: int) -> dict | None:
+def check_same_experiment(path: str, rows: list[dict], identity: dict[str, Any], scored_tokens: int,
+                          protocol: str) -> dict | None:
     """Refuse to continue ``path`` unless its run had this run's identity and its baseline is untouched;
-    the baseline its run recorded (None when none was)."""
+    the baseline its run recorded (None when none was). ``protocol`` is this run's window label."""
     record = read_sidecar(path) or {}
     recorded = record.get("identity")
     unrecorded = recorded is None
-    if unrecorded:
+    if unrecorded:  # an older file: what its rows say (files from before --protocol were all sliding windows)
         recorded = {key: rows[0].get(key) for key in ("mode", "model", "dataset", "dtype", "device")} if rows else {}
+        identity = {**identity, "protocol": protocol}
+        if rows:
+            recorded["protocol"] = rows[0].get("protocol") or "sliding"
     for key, value in identity.items():
         if key in recorded and recorded[key] != value:
             raise KitError(f"--resume file '{path}' was made with {key} {recorded[key]}, this run has {value}; "

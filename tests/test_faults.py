@@ -239,6 +239,16 @@ def test_resume_refuses_another_experiment_naming_the_field(change, message, sta
     assert path.read_bytes() == before
 
 
+def test_resume_of_a_file_without_its_sidecar_refuses_another_window_convention(started, model_dir, capsys):
+    """An older file (no sidecar identity): its rows' protocol column still guards the windows."""
+    path, data = started
+    path.with_suffix(".json").unlink()
+    before = path.read_bytes()
+    assert kit(model_dir, data, "--mode", "sequential", *FAST, "--protocol", "disjoint", "--resume", str(path)) == 2
+    assert "protocol sliding, this run has disjoint" in one_error_line(capsys)
+    assert path.read_bytes() == before
+
+
 def test_resume_refuses_a_file_whose_baseline_row_was_edited(started, model_dir, capsys):
     path, data = started
     rows = pd.read_csv(path)
