@@ -102,20 +102,26 @@ def missing_shards(paths: Sequence[str]) -> tuple[list[str], int | None]:
 
 def run(config: RunConfig) -> int:
     """Refuse an incomplete set of shards unless --allow-partial; then write one results file."""
-    inputs, partial = config.output.inputs, False
+    inputs = config.output.inputs
     tables = [(path, read_rows(path)) for path in inputs]
     rows = merge_rows(tables)
-    missing, plan_size = missing_shards(inputs) if not config.output.allow_partial else ([], None)
-    if missing:
-        raise KitError(f"shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} of this sweep "
-                       f"{'are' if len(missing) > 1 else 'is'} missing from --inputs; pass every shard's file, "
-                       "or --allow-partial to merge what is there")
-    if plan_size is not None and len(rows) - 1 != plan_size:
+    try:
+        missing, plan_size = missing_shards(inputs)
+        short = plan_size is not None and len(rows) - 1 != plan_size
+    except KitError:  # files without shard records, or of different sweeps: completeness unknown
+        if not config.output.allow_partial:
+            raise
+        missing, plan_size, short = [], None, True
+    partial = bool(missing) or short  # a complete set stays complete, --allow-partial or not
+    if partial and not config.output.allow_partial:
+        if missing:
+            raise KitError(f"shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} of this sweep "
+                           f"{'are' if len(missing) > 1 else 'is'} missing from --inputs; pass every shard's file, "
+                           "or --allow-partial to merge what is there")
         raise KitError(f"the shards hold {len(rows) - 1} of the sweep's {plan_size} configurations (an "
                        "interrupted shard?); finish it with --resume, or pass --allow-partial")
-    if config.output.allow_partial:
-        partial = True
-        log.warning("Merging with --allow-partial: the merged file may lack configurations of the sweep")
+    if partial:
+        log.warning("Merging with --allow-partial: the merged file lacks configurations of the sweep")
     base = rows[0]
     rows = [with_changes(r, base) for r in rows]
     name = f"{base['mode']}-partial" if partial else str(base["mode"])

@@ -315,6 +315,15 @@ def test_merge_refuses_a_missing_shard_unless_asked_for_a_partial_merge(shards, 
     assert json.loads(merged.with_suffix(".json").read_text())["partial"] is True
 
 
+def test_a_complete_merge_is_not_labelled_partial_by_allow_partial(shards, tmp_path):
+    out = tmp_path / "merged"
+    assert main.main(["--mode", "merge", "--inputs", *map(str, shards), "--allow-partial", "--output-dir", str(out),
+                      "--quiet"]) == 0
+    [merged] = out.glob("*.csv")
+    assert "partial" not in merged.name
+    assert json.loads(merged.with_suffix(".json").read_text()).get("partial") is not True
+
+
 def test_merge_refuses_shards_of_another_dtype(shards, tmp_path, capsys):
     other = tmp_path / "other.csv"
     pd.read_csv(shards[1]).assign(dtype="bfloat16").to_csv(other, index=False)
