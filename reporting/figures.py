@@ -354,7 +354,8 @@ def tasks_figure(rows: Sequence[dict]) -> Figure | None:
     ax.legend(fontsize=7, loc="best")
     ax2 = fig.add_subplot(1, 2, 2)
     ppl = [r["perplexity"] if _finite(r.get("perplexity")) else np.nan for r in rows]
-    ax2.bar(x, ppl, color=["black" if not r["removed_layers"] else "#2e86c1" for r in rows])
+    removals = [row_removal(r) for r in rows]
+    ax2.bar(x, ppl, color=["black" if not removal else "#2e86c1" for removal in removals])
     ax2.set_yscale("log")
     finite = [v for v in ppl if math.isfinite(v)]
     if finite:
@@ -364,7 +365,7 @@ def tasks_figure(rows: Sequence[dict]) -> Figure | None:
     for a in (ax, ax2):
         a.set_xticks(x)
         a.set_xticklabels(labels, rotation=90 if len(rows) > ANNOTATE_MAX_BLOCKS else 0, fontsize=8)
-        a.set_xlabel("removed blocks")
+        a.set_xlabel("removed blocks" if all(map(is_whole_blocks, removals)) else "removed units")
     fig.suptitle(f"{rows[0].get('model', '')}: downstream tasks and perplexity per configuration")
     return fig
 

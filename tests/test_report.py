@@ -20,7 +20,7 @@ from matplotlib.container import BarContainer, ErrorbarContainer
 from reporting.figures import importance_figure, pair_heatmap, pareto_front, per_block_figure, tradeoff_figure
 from reporting.markdown import report_markdown
 from reporting.csvfile import ResultsFile, read_rows
-from reporting.schema import COLUMNS
+from reporting.schema import COLUMNS, task_column
 from reporting.tables import NOISE_NOTE, observations, sweep_table
 from utils.text import compact_label
 
@@ -238,6 +238,22 @@ def test_importance_figure_draws_the_scores_the_choosing_modes_write(model_dir, 
     assert [t.get_text() for t in ax.get_xticklabels()] == ["attn0", "mlp0", "mlp1"]
     assert bar_tops(ax) == pytest.approx({0: 0.1, 1: 0.3, 2: 0.4})
     assert "unit importance scores" in fig._suptitle.get_text()
+
+
+def test_tasks_figure_plots_every_row_the_baseline_in_black(tmp_path):
+    from reporting.figures import tasks_figure
+
+    rows = [{"removed_layers": removed, "removed_units": units, "perplexity": ppl, "model": "m",
+             task_column("mc", "acc"): acc, task_column("mc", "acc_stderr"): 0.01}
+            for removed, units, ppl, acc in (([], [], 10.0, 0.5), ([1], ["block1"], 12.0, 0.45),
+                                             ([], ["attn2"], 11.0, 0.48))]
+    accuracy_ax, ppl_ax = tasks_figure(rows).axes
+    bars = ppl_ax.patches
+    assert [b.get_height() for b in bars] == [10.0, 12.0, 11.0]
+    assert [to_rgb(b.get_facecolor()[:3]) == to_rgb("black") for b in bars] == [True, False, False]
+    assert ppl_ax.get_xlabel() == "removed units"
+    [errors] = [c for c in accuracy_ax.containers if isinstance(c, ErrorbarContainer)]
+    assert list(errors.lines[0].get_ydata()) == pytest.approx([50.0, 45.0, 48.0])
 
 
 def test_console_table_fits_80_columns():
