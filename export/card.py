@@ -163,6 +163,21 @@ def _zeroed_note(report: dict) -> list[str]:
             + (" Healing kept these projections frozen at zero." if report.get("healing") else ""), ""]
 
 
+def _what_was_removed(report: dict, name: str) -> list[str]:
+    """The card's title and first paragraph: the blocks removed, or only sublayers (all blocks kept)."""
+    o, p, blocks = report["original"], report["pruned"], report["removed_blocks"]
+    made = f"Made with gpt2-pruning-kit (mode `{report['mode']}`) from `{report['source_model']}`"
+    if not blocks:  # only attention or MLP sublayers: the depth is unchanged
+        units = report["zeroed_sublayers"]
+        return [f"# {name}, with {len(units)} sublayer{'s' if len(units) > 1 else ''} removed", "",
+                f"{made} by removing {', '.join(units)} (0-based block indices); all {o['num_layers']} blocks "
+                "are kept.", "", "## Removed units", "", f"`{json.dumps(report['removed_units'])}`", ""]
+    return [f"# {name}, depth-pruned to {p['num_layers']} of {o['num_layers']} blocks", "",
+            f"{made} by removing transformer blocks {', '.join(map(str, blocks))} (0-based) and keeping blocks "
+            f"{', '.join(map(str, report['kept_blocks']))}, which are renumbered 0..{p['num_layers'] - 1} here.", "",
+            "## Removed blocks", "", f"`{json.dumps(blocks)}`", ""]
+
+
 def model_card(report: dict) -> str:
     """README.md for the checkpoint directory, from build_report's data."""
     o, p, h, ev = report["original"], report["pruned"], report["healing"], report["evaluation"]
@@ -197,11 +212,7 @@ def model_card(report: dict) -> str:
                   "noise: the runs cannot tell the two models apart. The original's own latency above comes from "
                   "runs of its own, at another moment. No interval was measured for prefill, so its change is "
                   "left out.")
-    lines = [*front, "", f"# {name}, depth-pruned to {p['num_layers']} of {o['num_layers']} blocks", "",
-             f"Made with gpt2-pruning-kit (mode `{report['mode']}`) from `{source}` by removing transformer blocks "
-             f"{', '.join(map(str, report['removed_blocks']))} (0-based) and keeping blocks "
-             f"{', '.join(map(str, report['kept_blocks']))}, which are renumbered 0..{p['num_layers'] - 1} here.", "",
-             "## Removed blocks", "", f"`{json.dumps(report['removed_blocks'])}`", "",
+    lines = [*front, "", *_what_was_removed(report, name),
              *_zeroed_note(report), "## Before and after", "", *table, "", speed, ""]
     if h:
         lines += ["## Healing", "",

@@ -74,6 +74,11 @@ def canonical(units: Sequence[Unit]) -> Removal:
     return tuple(i if kind == "block" else f"{kind}{i}" for i, kind in sorted(merged, key=lambda p: (p[0], _ORDER[p[1]])))
 
 
+def sublayers_in(removal: Sequence[Unit]) -> int:
+    """How many sublayers a set removes: a whole block counts its attention and its MLP."""
+    return sum(2 if isinstance(u, int) else 1 for u in removal)
+
+
 def is_whole_blocks(removal: Sequence[Unit]) -> bool:
     return all(isinstance(u, int) for u in removal)
 

@@ -28,7 +28,7 @@ from itertools import combinations
 from typing import TYPE_CHECKING, Sequence
 
 from config import RunConfig
-from models.units import Removal, Unit, canonical, row_removal
+from models.units import Removal, Unit, canonical, row_removal, sublayers_in
 from pruning.choice import Choice
 from pruning.granularity import compare_granularity
 from pruning.plans import random_units, valid_sets
@@ -48,7 +48,7 @@ COMPARED = (*RULES, "greedy", "beam", "random", "last")
 
 def units_in(removal: Removal, kind: str) -> int:
     """How many --unit candidates a set removes: a whole block is two units when the candidates are sublayers."""
-    return sum(2 if kind == "sublayer" and isinstance(u, int) else 1 for u in removal)
+    return sublayers_in(removal) if kind == "sublayer" else len(removal)
 
 
 @dataclass(frozen=True)

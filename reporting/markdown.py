@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
-from models.units import is_whole_blocks, row_removal
+from models.units import is_whole_blocks, row_removal, sublayers_in
 from reporting.figures import write_figures
 from reporting.schema import REQUIRED_COLUMNS, speed_within_noise, task_column
 from reporting.tables import (COMPARISON_HEADERS, accuracy_cell, accuracy_headers, comparison_cells, interval_cell,
@@ -33,11 +33,20 @@ def markdown_table(headers: Sequence[str], cells: Sequence[Sequence[str]], left:
     return "\n".join([line(headers), rule, *(line(c) for c in cells)])
 
 
+def removal_depth(rows: Sequence[dict]) -> tuple[Callable[[Sequence], int], str]:
+    """How the rows' removal sets are counted, and in what: blocks, or sublayers (a block counting two)
+    when any row removes a sublayer alone."""
+    if all(is_whole_blocks(row_removal(r)) for r in rows):
+        return len, "blocks"
+    return sublayers_in, "sublayers"
+
+
 def best_per_depth(rows: Sequence[dict]) -> list[dict]:
-    """The lowest-perplexity configuration for each number of removed blocks."""
+    """The lowest-perplexity configuration for each number of removed blocks (or sublayers: removal_depth)."""
+    depth, _ = removal_depth(rows)
     best: dict[int, dict] = {}
     for r in rows:
-        k = len(row_removal(r))
+        k = depth(row_removal(r))
         if k and (k not in best or r["perplexity"] < best[k]["perplexity"]):
             best[k] = r
     return [best[k] for k in sorted(best)]
@@ -83,11 +92,13 @@ def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: s
         lines += [f"## {title}", "", markdown_table(headers, cells), "", *(notes and [*notes, ""])]
     depths = best_per_depth(pruned)
     if len(depths) > 1:
-        lines += ["## Best configuration per number of removed blocks", "",
-                  markdown_table(["Blocks Removed", "Best Set", "Perplexity (↓)", "PPL Change (%)"],
-                                 [[str(len(row_removal(r))), removed_label(row_removal(r)),
-                                   format_number(r["perplexity"]), format_number(r.get("ppl_change_pct"), sign=True)]
-                                  for r in depths], left=2), ""]
+        depth, what = removal_depth(pruned)
+        lines += [f"## Best configuration per number of removed {what}" + (" (a block counts two)" * (depth != len)),
+                  "", markdown_table([f"{what.capitalize()} Removed", "Best Set", "Perplexity (↓)", "PPL Change (%)"],
+                                     [[str(depth(row_removal(r))), removed_label(row_removal(r)),
+                                       format_number(r["perplexity"]),
+                                       format_number(r.get("ppl_change_pct"), sign=True)]
+                                      for r in depths], left=2), ""]
     lines += task_section(rows)
     notes = observations(rows) if len(pruned) > 1 else []
     if notes:

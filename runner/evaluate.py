@@ -284,8 +284,8 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
     rows = measure_rows(config, loaded, procs, removals, resumed, choice, record)
     if not procs.is_main:
         return 0
-    print_summary(config, rows, choice)
     mode_report = choice.report(rows) if choice and choice.report else None
+    print_summary(config, rows, mode_report, with_table=not choice or choice.sweep_table)
     deliver(config, loaded.model, loaded.tokenizer, rows, loaded.ids, loaded.settings, loaded.heal, loaded.train_ids)
     if record.out:
         record.info.update(finished=now(), mode_report=mode_report)

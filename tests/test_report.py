@@ -131,6 +131,17 @@ def test_report_lists_the_best_set_per_depth(combinatorial_rows):
     assert [int(c[0]) for c in body] == [2, 3, 4, 5]
 
 
+def test_report_counts_sublayers_when_a_row_removes_one_alone():
+    rows = [sample_row("combinatorial", [], *SEED_BASE)]
+    for units, ppl in ((["attn1"], 40.0), (["mlp2"], 41.0), (["block3"], 45.0), (["attn1", "mlp2"], 42.0)):
+        row = sample_row("combinatorial", [int(u[5:]) for u in units if u.startswith("block")], ppl, 90.0)
+        rows.append({**row, "removed_units": units})
+    header, body = table_after(report_markdown(rows),
+                               "## Best configuration per number of removed sublayers (a block counts two)")
+    assert header[0] == "Sublayers Removed"
+    assert [(c[0], c[1], c[2]) for c in body] == [("1", "attn1", "40.00"), ("2", "attn1, mlp2", "42.00")]
+
+
 # ---- figures: their data are the CSV's rows ---------------------------------------------
 
 def bar_tops(ax):

@@ -328,6 +328,16 @@ def test_a_partial_block_export_loads_in_plain_transformers_with_the_same_logits
         assert count_parameters(reloaded) > count_parameters(pruned)  # the zeroed sublayers' weights are kept
 
 
+def test_a_sublayer_only_export_card_says_which_sublayers_went_and_that_every_block_stayed(trained_dir, text_file,
+                                                                                          tmp_path):
+    target = tmp_path / "attn-only"
+    assert run(trained_dir, text_file, tmp_path / "out", "--mode", "custom", "--remove", "attn2", "--no-speed",
+               "--save-model", str(target)) == 0
+    card = (target / "README.md").read_text()
+    assert "with 1 sublayer removed" in card and "by removing attn2" in card and "all 4 blocks are kept" in card
+    assert "depth-pruned" not in card and "removing transformer blocks" not in card
+
+
 def test_a_healed_partial_block_export_keeps_its_sublayers_removed(trained_dir, text_file, tmp_path, ids):
     from transformers import AutoModelForCausalLM
 
