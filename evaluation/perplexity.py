@@ -92,7 +92,8 @@ def token_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
         return F.cross_entropy(_upcast(head(hidden)), targets, reduction="none")
     if vocab_slice is None:
         vocab_slice = VOCAB_SLICE if hidden.device.type == "cpu" else head.out_features
-    sums, target_logit = [], torch.zeros(len(targets), device=hidden.device, dtype=_upcast(hidden[:0]).dtype)
+    sums, target_logit = [], torch.zeros(len(targets), device=hidden.device,
+                                          dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
     for first in range(0, head.out_features, vocab_slice):
         last = first + vocab_slice
         bias = head.bias[first:last] if head.bias is not None else None

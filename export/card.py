@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shlex
-from importlib import metadata as importlib_metadata
 from datetime import datetime
 from typing import Any, Sequence
 
@@ -21,6 +20,7 @@ from models.loading import looks_local
 from models.units import kept_blocks, removed_whole, row_removal, unit_names
 from reporting.schema import change_pct, row_task_scores, speed_within_noise
 from utils.data import is_local_dataset
+from utils.metadata import library_versions
 
 
 def measured(row: dict) -> dict:
@@ -76,7 +76,7 @@ def build_report(config: RunConfig, rows: Sequence[dict], windows: WindowSpec, h
         "command": shlex.join(config.command_line or ["python", "main.py"]),
         "reproduce": reproduce_command(data, config.output.save_model or "DIR", windows, dtype, device),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     **({"lm_eval": importlib_metadata.version("lm_eval")} if tasks else {})},
+                     **({"lm_eval": library_versions()["lm_eval"]} if tasks else {})},
         "created": datetime.now().isoformat(timespec="seconds"),
     }
 

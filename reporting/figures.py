@@ -25,7 +25,8 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 from models.units import (SUBLAYERS, Unit, canonical, is_whole_blocks, parse_unit, row_removal, unit_name,
                          unit_order, unit_parts)
 from pruning.rules import RULES
-from reporting.schema import speed_within_noise, task_column, task_metrics
+from reporting.schema import speed_within_noise, task_column
+from reporting.tables import accuracy_headers
 from utils.text import compact_label
 
 log = logging.getLogger("gpt2-pruning-kit")
@@ -334,7 +335,7 @@ def importance_figure(rows: Sequence[dict]) -> Figure | None:
 def tasks_figure(rows: Sequence[dict]) -> Figure | None:
     """Each task's score per configuration (with its standard error), perplexity of the same
     configurations beside it, so a collapse on a task that perplexity hides is visible."""
-    columns = [(t, m) for t, ms in task_metrics(rows[0]).items() for m in ms]
+    columns = accuracy_headers(rows)
     if not columns:
         return None
     x = np.arange(len(rows))

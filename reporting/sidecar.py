@@ -30,7 +30,7 @@ def build_metadata(config: dict[str, Any], run_info: dict[str, Any]) -> dict[str
         "config": config,
         **run_info,
         "work": run_info.get("work"),
-        "libraries": library_versions(),
+        "libraries": dict(library_versions()),
         "kit": git_state(),
         "platform": platform.platform(),
     }

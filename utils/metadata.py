@@ -3,6 +3,7 @@ kit's commit, the device's name, the time. The results sidecar records them."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -20,7 +21,10 @@ def now() -> str:
     return datetime.now().astimezone().isoformat(timespec="microseconds")
 
 
+@functools.cache
 def library_versions() -> dict[str, str | None]:
+    """Installed versions (None: not installed); looked up once per process, as the sidecar is saved
+    several times a run."""
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in LIBRARIES:
         try:
@@ -30,9 +34,9 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-def _git(*args: str) -> str | None:
+def _git(root: str, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", KIT_ROOT, *args], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -40,10 +44,16 @@ def _git(*args: str) -> str | None:
 
 def git_state() -> dict[str, Any]:
     """The kit's commit, and whether its tracked files differ from it; None outside a git checkout."""
-    commit = _git("rev-parse", "HEAD")
+    return dict(_git_state(KIT_ROOT))
+
+
+@functools.cache
+def _git_state(root: str) -> dict[str, Any]:
+    # two git processes: once per process, not at every save of the sidecar
+    commit = _git(root, "rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None}
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    status = _git(root, "status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
