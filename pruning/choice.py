@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable
 
-from models.units import SUBLAYERS, Removal, removed_whole, unit_names
+from models.units import SUBLAYERS, Removal, removal_key, removed_label, removed_whole, unit_names
 from pruning.rules import ranked
-from utils.text import format_table, removal_key, removed_label
+from utils.text import format_table
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from config import RunConfig
-from models.units import is_whole_blocks
+from models.units import is_whole_blocks, removed_label
 from pruning.budget import Budget, target_label
 from pruning.choice import Choice, scores_json, scores_table
 from pruning.plans import removal_count
 from pruning.rules import RULES, choose
 from pruning.search import Step, beam, greedy
-from utils.text import format_table, removed_label
+from utils.text import format_table
 
 if TYPE_CHECKING:
     from pruning.calibration import Calibration

@@ -28,14 +28,14 @@ from itertools import combinations
 from typing import TYPE_CHECKING, Sequence
 
 from config import RunConfig
-from models.units import Removal, Unit, canonical, row_removal, sublayers_in
+from models.units import Removal, Unit, canonical, removal_key, removed_label, row_removal, sublayers_in
 from pruning.choice import Choice
 from pruning.granularity import compare_granularity
 from pruning.plans import random_units, valid_sets
 from pruning.rules import RULES, rank_key
 from pruning.search import beam, greedy
 from utils.errors import KitError
-from utils.text import format_table, removal_key, removed_label
+from utils.text import format_table
 
 if TYPE_CHECKING:
     from pruning.calibration import Calibration

@@ -22,12 +22,12 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from config import RunConfig, SelectSpec
-from models.units import Removal, row_removal
+from models.units import Removal, removal_key, removed_label, row_removal
 from pruning.budget import Budget, parse_params_target, target_label
 from pruning.choice import Choice
 from pruning.rules import RULES, choose
 from pruning.search import beam
-from utils.text import format_table, removal_key, removed_label
+from utils.text import format_table
 
 if TYPE_CHECKING:
     from pruning.calibration import Calibration

@@ -13,10 +13,9 @@ import os
 import re
 from datetime import datetime
 
-from models.units import row_removal
+from models.units import removal_key, row_removal
 from reporting.schema import COLUMNS, TASK_PREFIX
 from utils.errors import KitError, WriteError
-from utils.text import removal_key
 
 log = logging.getLogger("gpt2-pruning-kit")
 

@@ -22,12 +22,11 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from models.units import (SUBLAYERS, Unit, canonical, is_whole_blocks, parse_unit, row_removal, unit_name,
-                         unit_order, unit_parts)
+from models.units import SUBLAYERS, Unit, canonical, compact_label, is_whole_blocks, row_removal, unit_order
 from pruning.rules import RULES
 from reporting.schema import speed_within_noise, task_column
 from reporting.tables import accuracy_headers
-from utils.text import compact_label
+
 
 log = logging.getLogger("gpt2-pruning-kit")
 
@@ -157,7 +156,7 @@ def single_units(rows: Sequence[dict]) -> dict[tuple[int, str], dict]:
     for r in rows:
         removal = row_removal(r)
         if len(removal) == 1:
-            singles.setdefault(unit_parts(removal[0]), r)
+            singles.setdefault((removal[0].block, removal[0].part), r)
     return singles
 
 
@@ -299,7 +298,7 @@ def importance_scores(rows: Sequence[dict]) -> dict[str, dict[Unit, float]]:
             if not _finite(value):
                 continue
             if key.startswith("["):
-                candidate = canonical([parse_unit(str(u)) for u in json.loads(key)])
+                candidate = canonical(str(u) for u in json.loads(key))
                 if len(candidate) == 1:
                     scores.setdefault(r["metric"], {})[candidate[0]] = float(value)
             elif len(removed) == 1:
@@ -315,16 +314,16 @@ def importance_figure(rows: Sequence[dict]) -> Figure | None:
     fig = Figure(figsize=(4.5 * len(scores) + 1, 4), layout="constrained")
     # the scoring rules in registry order, then the searches' candidate scores
     order = [m for m in RULES if m in scores] + sorted(m for m in scores if m not in RULES)
-    blocks_only = all(isinstance(u, int) for metric in scores.values() for u in metric)
+    blocks_only = all(is_whole_blocks(metric) for metric in scores.values())
     for n, metric in enumerate(order, start=1):
         ax = fig.add_subplot(1, len(scores), n)
         units = sorted(scores[metric], key=lambda u: unit_order((u,)))
         # blocks at their index; units one after another, named
-        xs = units if blocks_only else list(range(len(units)))
+        xs = [u.block for u in units] if blocks_only else list(range(len(units)))
         ax.bar(xs, [scores[metric][u] for u in units], color="#8e44ad")
         ax.set_xticks(xs)
         if not blocks_only:
-            ax.set_xticklabels([unit_name(u) for u in units], rotation=90, fontsize=7)
+            ax.set_xticklabels([u.name for u in units], rotation=90, fontsize=7)
         ax.set_xlabel("block" if blocks_only else "unit")
         ax.set_ylabel("score")
         ax.set_title(metric)

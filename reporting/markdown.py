@@ -7,13 +7,13 @@ import logging
 import os
 from typing import Callable, Sequence
 
-from models.units import is_whole_blocks, row_removal, sublayers_in
+from models.units import is_whole_blocks, removed_label, row_removal, sublayers_in
 from reporting.figures import write_figures
 from reporting.schema import REQUIRED_COLUMNS, speed_within_noise, task_column
 from reporting.tables import (COMPARISON_HEADERS, accuracy_cell, accuracy_headers, comparison_cells, interval_cell,
                               noise_note, observations, sweep_cells)
 from utils.errors import KitError
-from utils.text import format_number, removed_label
+from utils.text import format_number
 
 log = logging.getLogger("gpt2-pruning-kit")
 

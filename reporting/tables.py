@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from models.units import is_whole_blocks, row_removal
+from models.units import compact_label, is_whole_blocks, removed_label, row_removal
 from reporting.schema import change_pct, speed_within_noise, task_column, task_metrics
-from utils.text import compact_label, format_number, format_table, removed_label
+from utils.text import format_number, format_table
 
 # The final table must fit a standard terminal without wrapping.
 CONSOLE_WIDTH = 80

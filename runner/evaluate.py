@@ -30,7 +30,7 @@ from export.heal import healing_inputs
 from models.families import check_prunable, num_blocks
 from models.loading import dtype_name, load_model, resolve_device
 from models.removal import context_size
-from models.units import Removal, canonical, row_removal
+from models.units import Removal, canonical, removal_key, row_removal
 from pruning.calibration import Calibration, calibration_ids
 from pruning.choice import Choice
 from pruning.modes import MODES, saving_modes
@@ -46,7 +46,6 @@ from utils.data import check_local_dataset, tokenize
 from utils.errors import Interrupted, KitError
 from utils.log import progress_bar
 from utils.metadata import device_name, now
-from utils.text import removal_key
 
 log = logging.getLogger("gpt2-pruning-kit")
 

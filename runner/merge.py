@@ -8,7 +8,7 @@ import os
 from typing import Sequence
 
 from config import RunConfig
-from models.units import removal_order, row_removal
+from models.units import removal_key, removal_order, row_removal
 from reporting.csvfile import ResultsFile, read_rows, results_path
 from reporting.markdown import write_outputs
 from reporting.schema import columns_of, with_changes
@@ -16,7 +16,6 @@ from reporting.sidecar import read_sidecar, write_sidecar
 from runner.summary import print_summary
 from utils.errors import KitError
 from utils.metadata import now
-from utils.text import removal_key
 
 log = logging.getLogger("gpt2-pruning-kit")
 

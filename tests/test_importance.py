@@ -117,7 +117,7 @@ def test_one_greedy_step_equals_the_ppl_rule(trained, ids):
 def test_beam_escapes_a_greedy_trap():
     """Block 0 is the best single removal, but the best pair is {1, 2}: greedy commits to 0, a beam does not."""
     cost = {(0,): 1.0, (1,): 2.0, (2,): 2.5, (3,): 9.0, (1, 2): 1.5}
-    score = lambda sets: [cost.get(s, 5.0 + sum(s)) for s in sets]
+    score = lambda sets: [cost.get(s, 5.0 + sum(u.block for u in s)) for s in sets]
     assert [s.removed for s in greedy(score, 4, 2, progress=False)] == [(0,), (0, 1)]
     assert [s.removed for s in beam(score, 4, 2, width=2, progress=False)] == [(0,), (1, 2)]
     assert beam(score, 4, 2, width=1, progress=False) == greedy(score, 4, 2, progress=False)

@@ -22,7 +22,8 @@ from reporting.markdown import report_markdown
 from reporting.csvfile import ResultsFile, read_rows
 from reporting.schema import COLUMNS, task_column
 from reporting.tables import NOISE_NOTE, observations, sweep_table
-from utils.text import compact_label
+from models.units import compact_label
+
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The seed README's distilgpt2 numbers: perplexity and latency (ms) with each block removed.

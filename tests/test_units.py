@@ -20,7 +20,7 @@ from evaluation.perplexity import perplexity
 from models.families import FAMILIES as REGISTRY
 from models.families import family_of, get_blocks, module_at
 from models.removal import SkippedAttention, SkippedMLP, removed_blocks, removed_units, skipped_sublayer
-from models.units import candidate_units, canonical, kept_nodes, parse_unit, row_removal, validate_removal
+from models.units import candidate_units, canonical, kept_nodes, parse_unit, removal_key, row_removal, validate_removal
 from pruning.budget import parse_params_target
 from pruning.calibration import Calibration
 from pruning.rules import RULES, choose
@@ -29,7 +29,6 @@ from test_families import N_LAYER, build
 from test_importance import only_csv
 from tiny import make_model, make_text, save_model_dir, train_briefly
 from utils.errors import KitError
-from utils.text import removal_key
 
 IDENTITY_ATTN, IDENTITY_MLP = 1, 3
 FAST = ["--no-speed", "--max-tokens", "600", "--calib-tokens", "600", "--max-length", "64", "--stride", "32"]

@@ -2,38 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Iterable, Sequence
-
-
-def removal_key(removed: Sequence) -> str:
-    """A removal set as JSON text, the key rows are matched by: whole blocks as the sorted list the
-    removed_layers column stores ("[1, 3]"); a set with sublayers (in canonical order, models.units) as
-    its unit names ("[\"block1\", \"attn3\"]")."""
-    if all(isinstance(i, int) for i in removed):
-        return json.dumps(sorted(int(i) for i in removed))
-    return json.dumps([f"block{u}" if isinstance(u, int) else u for u in removed])
-
-
-def removed_label(removed: Sequence) -> str:
-    """'1, 3' for blocks; sublayers by name: '1, attn3'."""
-    return ", ".join(map(str, removed)) if removed else "None"
-
-
-def compact_label(removed: Sequence) -> str:
-    """Removed blocks with consecutive runs as ranges, then sublayers: [0, 1, 2, 5, 'mlp7'] -> '0-2,5,mlp7'."""
-    if not removed:
-        return "None"
-    named = [u for u in removed if not isinstance(u, int)]
-    blocks = [u for u in removed if isinstance(u, int)]
-    runs: list[list[int]] = []
-    for i in sorted(blocks):
-        if runs and i == runs[-1][-1] + 1:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return ",".join([*(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs), *named])
 
 
 def format_number(value: float | None, digits: int = 2, sign: bool = False, width: int | None = None) -> str:
