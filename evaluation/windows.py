@@ -1,8 +1,8 @@
-"""Evaluation windows: the perplexity conventions of the field, one function each.
+"""Evaluation windows: the perplexity protocols of the field, one function each.
 
-Papers report perplexity under different conventions, and the same model's
+Papers report perplexity under different protocols, and the same model's
 number moves with them (more context per scored token lowers it). A
-convention is a rule that cuts a token stream into windows; every window says
+protocol is a rule that cuts a token stream into windows; every window says
 which stream tokens the model is fed, which token (if any) is fed before them,
 and which stream tokens it scores. The LM head and loss are the same for all
 of them (evaluation.perplexity), so the one-model-at-a-time path, the
@@ -103,7 +103,7 @@ def lm_eval_windows(n_tokens: int, max_length: int, stride: int | None, prefix: 
 
 
 @dataclass(frozen=True)
-class Convention:
+class Protocol:
     build: Callable[[int, int, int | None, int | None], list[Window]]
     strided: bool  # reads --stride
     takes_bos: bool  # --bos may prefix its windows
@@ -111,14 +111,14 @@ class Convention:
     help: str
 
 
-CONVENTIONS: dict[str, Convention] = {
-    "sliding": Convention(sliding_windows, strided=True, takes_bos=True, prefixed=False,
+PROTOCOLS: dict[str, Protocol] = {
+    "sliding": Protocol(sliding_windows, strided=True, takes_bos=True, prefixed=False,
                           help="windows every --stride tokens, each scoring what no earlier one scored "
                                "(the transformers guide)"),
-    "disjoint": Convention(disjoint_windows, strided=False, takes_bos=True, prefixed=False,
+    "disjoint": Protocol(disjoint_windows, strided=False, takes_bos=True, prefixed=False,
                            help="non-overlapping windows of --max-length, each scoring all but its first token, "
                                 "partial last window dropped (GPTQ's loop, as SLEB and ShortGPT report)"),
-    "lm-eval": Convention(lm_eval_windows, strided=False, takes_bos=False, prefixed=True,
+    "lm-eval": Protocol(lm_eval_windows, strided=False, takes_bos=False, prefixed=True,
                           help="lm-evaluation-harness loglikelihood_rolling: first window after the BOS (or "
                                "end-of-text) token scoring every token, then disjoint windows with one token of "
                                "context"),
@@ -135,7 +135,7 @@ def make_windows(n_tokens: int, max_length: int, stride: int | None, protocol: s
     """
     if n_tokens < 2:
         raise ValueError("need at least two tokens to score one")
-    return CONVENTIONS[protocol].build(n_tokens, max_length, stride, prefix_token)
+    return PROTOCOLS[protocol].build(n_tokens, max_length, stride, prefix_token)
 
 
 def prefix_token(protocol: str, bos: bool, bos_token_id: int | None, eos_token_id: int | None) -> int | None:
@@ -145,7 +145,7 @@ def prefix_token(protocol: str, bos: bool, bos_token_id: int | None, eos_token_i
         if bos_token_id is None:
             raise KitError("--bos: this tokenizer defines no BOS token")
         return bos_token_id
-    if not CONVENTIONS[protocol].prefixed:
+    if not PROTOCOLS[protocol].prefixed:
         return None
     token = bos_token_id if bos_token_id is not None else eos_token_id
     if token is None:
@@ -155,7 +155,7 @@ def prefix_token(protocol: str, bos: bool, bos_token_id: int | None, eos_token_i
 
 def resolve_windows(spec: WindowSpec, context: int, tokenizer) -> WindowSpec:
     """``spec`` resolved against the model's context and the tokenizer's BOS and end-of-text tokens."""
-    spec = spec.resolved(context, CONVENTIONS[spec.protocol].strided)
+    spec = spec.resolved(context, PROTOCOLS[spec.protocol].strided)
     token = prefix_token(spec.protocol, spec.bos, getattr(tokenizer, "bos_token_id", None),
                          getattr(tokenizer, "eos_token_id", None))
     return replace(spec, prefix_token=token)

@@ -3,7 +3,7 @@
 A chooser gets the run's config and a Calibration (the model and its
 calibration tokens) and returns a Choice: the removal sets to evaluate, what
 to record with each row (the rule in ``metric``, the candidates it scored in
-``scores``), and its own report. Registered in pruning.modes.
+``scores``), and its own report. Registered in runner.modes.
 """
 
 from __future__ import annotations

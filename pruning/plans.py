@@ -1,7 +1,7 @@
 """Modes that plan their configurations from the depth alone: each turns the
 depth and the options into the removal sets to evaluate (the baseline is
 always added by the caller). They are pure functions, registered in
-pruning.modes.
+runner.modes.
 
 --unit chooses what a candidate is (models.units.candidate_units): whole
 blocks, as always, or attentions, MLPs or both kinds of sublayer. Counts

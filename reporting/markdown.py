@@ -53,9 +53,10 @@ def best_per_depth(rows: Sequence[dict]) -> list[dict]:
 
 
 def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: str | None = None,
-                    mode_report: str | None = None, partial: bool = False) -> str:
+                    mode_report: str | None = None, partial: bool = False, first_header: str | None = None) -> str:
     """The report for one results file; figure paths are linked relative to the report.
 
+    ``first_header`` names the sweep table's first column where the mode has its own (runner.modes);
     ``mode_report`` is the text a choosing mode printed after its runs (compare's gaps to the optimum,
     a search's steps), kept here so that --quiet and batch jobs have it too.
     """
@@ -85,7 +86,7 @@ def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: s
             lines += [f"Speed change 95% interval: {interval_cell(pruned[0])}.", *notes, ""]
     if len(pruned) > 1 or not pruned:
         title = f"{mode.capitalize()} Layer Pruning" if pruned else "Baseline"
-        headers = ["Layer Removed", *SWEEP_HEADERS[1:]] if mode == "sequential" else SWEEP_HEADERS
+        headers = [first_header, *SWEEP_HEADERS[1:]] if first_header else SWEEP_HEADERS
         cells = sweep_cells(rows)
         if any(speed_within_noise(r) is not None for r in rows):
             headers, cells = [*headers, SPEED_INTERVAL_HEADER], [[*c, interval_cell(r)] for c, r in zip(cells, rows)]
@@ -133,11 +134,11 @@ def report_path(csv_path: str) -> str:
 
 
 def write_outputs(rows: Sequence[dict], csv_path: str, plot: bool, mode_report: str | None = None,
-                  partial: bool = False) -> list[str]:
+                  partial: bool = False, first_header: str | None = None) -> list[str]:
     """report.md (and with ``plot`` the figures) beside ``csv_path``; the paths written."""
     figures = write_figures(rows, csv_path) if plot else []
     path = report_path(csv_path)
-    text = report_markdown(rows, figures, csv_path, mode_report, partial)  # first: a failure leaves no empty report
+    text = report_markdown(rows, figures, csv_path, mode_report, partial, first_header)  # first: a failure leaves no empty report
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     for figure in figures:

@@ -2,17 +2,18 @@
 
 runner.evaluate runs the modes that evaluate a model, in stages; runner.report
 and runner.merge the two that work on results files. Which one a mode takes is
-its registry entry's ``action`` (pruning.modes).
+its registry entry's ``action`` (runner.modes). The stages are imported when a
+run starts, so that the parser (runner.options) loads no torch.
 """
 
 from __future__ import annotations
 
 from config import RunConfig
-from pruning.modes import MODES
-from runner import evaluate, merge, report
-
-ACTIONS = {"evaluate": evaluate.run, "report": report.run, "merge": merge.run}
+from runner.modes import MODES
 
 
 def run(config: RunConfig) -> int:
-    return ACTIONS[MODES[config.mode].action](config)
+    from runner import evaluate, merge, report
+
+    actions = {"evaluate": evaluate.run, "report": report.run, "merge": merge.run}
+    return actions[MODES[config.mode].action](config)

@@ -33,7 +33,7 @@ from models.removal import context_size
 from models.units import Removal, canonical, removal_key, row_removal
 from pruning.calibration import Calibration, calibration_ids
 from pruning.choice import Choice
-from pruning.modes import MODES, saving_modes
+from runner.modes import MODES, saving_modes
 from reporting.csvfile import ResultsFile, read_rows, results_path
 from reporting.markdown import write_outputs
 from reporting.schema import COLUMNS, task_columns, to_row, with_changes
@@ -291,7 +291,8 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
         record.save()
         log.warning(f"Results written to {record.out.path}")
         log.warning(f"Run metadata written to {os.path.splitext(record.out.path)[0]}.json")
-        write_outputs(read_rows(record.out.path), record.out.path, plot=config.output.plot, mode_report=mode_report)
+        write_outputs(read_rows(record.out.path), record.out.path, plot=config.output.plot, mode_report=mode_report,
+                      first_header=MODES[config.mode].first_header)
     return 0
 
 

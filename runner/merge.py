@@ -13,6 +13,7 @@ from reporting.csvfile import ResultsFile, read_rows, results_path
 from reporting.markdown import write_outputs
 from reporting.schema import columns_of, with_changes
 from reporting.sidecar import read_sidecar, write_sidecar
+from runner.report import first_header
 from runner.summary import print_summary
 from utils.errors import KitError
 from utils.metadata import now
@@ -136,5 +137,5 @@ def run(config: RunConfig) -> int:
     log.warning(f"Results written to {out.path}")
     info = {"started": now(), "merged_from": list(inputs), "partial": partial}
     log.warning(f"Run metadata written to {write_sidecar(out.path, config.to_dict(), info)}")
-    write_outputs(rows, out.path, plot=config.output.plot, partial=partial)
+    write_outputs(rows, out.path, plot=config.output.plot, partial=partial, first_header=first_header(rows))
     return 0

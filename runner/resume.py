@@ -16,7 +16,7 @@ from typing import Any
 
 from config import RunConfig, WindowSpec
 from models.units import row_removal
-from pruning.modes import MODES
+from runner.modes import MODES
 from reporting.csvfile import check_columns, check_unique, drop_partial_row, read_rows
 from reporting.sidecar import read_sidecar
 from utils.cache import file_hash

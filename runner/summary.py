@@ -5,6 +5,7 @@ from __future__ import annotations
 from config import RunConfig
 from models.units import is_whole_blocks, row_removal
 from reporting.tables import comparison_table, observations, sweep_table, task_table, units_phrase
+from runner.modes import MODES
 
 
 def removed_phrase(row: dict) -> str:
@@ -18,8 +19,8 @@ def print_summary(config: RunConfig, rows: list[dict], mode_report: str | None =
     """``mode_report``: a choosing mode's own report (pruning.choice.Choice.report), printed before the table."""
     if config.output.quiet:
         return
-    if config.mode == "random" and len(rows) == 2:
-        print(f"\nRandom Layer Removal (seed {config.seed}, {removed_phrase(rows[1])})\n")
+    if MODES[config.mode].comparison and len(rows) == 2:
+        print(f"\n{config.mode.capitalize()} Layer Removal (seed {config.seed}, {removed_phrase(rows[1])})\n")
         print(comparison_table(rows[0], rows[1]))
     if mode_report:
         print("\n" + mode_report)

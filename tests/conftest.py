@@ -2,6 +2,7 @@
 tokenizer, and text, all saved to disk the way a user would have them."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,6 +35,9 @@ def private_token_cache(tmp_path_factory):
     """Keep the tests' token-cache entries out of the user's ~/.cache."""
     previous = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    # matplotlib builds its font cache there on first import and logs that it did: once, here, so that no
+    # test's subprocess prints it
+    subprocess.run([sys.executable, "-c", "import matplotlib.font_manager"], check=True, capture_output=True)
     yield
     if previous is None:
         os.environ.pop("XDG_CACHE_HOME")

@@ -203,7 +203,7 @@ def test_only_the_main_process_chooses_the_others_receive_its_plan(monkeypatch):
     from types import SimpleNamespace
 
     from config import RunConfig, WindowSpec
-    from pruning.modes import MODES
+    from runner.modes import MODES
     from runner.evaluate import plan
     from runner.processes import Processes
 

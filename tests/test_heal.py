@@ -165,7 +165,7 @@ def test_healing_options_need_heal_steps_and_a_mode_with_one_chosen_configuratio
     with pytest.raises(SystemExit) as exit_info:
         main.main(["--mode", "custom", "--remove", "1", "--heal-kd", *common])
     assert exit_info.value.code == 2
-    assert "need --heal-steps" in capsys.readouterr().err
+    assert "needs --heal-steps" in capsys.readouterr().err
     assert main.main(["--mode", "sequential", "--heal-steps", "2", "--train-dataset", str(files / "train.txt"),
                       *common]) == 2
     assert "--heal-steps works with --mode random, custom, importance, greedy, beam, not sequential" in capsys.readouterr().err

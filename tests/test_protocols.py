@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 import main
 from evaluation.perplexity import batch_inputs, perplexity
-from evaluation.windows import CONVENTIONS, Window, disjoint_windows, make_windows, sliding_windows
+from evaluation.windows import PROTOCOLS, Window, disjoint_windows, make_windows, sliding_windows
 
 
 @pytest.fixture(scope="module")
@@ -138,5 +138,5 @@ def test_options_a_convention_does_not_read_are_refused(args, message, capsys):
 
 
 def test_every_convention_has_help_for_the_command_line():
-    assert list(CONVENTIONS) == ["sliding", "disjoint", "lm-eval"]
-    assert all(c.help for c in CONVENTIONS.values())
+    assert list(PROTOCOLS) == ["sliding", "disjoint", "lm-eval"]
+    assert all(c.help for c in PROTOCOLS.values())

@@ -95,7 +95,7 @@ def money(value, sign=False):
 # ---- report.md ---------------------------------------------------------------------------
 
 def test_report_has_the_seed_sequential_table(sequential_rows):
-    markdown = report_markdown(sequential_rows)
+    markdown = report_markdown(sequential_rows, first_header="Layer Removed")
     headers, body = table_after(markdown, "## Sequential Layer Pruning")
     assert headers == ["Layer Removed", "Layers", "Perplexity (↓)", "Speed (ms) ↓", "Parameters (M)",
                        "PPL Change (%)", "Speed Change (%)"]

@@ -161,7 +161,7 @@ def test_model_card_lists_original_pruned_and_healed_scores(model_dir, text_file
 def test_task_options_without_tasks_are_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main.main(["--mode", "sequential", "--limit", "5"])
-    assert exit_info.value.code == 2 and "need --tasks" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "needs --tasks" in capsys.readouterr().err
 
 
 def test_merge_keeps_the_task_columns_of_the_shards(sweep, model_dir, text_file, task_dir, tmp_path):
