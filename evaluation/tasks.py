@@ -96,8 +96,7 @@ def _as_local_rank_zero() -> Iterator[None]:
 
     Under accelerate launch each process scores its own configurations on its
     own (an HFLM around a model object runs with world size 1), but
-    simple_evaluate returns None wherever the LOCAL_RANK variable is not 0:
-    the second process got no scores and failed.
+    simple_evaluate returns no scores wherever the LOCAL_RANK variable is not 0.
     """
     saved = os.environ.get("LOCAL_RANK")
     os.environ["LOCAL_RANK"] = "0"

@@ -109,19 +109,29 @@ class Protocol:
     takes_bos: bool  # --bos may prefix its windows
     prefixed: bool  # always feeds a prefix token (lm-eval's BOS or end-of-text)
     help: str
+    # the windows in a sentence for the model card, formatted with the evaluation's max_length, stride and
+    # prefix_token
+    sentence: str
 
 
 PROTOCOLS: dict[str, Protocol] = {
     "sliding": Protocol(sliding_windows, strided=True, takes_bos=True, prefixed=False,
                           help="windows every --stride tokens, each scoring what no earlier one scored "
-                               "(the transformers guide)"),
+                               "(the transformers guide)",
+                          sentence="sliding windows of {max_length} tokens every {stride} tokens (each scoring what "
+                                   "no earlier window scored; the transformers guide's procedure)"),
     "disjoint": Protocol(disjoint_windows, strided=False, takes_bos=True, prefixed=False,
                            help="non-overlapping windows of --max-length, each scoring all but its first token, "
-                                "partial last window dropped (GPTQ's loop, as SLEB and ShortGPT report)"),
+                                "partial last window dropped (GPTQ's loop, as SLEB and ShortGPT report)",
+                           sentence="non-overlapping windows of {max_length} tokens, each scoring all but its first "
+                                    "token, a partial last window dropped (GPTQ's loop, as SLEB and ShortGPT report)"),
     "lm-eval": Protocol(lm_eval_windows, strided=False, takes_bos=False, prefixed=True,
                           help="lm-evaluation-harness loglikelihood_rolling: first window after the BOS (or "
                                "end-of-text) token scoring every token, then disjoint windows with one token of "
-                               "context"),
+                               "context",
+                          sentence="lm-evaluation-harness's rolling windows of {max_length} tokens (the first after "
+                                   "token id {prefix_token}, scoring every token; then disjoint windows with one "
+                                   "token of context)"),
 }
 DEFAULT_PROTOCOL = "sliding"
 

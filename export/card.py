@@ -16,6 +16,7 @@ from huggingface_hub import ModelCardData
 
 from config import DataSpec, RunConfig, WindowSpec
 from evaluation.latency import PREFILL_TOKENS
+from evaluation.windows import DEFAULT_PROTOCOL, PROTOCOLS
 from models.loading import looks_local
 from models.units import kept_blocks, removed_whole, row_removal, unit_names
 from reporting.schema import change_pct, row_task_scores, speed_within_noise
@@ -131,20 +132,9 @@ def _speed_changes(pruned: dict) -> dict[str, str] | None:
             "prefill_ms": ""}
 
 
-# How each convention's windows read in a sentence (evaluation.windows has the definitions).
-WINDOW_TEXT = {
-    "sliding": "sliding windows of {max_length} tokens every {stride} tokens (each scoring what no earlier window "
-               "scored; the transformers guide's procedure)",
-    "disjoint": "non-overlapping windows of {max_length} tokens, each scoring all but its first token, a partial "
-                "last window dropped (GPTQ's loop, as SLEB and ShortGPT report)",
-    "lm-eval": "lm-evaluation-harness's rolling windows of {max_length} tokens (the first after token id "
-               "{prefix_token}, scoring every token; then disjoint windows with one token of context)",
-}
-
-
 def _windows(ev: dict) -> str:
-    """The evaluation's windows in words: its convention (``protocol``) and whether BOS started every window."""
-    text = WINDOW_TEXT[ev.get("protocol", "sliding")].format(**ev)
+    """The evaluation's windows in words: its protocol and whether BOS started every window."""
+    text = PROTOCOLS[ev.get("protocol", DEFAULT_PROTOCOL)].sentence.format(**ev)
     return text + (f", each fed the BOS token (id {ev['prefix_token']}) first" if ev.get("bos") else "")
 
 

@@ -1,1 +1,1 @@
-"""Ground floor for models: loading a checkpoint, the family registry, removing blocks."""
+"""Models: loading a checkpoint, the family registry, units and removal sets, removing blocks and sublayers."""

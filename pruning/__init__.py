@@ -1,1 +1,1 @@
-"""Finding, removing and choosing transformer blocks."""
+"""Choosing what to remove: planned sweeps, scoring rules, searches, budgets and the comparison of them."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -194,16 +194,30 @@ def one_pass_scores(model: nn.Module, ids: torch.Tensor, max_length: int, batch_
 
 
 @dataclass
-class Calibration:
-    """The model and calibration tokens every rule chooses with.
+class CalibrationCache:
+    """What every view of one calibration shares (Calibration.at): the tokens, the calibration perplexity
+    of each removal set scored, and the one-pass scores. The one-pass scores cover every unit boundary,
+    so blocks and sublayers read the same pass; ``passes`` and ``evaluations`` count the work done."""
 
-    Calibration perplexities are cached by removal set, because greedy, beam
-    and the ppl rule evaluate many of the same sets, and the one-pass scores
-    are computed at most once.
+    load_ids: Callable[[], torch.Tensor]  # called once, when a rule first needs tokens
+    ids: torch.Tensor | None = None
+    perplexity: dict[Removal, float] = field(default_factory=dict)
+    one_pass: OnePassScores | None = None
+    passes: int = 0
+    evaluations: int = 0
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The model and calibration tokens every rule and search chooses with, at one kind of unit.
+
+    Greedy, beam and the ppl rule evaluate many of the same sets, so their
+    perplexities are cached by removal set in ``cache``, which views at other
+    units share.
     """
 
     model: nn.Module
-    load_ids: Callable[[], torch.Tensor]  # called once, when a rule first needs tokens
+    load_ids: Callable[[], torch.Tensor]
     max_length: int
     stride: int
     batch_size: int = 1
@@ -211,9 +225,15 @@ class Calibration:
     protocol: str = DEFAULT_PROTOCOL  # the evaluation's windows (evaluation.windows)
     prefix_token: int | None = None
     unit: str = "block"  # --unit: what the rules and searches take as candidates
-    _ids: torch.Tensor | None = field(default=None, repr=False)
-    _ppl: dict[Removal, float] = field(default_factory=dict, repr=False)
-    _one_pass: OnePassScores | None = field(default=None, repr=False)
+    cache: CalibrationCache | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.cache is None:
+            object.__setattr__(self, "cache", CalibrationCache(self.load_ids))
+
+    def at(self, unit: str) -> "Calibration":
+        """The same calibration with other candidates, sharing every cached result."""
+        return replace(self, unit=unit)
 
     @property
     def n_blocks(self) -> int:
@@ -226,34 +246,38 @@ class Calibration:
 
     @property
     def ids(self) -> torch.Tensor:
-        if self._ids is None:
-            self._ids = self.load_ids()
-            if len(self._ids) < 2:
+        cache = self.cache
+        if cache.ids is None:
+            cache.ids = cache.load_ids()
+            if len(cache.ids) < 2:
                 raise KitError("calibration needs at least 2 tokens; raise --calib-tokens")
-        return self._ids
+        return cache.ids
 
-    def perplexities(self, removals: Sequence[Sequence[int]]) -> list[float]:
+    def perplexities(self, removals: Sequence[Sequence[Unit]]) -> list[float]:
         """Calibration perplexity of each removal set.
 
         The sets not yet cached are evaluated together, in one shared-prefix
         pass: a search step's candidates share most of their blocks.
         """
         keys = [canonical(r) for r in removals]
-        todo = list(dict.fromkeys(k for k in keys if k not in self._ppl))
-        results = []
+        known = self.cache.perplexity
+        todo = list(dict.fromkeys(k for k in keys if k not in known))
         if todo:
             results, _ = sweep_perplexities(self.model, self.ids, todo, self.max_length, self.stride,
                                             self.batch_size, progress=self.progress, desc="calibration",
                                             protocol=self.protocol, prefix_token=self.prefix_token)
-        self._ppl.update((key, result.perplexity) for key, result in zip(todo, results))
-        return [self._ppl[key] for key in keys]
+            known.update((key, result.perplexity) for key, result in zip(todo, results))
+            self.cache.evaluations += len(todo)
+        return [known[key] for key in keys]
 
     def one_pass(self) -> OnePassScores:
-        if self._one_pass is None:
-            self._one_pass = one_pass_scores(self.model, self.ids, self.max_length, self.batch_size, self.progress)
-        return self._one_pass
+        if self.cache.one_pass is None:
+            self.cache.one_pass = one_pass_scores(self.model, self.ids, self.max_length, self.batch_size,
+                                                  self.progress)
+            self.cache.passes += 1
+        return self.cache.one_pass
 
     def single_removal(self) -> dict[Removal, float]:
         """Calibration perplexity with each candidate unit removed alone (the ppl criterion)."""
         singles = [(u,) for u in self.units]
-        return dict(zip(singles, self.perplexities(singles)))
+        return dict(zip(map(canonical, singles), self.perplexities(singles)))

@@ -15,8 +15,10 @@ from models.units import is_whole_blocks, removed_label
 from pruning.budget import Budget, target_label
 from pruning.choice import Choice, scores_json, scores_table
 from pruning.plans import removal_count
-from pruning.rules import RULES, choose
-from pruning.search import Step, beam, greedy
+from pruning.picks import Pick, picks
+from pruning.rules import RULES
+from pruning.search import SEARCHES, Step
+from utils.errors import KitError
 from utils.text import format_table
 
 if TYPE_CHECKING:
@@ -35,16 +37,22 @@ def extras(config: RunConfig, metric: str, scores: dict) -> dict:
     return {"metric": metric, "scores": scores_json(scores), "target": target_label(config.select)}
 
 
+def chosen(name: str, config: RunConfig, calib: "Calibration") -> dict[int, Pick]:
+    """The picks of rule or search ``name`` up to --num-remove (or --ratio), or up to the budget."""
+    budget, k = Budget(calib, config.select), how_many(config, calib)
+    found = picks(name, calib, config.select, k, stop=budget.met if budget.active else None)
+    if not budget.active and k not in found:
+        raise KitError(f"{name}'s {k} units would remove every attention; remove fewer or choose another --unit")
+    return found
+
+
 def importance(config: RunConfig, calib: "Calibration") -> Choice:
     rule = RULES[config.select.metric]
-    budget = Budget(calib, config.select)
-    # with a budget: the rule's choice of 1, 2, ... units, until one meets the target
-    k = (budget.fewest(lambda k: choose(rule, calib, k)[0], how_many(config, calib)) if budget.active
-         else removal_count(config.select, calib.n_blocks))
-    chosen, scores = choose(rule, calib, k)
+    found = chosen(rule.name, config, calib)
+    pick = found[max(found)]
     title = f"{rule.title} on {len(calib.ids):,} calibration tokens (lower: removed first)"
-    return Choice([chosen], {chosen: extras(config, rule.name, scores)},
-                  lambda rows: f"{title}\n\n{scores_table(scores, chosen, rule.title)}")
+    return Choice([pick.removal], {pick.removal: extras(config, rule.name, pick.scores)},
+                  lambda rows: f"{title}\n\n{scores_table(pick.scores, pick.removal, rule.title)}")
 
 
 def steps_table(steps: list[Step]) -> str:
@@ -55,18 +63,14 @@ def steps_table(steps: list[Step]) -> str:
 
 
 def greedy_mode(config: RunConfig, calib: "Calibration") -> Choice:
-    budget = Budget(calib, config.select)
-    steps = greedy(calib.perplexities, calib.n_blocks, how_many(config, calib), calib.progress, units=calib.units,
-                   stop=budget.met if budget.active else None)
+    steps = [p.step for p in chosen("greedy", config, calib).values()]
     return Choice([s.removed for s in steps], {s.removed: extras(config, "greedy", s.candidates) for s in steps},
-                  lambda rows: "Greedy elimination on calibration tokens (SLEB)\n\n" + steps_table(steps))
+                  lambda rows: f"{SEARCHES['greedy'].title} on calibration tokens\n\n" + steps_table(steps))
 
 
 def beam_mode(config: RunConfig, calib: "Calibration") -> Choice:
-    width = config.select.beam_width
-    budget = Budget(calib, config.select)
-    steps = beam(calib.perplexities, calib.n_blocks, how_many(config, calib), width, calib.progress,
-                 units=calib.units, stop=budget.met if budget.active else None)
+    width = SEARCHES["beam"].width(config.select)
+    steps = [p.step for p in chosen("beam", config, calib).values()]
     best = steps[-1]
     return Choice([best.removed], {best.removed: extras(config, "beam", best.candidates)},
                   lambda rows: f"Beam search (width {width}) on calibration tokens: best set per size\n\n"

@@ -32,8 +32,9 @@ from models.units import Removal, Unit, canonical, removal_key, removed_label, r
 from pruning.choice import Choice
 from pruning.granularity import compare_granularity
 from pruning.plans import random_units, valid_sets
+from pruning.picks import names_for, picks
 from pruning.rules import RULES, rank_key
-from pruning.search import beam, greedy
+from pruning.search import SEARCHES
 from utils.errors import KitError
 from utils.text import format_table
 
@@ -42,8 +43,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gpt2-pruning-kit")
 
-# The scoring rules (pruning.rules), then the searches and the two references.
-COMPARED = (*RULES, "greedy", "beam", "random", "last")
+# The scoring rules (pruning.rules), the searches (pruning.search), then the two references.
+COMPARED = (*RULES, *SEARCHES, "random", "last")
 
 
 def units_in(removal: Removal, kind: str) -> int:
@@ -87,24 +88,20 @@ def plan_compare(config: RunConfig, calib: "Calibration") -> ComparePlan:
     if not 1 <= high < n:
         what = f"a {n}-block model" if select.unit == "block" else f"the {n} {select.unit} units of this model"
         raise KitError(f"--max-remove must be between 1 and {n - 1} for {what} (got {high})")
-    greedy_steps = greedy(calib.perplexities, n_blocks, high, calib.progress, units=units)
-    beam_steps = beam(calib.perplexities, n_blocks, high, select.beam_width, calib.progress, units=units)
-    rules = {name: rule for name, rule in RULES.items() if select.unit in rule.units}
-    # every rule's scores of single units (a span of one unit, for angular)
-    singles = {name: rule.scores(calib, 1) for name, rule in rules.items()}
+    names = names_for(select.unit)
+    found = {name: picks(name, calib, select, high) for name in names}
+    rules = [name for name in names if name in RULES]
     chosen = {}
     for k in range(1, high + 1):
-        by_rule = {name: rule.select(singles[name] if rule.per_block else rule.scores(calib, k), k)
-                   for name, rule in rules.items()}
-        by_rule["greedy"] = greedy_steps[k - 1].removed
-        by_rule["beam"] = beam_steps[k - 1].removed
+        by_rule = {name: found[name][k].removal for name in names if k in found[name]}
         by_rule["random"] = random_units(config.seed, units, k)
         by_rule["last"] = units[n - k :]
-        # a rule is left out at a k where its set would remove every attention (possible with sublayers)
+        # a reference is left out at a k where its set would remove every attention (possible with sublayers)
         chosen[k] = {rule: valid[0] for rule, s in by_rule.items() if (valid := valid_sets([s], n_blocks))}
     exhaustive = {k: tuple(valid_sets(combinations(units, k), n_blocks))
                   for k in chosen if math.comb(n, k) <= select.max_configs}
-    unit_scores = {name: [singles[name][canonical([u])] for u in units] for name in rules}
+    # every rule's score of each unit alone (a span of one unit, for angular)
+    unit_scores = {name: [RULES[name].scores(calib, 1)[canonical([u])] for u in units] for name in rules}
     return ComparePlan(units, select.unit, chosen, exhaustive, unit_scores)
 
 

@@ -12,8 +12,9 @@ lose much less at equal size on Llama-2; this measures it on your model.
 
 Choosing costs calibration evaluations: ppl one per candidate unit (L
 blocks, 2L sublayers), greedy and beam as in pruning.search, run until the
-budget is met; bi and angular one calibration pass in all. Calibration
-perplexities are cached across granularities (the same set is scored once).
+budget is met; bi and angular share one calibration pass for every budget
+and both granularities. Calibration perplexities are cached across
+granularities (the same set is scored once).
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from config import RunConfig, SelectSpec
 from models.units import Removal, removal_key, removed_label, row_removal
 from pruning.budget import Budget, parse_params_target, target_label
 from pruning.choice import Choice
-from pruning.rules import RULES, choose
-from pruning.search import beam
+from pruning.picks import at_budget, names_for
 from utils.text import format_table
 
 if TYPE_CHECKING:
@@ -48,27 +48,13 @@ class GranularityPlan:
         return ",".join(f"{g} {rule} @{b}" for (b, g, rule), s in self.chosen.items() if s == removal)
 
 
-def _choices(calib: "Calibration", budget: Budget, width: int) -> dict[str, tuple[Removal, str]]:
-    """Each rule's fewest units meeting ``budget`` at the calibration's granularity, and its cost.
-
-    Costs are what the rule needs on its own (the run shares a cache, so it
-    pays less): bi and angular one calibration pass, ppl one calibration
-    evaluation per candidate unit, a search the sets it scored.
-    """
-    most = len(calib.units) - 1
+def _choices(calib: "Calibration", budget: Budget, select: SelectSpec) -> dict[str, tuple[Removal, str]]:
+    """Each rule's and search's fewest units meeting ``budget`` at the calibration's granularity, and what
+    choosing it costs on its own (the run shares one cache, so it pays less)."""
     out = {}
-    for name, rule in RULES.items():
-        removal = choose(rule, calib, budget.fewest(lambda k: choose(rule, calib, k)[0], most))[0]
-        out[name] = (removal, f"{len(calib.units)} evaluations" if name == "ppl" else "1 pass")
-    for name, width_ in (("greedy", 1), ("beam", width)):
-        scored: list[int] = []
-
-        def score(sets):
-            scored.append(len(sets))
-            return calib.perplexities(sets)
-
-        steps = beam(score, calib.n_blocks, most, width_, calib.progress, units=calib.units, stop=budget.met)
-        out[name] = (steps[-1].removed, f"{sum(scored)} evaluations")
+    for name in names_for(calib.unit):
+        pick = at_budget(name, calib, select, budget.met)
+        out[name] = (pick.removal, str(pick.cost))
     return out
 
 
@@ -84,13 +70,12 @@ def budget_specs(select: SelectSpec) -> dict[str, SelectSpec]:
 
 def plan_granularity(config: RunConfig, calib: "Calibration") -> GranularityPlan:
     specs = budget_specs(config.select)
-    calib.ids  # loaded once, shared by both granularities' calibrations
     chosen, costs = {}, {}
     for b, spec in specs.items():
         for g in GRANULARITIES:
-            at = replace(calib, unit=g)  # shares the cached perplexities and one-pass scores
+            at = calib.at(g)  # shares the tokens, the cached perplexities and the one-pass scores
             budget = Budget(at, replace(spec, unit=g))
-            for rule, (removal, cost) in _choices(at, budget, config.select.beam_width).items():
+            for rule, (removal, cost) in _choices(at, budget, spec).items():
                 chosen[(b, g, rule)], costs[(b, g, rule)] = removal, cost
     return GranularityPlan(specs, chosen, costs)
 

@@ -35,6 +35,7 @@ which exist only when both kinds are candidates (--unit sublayer).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from models.units import Removal, canonical, unit_order
@@ -42,6 +43,23 @@ from utils.errors import KitError
 
 if TYPE_CHECKING:  # the rules only call its methods; importing it would load torch for --help
     from pruning.calibration import Calibration
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What choosing needed on calibration tokens: one-pass forward passes, and sets evaluated for their
+    calibration perplexity (each a shared-prefix evaluation of one configuration)."""
+
+    passes: int = 0
+    evaluations: int = 0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.passes + other.passes, self.evaluations + other.evaluations)
+
+    def __str__(self) -> str:
+        parts = [f"{self.passes} pass" + "es" * (self.passes != 1)] if self.passes else []
+        parts += [f"{self.evaluations:,} evaluations"] if self.evaluations or not parts else []
+        return ", ".join(parts)
 
 
 def rank_key(score: float, removal: Removal) -> tuple[float, tuple]:
@@ -64,6 +82,10 @@ class BlockRule:
     def scores(self, calib: "Calibration", k: int) -> dict[Removal, float]:
         raise NotImplementedError
 
+    def cost(self, calib: "Calibration") -> Cost:
+        """What the rule needs on its own, whatever k: one pass for the one-pass scores."""
+        return Cost(passes=1)
+
     def select(self, scores: dict[Removal, float], k: int) -> Removal:
         return canonical([c[0] for c in ranked(scores)[:k]])
 
@@ -83,6 +105,9 @@ class CalibrationPerplexity(BlockRule):
 
     def scores(self, calib: "Calibration", k: int) -> dict[Removal, float]:
         return calib.single_removal()
+
+    def cost(self, calib: "Calibration") -> Cost:
+        return Cost(evaluations=len(calib.units))
 
 
 class AngularDistance(BlockRule):

@@ -1,4 +1,4 @@
-"""Searching removal sets by calibration perplexity.
+"""Searching removal sets by calibration perplexity, one registry entry per search.
 
 Exhaustive search costs C(L, k) evaluations, out of reach for deep models
 (gpt2-xl: C(48, 12) is about 7e10). Two cheaper searches:
@@ -13,19 +13,23 @@ Exhaustive search costs C(L, k) evaluations, out of reach for deep models
 Both search over any candidate units (models.units): blocks, or the
 attention and MLP sublayers (BlockPruner, Zhong et al. 2024, searches
 sublayers this way). A step adds one unit; a set that would lose its last
-block or attention is not a candidate.
+block or attention is not a candidate. Add a search with one class and one
+SEARCHES entry; pruning.picks then runs it wherever rules are compared.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
+from config import SelectSpec
+from models.units import Removal, Unit, UnitLike, extended, is_valid
+from pruning.rules import Cost, rank_key
+from utils.errors import KitError
 from utils.log import progress_bar
 
-from models.units import Removal, Unit, extended, validate_removal
-from utils.errors import KitError
-from pruning.rules import rank_key
+if TYPE_CHECKING:
+    from pruning.calibration import Calibration
 
 # Scores a search step's candidate sets together (lower is better), so that an
 # evaluator can share work between them (pruning.calibration.Calibration.perplexities).
@@ -41,27 +45,19 @@ class Step:
     candidates: dict[Removal, float]
 
 
-def _valid(removal: Removal, n_blocks: int) -> bool:
-    try:
-        validate_removal(removal, n_blocks)
-    except KitError:
-        return False
-    return True
-
-
 def _extensions(removed: Removal, units: Sequence[Unit], n_blocks: int) -> list[Removal]:
     grown = (extended(removed, u) for u in units)
-    return [s for s in grown if s is not None and _valid(s, n_blocks)]
+    return [s for s in grown if s is not None and is_valid(s, n_blocks)]
 
 
 def greedy(score: Scorer, n_blocks: int, k: int, progress: bool = True,
-           units: Sequence[Unit] | None = None, stop: Callable[[Removal], bool] | None = None) -> list[Step]:
+           units: Sequence[UnitLike] | None = None, stop: Callable[[Removal], bool] | None = None) -> list[Step]:
     """Steps 1..k of iterative elimination; ``score`` maps removal sets to calibration perplexities."""
     return beam(score, n_blocks, k, width=1, progress=progress, units=units, stop=stop)
 
 
 def beam(score: Scorer, n_blocks: int, k: int, width: int, progress: bool = True,
-         units: Sequence[Unit] | None = None, stop: Callable[[Removal], bool] | None = None) -> list[Step]:
+         units: Sequence[UnitLike] | None = None, stop: Callable[[Removal], bool] | None = None) -> list[Step]:
     """Best set of each size 1..k found by a beam of ``width`` sets; ``units`` are the candidates
     (default: the n_blocks blocks), and size counts the units removed. With ``stop`` (a budget,
     pruning.budget) the search ends at the first step whose best set meets it.
@@ -69,7 +65,7 @@ def beam(score: Scorer, n_blocks: int, k: int, width: int, progress: bool = True
     Ties are broken by the sets themselves, so the search is deterministic;
     a step's ``candidates`` are the distinct sets it scored.
     """
-    units = list(range(n_blocks)) if units is None else list(units)
+    units = [Unit.of(u) for u in (range(n_blocks) if units is None else units)]
     if not 1 <= k < len(units):
         raise ValueError(f"k must be between 1 and {len(units) - 1}, got {k}")
     if width < 1:
@@ -89,3 +85,36 @@ def beam(score: Scorer, n_blocks: int, k: int, width: int, progress: bool = True
     if stop is not None:
         raise KitError(f"no set of up to {k} units found by the search meets the target")
     return steps
+
+
+class Search:
+    """A search over removal sets of growing size, scored by calibration perplexity."""
+
+    name = ""
+    title = ""
+
+    def width(self, select: SelectSpec) -> int:
+        return 1
+
+    def steps(self, calib: "Calibration", most: int, select: SelectSpec,
+              stop: Callable[[Removal], bool] | None = None) -> list[Step]:
+        return beam(calib.perplexities, calib.n_blocks, most, self.width(select), calib.progress,
+                    units=calib.units, stop=stop)
+
+    def cost(self, steps: Sequence[Step]) -> Cost:
+        """The sets it scored (the cache shares some with other rules; this is what it needs alone)."""
+        return Cost(evaluations=sum(len(s.candidates) for s in steps))
+
+
+class Greedy(Search):
+    name, title = "greedy", "Greedy elimination (SLEB)"
+
+
+class Beam(Search):
+    name, title = "beam", "Beam search"
+
+    def width(self, select: SelectSpec) -> int:
+        return select.beam_width
+
+
+SEARCHES: dict[str, Search] = {s.name: s for s in (Greedy(), Beam())}

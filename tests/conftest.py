@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import main  # noqa: E402
 from tiny import make_model, make_text, make_tokenizer, save_model_dir  # noqa: E402
 
 N_LAYER = 4
@@ -72,3 +73,31 @@ def model_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture
 def model(tokenizer):
     return make_model(n_layer=N_LAYER, vocab_size=len(tokenizer), identity=(IDENTITY_BLOCK,))
+
+
+def kit(model_dir, text_file, *args: str, out=None) -> int:
+    """The command line on a saved model and a text file, as a user would type it; with ``out``, a results
+    CSV there. Returns the exit status (argument errors raise SystemExit(2), as from a shell)."""
+    argv = ["--model", str(model_dir), "--dataset", str(text_file), *args]
+    if out is not None:
+        argv += ["--save_results", "--output-dir", str(out)]
+    return main.main(argv)
+
+
+def only_csv(folder: Path) -> Path:
+    """The one results CSV a run wrote into ``folder``."""
+    files = list(Path(folder).glob("*.csv"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+def quick(max_tokens: int, *more: str) -> list[str]:
+    """Options that keep a test run short: no speed test, the first ``max_tokens`` tokens."""
+    return ["--no-speed", "--max-tokens", str(max_tokens), *more]
+
+
+def results_of(folder: Path):
+    """The rows of the one results CSV in ``folder``, as a user would load them."""
+    import pandas as pd
+
+    return pd.read_csv(only_csv(folder))

@@ -14,31 +14,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import main
-from conftest import IDENTITY_BLOCK, N_LAYER, ROOT
+from conftest import IDENTITY_BLOCK, N_LAYER, ROOT, kit, quick, results_of
 from config import SelectSpec
 from pruning.plans import removal_count
 from reporting.csvfile import ResultsFile, read_rows, results_path
 from reporting.schema import COLUMNS
 
-FAST = ["--no-speed", "--max-tokens", "1500"]
-
-
-def run(model_dir, text_file, *args, output_dir=None):
-    argv = ["--model", str(model_dir), "--dataset", str(text_file), *args]
-    if output_dir is not None:
-        argv += ["--save_results", "--output-dir", str(output_dir)]
-    return main.main(argv)
-
-
-def only_csv(folder: Path) -> pd.DataFrame:
-    files = list(folder.glob("*.csv"))
-    assert len(files) == 1, files
-    return pd.read_csv(files[0])
+FAST = quick(1500)
 
 
 def test_sequential_writes_one_row_per_block_plus_baseline(model_dir, text_file, tmp_path, capsys):
-    assert run(model_dir, text_file, "--mode", "sequential", *FAST, output_dir=tmp_path) == 0
-    rows = only_csv(tmp_path)
+    assert kit(model_dir, text_file, "--mode", "sequential", *FAST, out=tmp_path) == 0
+    rows = results_of(tmp_path)
     removed = [json.loads(r) for r in rows.removed_layers]
     assert removed == [[]] + [[i] for i in range(N_LAYER)]
     base = rows.iloc[0]
@@ -61,27 +48,25 @@ def test_sequential_writes_one_row_per_block_plus_baseline(model_dir, text_file,
 
 
 def test_combinatorial_runs_every_subset(model_dir, text_file, tmp_path):
-    assert run(model_dir, text_file, "--mode", "combinatorial", *FAST, output_dir=tmp_path) == 0
-    rows = only_csv(tmp_path)
+    assert kit(model_dir, text_file, "--mode", "combinatorial", *FAST, out=tmp_path) == 0
+    rows = results_of(tmp_path)
     assert len(rows) == 1 + math.comb(4, 2) + math.comb(4, 3)
     assert len(set(rows.removed_layers)) == len(rows)
-    assert run(model_dir, text_file, "--mode", "combinatorial", "--min-remove", "1", "--max-remove", "1", *FAST,
-               output_dir=tmp_path / "k1") == 0
-    assert len(only_csv(tmp_path / "k1")) == 1 + 4
+    assert kit(model_dir, text_file, "--mode", "combinatorial", "--min-remove", "1", "--max-remove", "1", *FAST, out=tmp_path / "k1") == 0
+    assert len(results_of(tmp_path / "k1")) == 1 + 4
 
 
 def test_random_removes_ratio_of_blocks_chosen_by_seed(model_dir, text_file, tmp_path, capsys):
-    assert run(model_dir, text_file, "--mode", "random", "--seed", "3", *FAST, output_dir=tmp_path) == 0
-    rows = only_csv(tmp_path)
+    assert kit(model_dir, text_file, "--mode", "random", "--seed", "3", *FAST, out=tmp_path) == 0
+    rows = results_of(tmp_path)
     chosen = json.loads(rows.removed_layers.iloc[1])
     assert len(chosen) == 2 and rows.num_layers.iloc[1] == 2
     out = capsys.readouterr().out
     assert "Original Model" in out and "Pruned Model" in out
-    assert run(model_dir, text_file, "--mode", "random", "--seed", "3", *FAST, output_dir=tmp_path / "again") == 0
-    assert json.loads(only_csv(tmp_path / "again").removed_layers.iloc[1]) == chosen
-    assert run(model_dir, text_file, "--mode", "random", "--num-remove", "3", *FAST,
-               output_dir=tmp_path / "three") == 0
-    assert only_csv(tmp_path / "three").num_layers.iloc[1] == 1
+    assert kit(model_dir, text_file, "--mode", "random", "--seed", "3", *FAST, out=tmp_path / "again") == 0
+    assert json.loads(results_of(tmp_path / "again").removed_layers.iloc[1]) == chosen
+    assert kit(model_dir, text_file, "--mode", "random", "--num-remove", "3", *FAST, out=tmp_path / "three") == 0
+    assert results_of(tmp_path / "three").num_layers.iloc[1] == 1
 
 
 @pytest.mark.parametrize("ratio, depth, k", [(0.5, 3, 2), (0.5, 6, 3), (0.58, 25, 15), (0.7, 45, 32), (0.25, 12, 3)])
@@ -90,9 +75,8 @@ def test_ratio_rounds_half_up_exactly(ratio, depth, k):
 
 
 def test_speed_columns_are_filled_when_timed(model_dir, text_file, tmp_path):
-    assert run(model_dir, text_file, "--mode", "custom", "--remove", "0,1", "--max-tokens", "300",
-               "--speed-runs", "3", "--speed-warmup", "1", "--gen-tokens", "8", output_dir=tmp_path) == 0
-    rows = only_csv(tmp_path)
+    assert kit(model_dir, text_file, "--mode", "custom", "--remove", "0,1", "--max-tokens", "300", "--speed-runs", "3", "--speed-warmup", "1", "--gen-tokens", "8", out=tmp_path) == 0
+    rows = results_of(tmp_path)
     assert (rows.latency_ms > 0).all() and (rows.prefill_ms > 0).all() and (rows.tokens_per_s > 0).all()
     # the pruned model's change is against the baseline runs interleaved with its own, not the baseline row's
     assert rows.speed_change_pct.iloc[1] == pytest.approx(
@@ -104,9 +88,8 @@ def test_speed_columns_are_filled_when_timed(model_dir, text_file, tmp_path):
 
 def test_custom_saves_a_pruned_model_that_reloads_and_scores_the_same(model_dir, text_file, tmp_path):
     saved = tmp_path / "pruned"
-    assert run(model_dir, text_file, "--mode", "custom", "--remove", "1,3", "--save-model", str(saved), *FAST,
-               output_dir=tmp_path / "a") == 0
-    custom = only_csv(tmp_path / "a").iloc[1]
+    assert kit(model_dir, text_file, "--mode", "custom", "--remove", "1,3", "--save-model", str(saved), *FAST, out=tmp_path / "a") == 0
+    custom = results_of(tmp_path / "a").iloc[1]
     assert json.loads(custom.removed_layers) == [1, 3]
     reloaded = AutoModelForCausalLM.from_pretrained(saved)
     assert reloaded.config.n_layer == 2
@@ -114,29 +97,28 @@ def test_custom_saves_a_pruned_model_that_reloads_and_scores_the_same(model_dir,
     out = reloaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                             pad_token_id=0)
     assert out.shape[1] == 10
-    assert run(saved, text_file, "--mode", "baseline", *FAST, output_dir=tmp_path / "b") == 0
-    assert only_csv(tmp_path / "b").perplexity.iloc[0] == custom.perplexity
+    assert kit(saved, text_file, "--mode", "baseline", *FAST, out=tmp_path / "b") == 0
+    assert results_of(tmp_path / "b").perplexity.iloc[0] == custom.perplexity
 
 
 def test_resume_completes_an_interrupted_file(model_dir, text_file, tmp_path):
-    assert run(model_dir, text_file, "--mode", "sequential", *FAST, output_dir=tmp_path) == 0
+    assert kit(model_dir, text_file, "--mode", "sequential", *FAST, out=tmp_path) == 0
     full = next(tmp_path.glob("*.csv"))
     lines = full.read_text().splitlines()
     partial = tmp_path / "partial.csv"
     partial.write_text("\n".join(lines[:3]) + "\n")  # header, baseline, block 0: as if killed mid-sweep
-    assert run(model_dir, text_file, "--mode", "sequential", "--resume", str(partial), *FAST) == 0
+    assert kit(model_dir, text_file, "--mode", "sequential", "--resume", str(partial), *FAST) == 0
     resumed, complete = pd.read_csv(partial), pd.read_csv(full)
     assert resumed.removed_layers.tolist() == complete.removed_layers.tolist()
     assert resumed.perplexity.tolist() == complete.perplexity.tolist()
     # a file evaluated on other tokens cannot be continued: its rows would not be comparable
-    assert run(model_dir, text_file, "--mode", "sequential", "--resume", str(partial), "--no-speed",
-               "--max-tokens", "1000") == 2
+    assert kit(model_dir, text_file, "--mode", "sequential", "--resume", str(partial), "--no-speed", "--max-tokens", "1000") == 2
     assert pd.read_csv(partial).removed_layers.tolist() == complete.removed_layers.tolist()
 
 
 def test_results_files_are_never_overwritten(model_dir, text_file, tmp_path):
     for _ in range(2):
-        assert run(model_dir, text_file, "--mode", "baseline", *FAST, output_dir=tmp_path) == 0
+        assert kit(model_dir, text_file, "--mode", "baseline", *FAST, out=tmp_path) == 0
     assert len(list(tmp_path.glob("*.csv"))) == 2
 
 
@@ -163,7 +145,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_is_one_line_exit_2_and_no_file(model_dir, text_file, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
-        raise SystemExit(run(model_dir, text_file, *args, *FAST, output_dir=tmp_path))
+        raise SystemExit(kit(model_dir, text_file, *args, *FAST, out=tmp_path))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
@@ -219,6 +201,7 @@ def test_bad_paths_are_one_line_errors(model_dir, text_file, tmp_path, capsys):
     assert [p.name for p in (tmp_path / "occupied").iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_offline_hub_model_and_dataset_say_how_to_work_locally(model_dir, text_file, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     for args in (["--model", "distilgpt2", "--dataset", str(text_file)],
@@ -230,19 +213,19 @@ def test_offline_hub_model_and_dataset_say_how_to_work_locally(model_dir, text_f
         assert len(err) == 1 and "offline" in err[0] and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_the_command_line_runs_as_a_script(model_dir, text_file, tmp_path):
     proc = subprocess.run([sys.executable, "main.py", "--mode", "sequential", "--model", str(model_dir),
                            "--dataset", str(text_file), *FAST, "--save-results", "--output-dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Removed" in proc.stdout and "Results written to" in proc.stderr
-    assert len(only_csv(tmp_path)) == N_LAYER + 1
+    assert len(results_of(tmp_path)) == N_LAYER + 1
 
 
 def test_a_one_token_prompt_is_enough_for_the_speed_test(model_dir, text_file, tmp_path):
-    assert run(model_dir, text_file, "--mode", "baseline", "--max-tokens", "200", "--speed-runs", "1",
-               "--speed-warmup", "0", "--gen-tokens", "2", "--prompt", "the", output_dir=tmp_path) == 0
-    assert only_csv(tmp_path).latency_ms.iloc[0] > 0
+    assert kit(model_dir, text_file, "--mode", "baseline", "--max-tokens", "200", "--speed-runs", "1", "--speed-warmup", "0", "--gen-tokens", "2", "--prompt", "the", out=tmp_path) == 0
+    assert results_of(tmp_path).latency_ms.iloc[0] > 0
 
 
 def test_runs_started_in_the_same_second_get_files_of_their_own(tmp_path):
@@ -270,7 +253,7 @@ def resume_problems(tmp_path, full):
 
 def test_resuming_an_incompatible_file_or_reading_a_non_utf8_one_is_a_one_line_error(model_dir, text_file, tmp_path,
                                                                                    capsys):
-    assert run(model_dir, text_file, "--mode", "sequential", *FAST, output_dir=tmp_path / "full") == 0
+    assert kit(model_dir, text_file, "--mode", "sequential", *FAST, out=tmp_path / "full") == 0
     [full] = (tmp_path / "full").glob("*.csv")
     capsys.readouterr()
     for args, message in resume_problems(tmp_path, full):

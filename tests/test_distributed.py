@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import main
-from conftest import ROOT
+from conftest import ROOT, only_csv, quick
 from tiny import N_EXAMPLES, TASK, make_model, make_text, make_tokenizer, save_model_dir, write_task
 from runner.processes import WORLD_SIZE_VARS, current_processes, share
 
-FAST = ["--mode", "combinatorial", "--max-tokens", "300", "--max-length", "64", "--no-speed"]
+FAST = ["--mode", "combinatorial", *quick(300, "--max-length", "64")]
 N_CONFIGS = 1 + 6 + 4  # baseline, C(4,2), C(4,3)
 
 
@@ -37,11 +37,6 @@ def sweep(inputs, out: Path, *extra: str) -> int:
     model_dir, text_file = inputs
     return main.main(["--model", str(model_dir), "--dataset", str(text_file), *FAST, "--quiet", "--save_results",
                       "--output-dir", str(out), *extra])
-
-
-def only_csv(folder: Path) -> Path:
-    [path] = folder.glob("*.csv")
-    return path
 
 
 # Columns that differ between runs of the same configuration: wall-clock measurements and when they were taken.
@@ -145,6 +140,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_resume_a_run_into_the_rows_of_one_process(inputs, single, tmp_path):
     """accelerate launch, two CPU processes talking over gloo: the main process
     gathers both shares into the one file, after the rows a crashed run had
@@ -171,6 +167,7 @@ def test_two_processes_resume_a_run_into_the_rows_of_one_process(inputs, single,
     pd.testing.assert_frame_equal(key(comparable(partial)), key(comparable(single)))
 
 
+@pytest.mark.slow
 def test_two_processes_work_from_the_main_process_choice(inputs, tmp_path):
     """A choosing mode under accelerate launch: the main process chooses on calibration tokens and
     broadcasts the plan, so the two processes' rows are exactly those of a one-process run, their

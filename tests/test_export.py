@@ -54,6 +54,7 @@ def healed(files):
                    "--speed-warmup", "0", "--gen-tokens", "4")
 
 
+@pytest.mark.slow
 def test_healed_export_reloads_in_a_fresh_process_to_the_reported_perplexity(healed, files):
     model_dir, pruned_row = healed
     report = json.loads((model_dir / REPORT_FILE).read_text())

@@ -21,16 +21,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import main
-from conftest import ROOT
+from conftest import ROOT, kit, quick
 from models.removal import removed_blocks
 from reporting import csvfile
 from tiny import make_model, save_model_dir
 
-FAST = ["--no-speed", "--max-tokens", "400", "--max-length", "64", "--quiet"]
-
-
-def kit(model_dir, text_file, *args) -> int:
-    return main.main(["--model", str(model_dir), "--dataset", str(text_file), *args])
+FAST = quick(400, "--max-length", "64", "--quiet")
 
 
 def one_error_line(capsys) -> str:
@@ -57,8 +53,7 @@ def test_a_file_given_as_output_dir_fails_before_the_model_is_loaded(model_dir, 
     no_model_loading(monkeypatch)
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
-    assert kit(model_dir, text_file, "--mode", "sequential", *FAST, "--save_results", "--output-dir",
-               str(blocker)) == 2
+    assert kit(model_dir, text_file, "--mode", "sequential", *FAST, "--save_results", "--output-dir", str(blocker)) == 2
     assert "is a file, not a folder" in one_error_line(capsys)
 
 
@@ -73,8 +68,7 @@ def test_an_unwritable_output_dir_fails_before_the_model_is_loaded(model_dir, te
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(csvfile.os, "open", read_only)
-    assert kit(model_dir, text_file, "--mode", "sequential", *FAST, "--save_results", "--output-dir",
-               str(tmp_path / "out")) == 2
+    assert kit(model_dir, text_file, "--mode", "sequential", *FAST, "--save_results", "--output-dir", str(tmp_path / "out")) == 2
     assert "Read-only file system" in one_error_line(capsys)
 
 
@@ -82,8 +76,7 @@ def test_an_unwritable_save_model_folder_fails_before_the_model_is_loaded(model_
                                                                           monkeypatch):
     no_model_loading(monkeypatch)
     (tmp_path / "file").write_text("x")
-    assert kit(model_dir, text_file, "--mode", "custom", "--remove", "1", *FAST, "--save-model",
-               str(tmp_path / "file" / "pruned")) == 2
+    assert kit(model_dir, text_file, "--mode", "custom", "--remove", "1", *FAST, "--save-model", str(tmp_path / "file" / "pruned")) == 2
     assert "--save-model cannot write into" in one_error_line(capsys)
 
 
@@ -98,8 +91,7 @@ def test_impossible_settings_stop_before_any_evaluation(args, message, model_dir
 
     monkeypatch.setattr(runner.evaluate, "measure_all", lambda *a, **k: pytest.fail("evaluation started"))
     speed = [] if "--max-length" in args else ["--speed-runs", "1", "--speed-warmup", "0"]
-    code = kit(model_dir, text_file, "--mode", "sequential", "--max-tokens", "300", *speed, *args, "--quiet",
-               "--save_results", "--output-dir", str(tmp_path / "out"))
+    code = kit(model_dir, text_file, "--mode", "sequential", "--max-tokens", "300", *speed, *args, "--quiet", "--save_results", "--output-dir", str(tmp_path / "out"))
     assert code == 2 and message in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
 
@@ -296,8 +288,7 @@ def test_report_refuses_duplicate_configurations(started, capsys):
 def shards(model_dir, text_file, tmp_path):
     out = tmp_path / "shards"
     for i in range(3):
-        assert kit(model_dir, text_file, "--mode", "sequential", *FAST, "--shard", f"{i}/3", "--save_results",
-                   "--output-dir", str(out)) == 0
+        assert kit(model_dir, text_file, "--mode", "sequential", *FAST, "--shard", f"{i}/3", "--save_results", "--output-dir", str(out)) == 0
     return sorted(out.glob("*.csv"))
 
 
@@ -367,8 +358,7 @@ def test_progress_bars_in_a_log_file_redraw_at_most_every_30_seconds(monkeypatch
 
 def test_compare_tables_reach_report_md_and_the_sidecar(model_dir, text_file, tmp_path):
     out = tmp_path / "out"
-    assert kit(model_dir, text_file, "--mode", "compare", "--max-remove", "2", "--calib-tokens", "600", *FAST,
-               "--save_results", "--output-dir", str(out)) == 0
+    assert kit(model_dir, text_file, "--mode", "compare", "--max-remove", "2", "--calib-tokens", "600", *FAST, "--save_results", "--output-dir", str(out)) == 0
     [path] = out.glob("*.csv")
     report = path.with_name(path.stem + "_report.md").read_text()
     record = json.loads(path.with_suffix(".json").read_text())
@@ -381,6 +371,7 @@ def test_compare_tables_reach_report_md_and_the_sidecar(model_dir, text_file, tm
 
 # ---- foreign code ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_model_with_its_own_code_is_refused_even_when_stdin_says_yes(model_dir, text_file, tmp_path):
     custom = tmp_path / "custom"
     shutil.copytree(model_dir, custom)

@@ -15,18 +15,19 @@ import pytest
 import torch
 
 import main
-from conftest import IDENTITY_BLOCK, N_LAYER
+from conftest import IDENTITY_BLOCK, N_LAYER, kit, quick, results_of
 from evaluation.perplexity import perplexity
 from pruning import calibration
 from models.removal import removed_blocks
 from pruning.compare import spearman
-from config import DataSpec
+from config import DataSpec, RunConfig, SelectSpec
 from pruning.calibration import Calibration, calibration_ids, one_pass_scores
+from pruning.granularity import plan_granularity
 from pruning.rules import RULES
 from pruning.search import beam, greedy
 from tiny import make_model, save_model_dir, train_briefly
 
-FAST = ["--no-speed", "--max-tokens", "1000", "--calib-tokens", "1000"]
+FAST = quick(1000, "--calib-tokens", "1000")
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +45,6 @@ def trained(tokenizer, ids):
 @pytest.fixture(scope="module")
 def trained_dir(tmp_path_factory, trained, tokenizer):
     return save_model_dir(tmp_path_factory.mktemp("trained"), trained, tokenizer)
-
-
-def run(model_dir, text_file, out, *args):
-    return main.main(["--model", str(model_dir), "--dataset", str(text_file), *FAST, "--save_results",
-                      "--output-dir", str(out), *args])
-
-
-def only_csv(folder) -> pd.DataFrame:
-    (path,) = folder.glob("*.csv")
-    return pd.read_csv(path)
 
 
 def test_a_local_file_calibrates_on_tokens_after_the_evaluated_ones(tokenizer, text_file, ids, caplog):
@@ -81,8 +72,8 @@ def test_identity_block_has_zero_block_influence_and_angular_distance(model, ids
 @pytest.mark.parametrize("mode", [["importance", "--metric", "bi"], ["importance", "--metric", "angular"],
                                   ["importance", "--metric", "ppl"], ["greedy"], ["beam", "--beam-width", "2"]])
 def test_every_rule_removes_the_identity_block_first(trained_dir, text_file, tmp_path, mode):
-    assert run(trained_dir, text_file, tmp_path, "--mode", *mode, "--num-remove", "1") == 0
-    rows = only_csv(tmp_path)
+    assert kit(trained_dir, text_file, *FAST, "--mode", *mode, "--num-remove", "1", out=tmp_path) == 0
+    rows = results_of(tmp_path)
     assert json.loads(rows.removed_layers[1]) == [IDENTITY_BLOCK]
     assert rows.perplexity[1] == rows.perplexity[0]  # removing an identity block changes nothing
     assert pd.isna(rows.metric[0]) and pd.isna(rows.scores[0])  # the baseline was not chosen by a rule
@@ -95,8 +86,8 @@ def test_every_rule_removes_the_identity_block_first(trained_dir, text_file, tmp
 
 
 def test_greedy_writes_a_row_per_step_and_never_puts_a_block_back(trained_dir, text_file, tmp_path):
-    assert run(trained_dir, text_file, tmp_path, "--mode", "greedy", "--num-remove", "3") == 0
-    rows = only_csv(tmp_path)
+    assert kit(trained_dir, text_file, *FAST, "--mode", "greedy", "--num-remove", "3", out=tmp_path) == 0
+    rows = results_of(tmp_path)
     steps = [json.loads(r) for r in rows.removed_layers[1:]]
     assert [len(s) for s in steps] == [1, 2, 3]
     assert set(steps[0]) < set(steps[1]) < set(steps[2])
@@ -139,11 +130,10 @@ def optimum_lines(out: str) -> dict[int, tuple[list[int], float]]:
 
 
 def test_compare_optimum_is_the_best_row_of_the_combinatorial_sweep(trained_dir, text_file, tmp_path, capsys):
-    assert run(trained_dir, text_file, tmp_path / "cmp", "--mode", "compare", "--max-remove", "2") == 0
+    assert kit(trained_dir, text_file, *FAST, "--mode", "compare", "--max-remove", "2", out=tmp_path / "cmp") == 0
     out = capsys.readouterr().out
-    assert run(trained_dir, text_file, tmp_path / "comb", "--mode", "combinatorial", "--min-remove", "1",
-               "--max-remove", "2") == 0
-    sweep = only_csv(tmp_path / "comb")
+    assert kit(trained_dir, text_file, *FAST, "--mode", "combinatorial", "--min-remove", "1", "--max-remove", "2", out=tmp_path / "comb") == 0
+    sweep = results_of(tmp_path / "comb")
     sweep["k"] = sweep.removed_layers.map(lambda r: len(json.loads(r)))
     optimum = optimum_lines(out)
     assert sorted(optimum) == [1, 2]
@@ -153,7 +143,7 @@ def test_compare_optimum_is_the_best_row_of_the_combinatorial_sweep(trained_dir,
         assert ppl == pytest.approx(best.perplexity, abs=0.005)
     assert optimum[1][0] == [IDENTITY_BLOCK]
 
-    rows = only_csv(tmp_path / "cmp")
+    rows = results_of(tmp_path / "cmp")
     assert len(rows) == 1 + math.comb(N_LAYER, 1) + math.comb(N_LAYER, 2)  # every set once, no extras here
     ours = rows.set_index("removed_layers").perplexity
     assert ours.to_dict() == pytest.approx(sweep.set_index("removed_layers").perplexity.to_dict())
@@ -176,11 +166,11 @@ def test_compare_optimum_is_the_best_row_of_the_combinatorial_sweep(trained_dir,
 
 
 def test_compare_without_exhaustive_search_still_ranks_the_rules(trained_dir, text_file, tmp_path, capsys):
-    assert run(trained_dir, text_file, tmp_path, "--mode", "compare", "--max-remove", "2", "--max-configs", "5") == 0
+    assert kit(trained_dir, text_file, *FAST, "--mode", "compare", "--max-remove", "2", "--max-configs", "5", out=tmp_path) == 0
     out = capsys.readouterr().out
     assert sorted(optimum_lines(out)) == [1]  # C(4, 2) = 6 > 5
     assert "No exhaustive optimum for k = 2" in out
-    rows = only_csv(tmp_path)
+    rows = results_of(tmp_path)
     assert (rows.num_removed == 2).sum() < math.comb(N_LAYER, 2)
 
 
@@ -194,7 +184,7 @@ def test_compare_without_exhaustive_search_still_ranks_the_rules(trained_dir, te
 ])
 def test_bad_input_is_one_line_and_no_file(model_dir, text_file, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
-        raise SystemExit(run(model_dir, text_file, tmp_path, *args))
+        raise SystemExit(kit(model_dir, text_file, *FAST, *args, out=tmp_path))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
@@ -229,3 +219,11 @@ def test_calibration_scores_a_step_in_one_pass_with_the_numbers_of_each_pruned_m
         with removed_blocks(model, removed) as pruned:
             assert ppl == pytest.approx(perplexity(pruned, calib_ids, 128, 64, progress=False).perplexity, rel=1e-6)
     assert calib.perplexities([(3,)]) == [got[2]] and len(passes) == 1  # cached
+
+
+def test_compare_at_several_budgets_takes_one_calibration_pass_for_both_granularities(trained, ids):
+    calib = Calibration(trained, lambda: ids[1000:2000], max_length=128, stride=64, progress=False)
+    config = RunConfig(mode="compare", select=SelectSpec(target_params="0.95,0.9"))
+    plan = plan_granularity(config, calib)
+    assert calib.cache.passes == 1  # bi and angular, at two budgets and both granularities
+    assert {g for (_, g, _) in plan.chosen} == {"block", "sublayer"}

@@ -3,8 +3,9 @@
 import ast
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import pytest
 
 from conftest import ROOT
 
@@ -64,13 +65,13 @@ def test_the_floor_check_catches_an_upward_import(tmp_path):
     assert kit_imports(bad) == [(2, "runner"), (5, "export")]
 
 
-def test_help_loads_no_torch_and_answers_within_two_seconds():
+@pytest.mark.slow
+def test_help_and_argument_errors_load_no_torch():
+    """What --help and a bad argument cost is what they import: none of the heavy libraries."""
     code = ("import sys, main\nmain.build_parser().format_help()\n"
+            "try:\n    main.main(['--mode', 'custom', '--remove', 'x'])\nexcept SystemExit as e:\n    assert e.code == 2\n"
             "heavy = [m for m in ('torch', 'transformers', 'pandas', 'matplotlib') if m in sys.modules]\n"
             "assert not heavy, heavy")
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
-    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
     done = subprocess.run([sys.executable, "main.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
     assert done.returncode == 0 and "--mode" in done.stdout
-    assert elapsed < 2.0, f"main.py --help took {elapsed:.2f} s"

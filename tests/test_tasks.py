@@ -12,12 +12,15 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import main
-from conftest import IDENTITY_BLOCK, N_LAYER
+from conftest import IDENTITY_BLOCK, N_LAYER, quick
 from reporting.csvfile import read_rows
 from reporting.schema import COLUMNS, task_column
 from tiny import N_EXAMPLES, TASK, YAML, examples, make_text, write_task
 
-FAST = ["--no-speed", "--max-tokens", "600", "--max-length", "64"]
+# every test here scores lm-eval tasks
+pytestmark = pytest.mark.slow
+
+FAST = quick(600, "--max-length", "64")
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,12 @@ from pruning.calibration import Calibration
 from pruning.rules import RULES, choose
 from pruning.search import beam, greedy
 from test_families import N_LAYER, build
-from test_importance import only_csv
+from conftest import kit, quick, results_of
 from tiny import make_model, make_text, save_model_dir, train_briefly
 from utils.errors import KitError
 
 IDENTITY_ATTN, IDENTITY_MLP = 1, 3
-FAST = ["--no-speed", "--max-tokens", "600", "--calib-tokens", "600", "--max-length", "64", "--stride", "32"]
+FAST = quick(600, "--calib-tokens", "600", "--max-length", "64", "--stride", "32")
 
 
 @torch.no_grad()
@@ -175,15 +175,9 @@ def test_params_and_kv_cache_fall_with_the_units_removed(model):
     assert abs(attn / (attn + mlp) - 1 / 3) < 0.01
 
 
-def run(model_dir, text_file, out, *args):
-    """The kit on the saved tiny model, a CSV in ``out`` (test_importance.run with shorter windows)."""
-    return main.main(["--model", str(model_dir), "--dataset", str(text_file), *FAST, "--save_results",
-                      "--output-dir", str(out), *args])
-
-
 def test_custom_mode_takes_units_and_the_csv_lists_them(trained_dir, text_file, tmp_path):
-    assert run(trained_dir, text_file, tmp_path, "--mode", "custom", "--remove", "2,attn1,mlp3") == 0
-    rows = only_csv(tmp_path)
+    assert kit(trained_dir, text_file, *FAST, "--mode", "custom", "--remove", "2,attn1,mlp3", out=tmp_path) == 0
+    rows = results_of(tmp_path)
     assert list(rows.columns[-3:]) == ["removed_units", "kv_cache_bytes_per_token", "target"]
     base, pruned = rows.iloc[0], rows.iloc[1]
     assert json.loads(pruned.removed_units) == ["attn1", "block2", "mlp3"]
@@ -194,8 +188,8 @@ def test_custom_mode_takes_units_and_the_csv_lists_them(trained_dir, text_file, 
 
 
 def test_sequential_over_sublayers_has_a_row_per_unit(trained_dir, text_file, tmp_path):
-    assert run(trained_dir, text_file, tmp_path, "--mode", "sequential", "--unit", "sublayer") == 0
-    rows = only_csv(tmp_path)
+    assert kit(trained_dir, text_file, *FAST, "--mode", "sequential", "--unit", "sublayer", out=tmp_path) == 0
+    rows = results_of(tmp_path)
     units = [tuple(json.loads(u)) for u in rows.removed_units]
     assert units == [(), *((u,) for u in candidate_units("sublayer", N_LAYER))]
     by_unit = dict(zip(units, rows.perplexity))
@@ -205,8 +199,8 @@ def test_sequential_over_sublayers_has_a_row_per_unit(trained_dir, text_file, tm
 
 
 def test_greedy_over_units_and_resume_of_unit_rows(trained_dir, text_file, tmp_path):
-    assert run(trained_dir, text_file, tmp_path, "--mode", "greedy", "--unit", "sublayer", "--num-remove", "2") == 0
-    rows = only_csv(tmp_path)
+    assert kit(trained_dir, text_file, *FAST, "--mode", "greedy", "--unit", "sublayer", "--num-remove", "2", out=tmp_path) == 0
+    rows = results_of(tmp_path)
     assert [json.loads(u) for u in rows.removed_units] == [[], ["attn1"], ["attn1", "mlp3"]]
     (path,) = tmp_path.glob("*.csv")
     assert main.main(["--model", str(trained_dir), "--dataset", str(text_file), *FAST, "--mode", "greedy",
@@ -219,12 +213,12 @@ def test_unit_options_are_checked_before_any_work(trained_dir, text_file, tmp_pa
     for args, message in ((["--mode", "custom", "--remove", "2,atn1"], "units such as"),
                           (["--mode", "baseline", "--unit", "attn"], "--unit is only used by")):
         with pytest.raises(SystemExit):
-            run(trained_dir, text_file, out, *args)
+            kit(trained_dir, text_file, *FAST, *args, out=out)
         assert message in capsys.readouterr().err
     for args, message in ((["--mode", "custom", "--remove", "2,attn9"], "out of range"),
                           (["--mode", "importance", "--unit", "attn", "--metric", "angular", "--num-remove", "1"],
                            "angular")):
-        assert run(trained_dir, text_file, out, *args) == 2
+        assert kit(trained_dir, text_file, *FAST, *args, out=out) == 2
         assert message in capsys.readouterr().err
     assert not list(out.glob("*.csv")) if out.exists() else True
 
@@ -241,8 +235,8 @@ def test_a_params_target_is_a_fraction_or_a_count():
 @pytest.mark.parametrize("mode", ["greedy", "importance"])
 def test_a_params_budget_removes_units_until_it_is_met(mode, trained_dir, text_file, tmp_path):
     """Rows record the target; the last set meets it, and (greedy's rows are its steps) the one before does not."""
-    assert run(trained_dir, text_file, tmp_path, "--mode", mode, "--unit", "sublayer", "--target-params", "0.93") == 0
-    rows = only_csv(tmp_path)
+    assert kit(trained_dir, text_file, *FAST, "--mode", mode, "--unit", "sublayer", "--target-params", "0.93", out=tmp_path) == 0
+    rows = results_of(tmp_path)
     limit = 0.93 * rows.params.iloc[0]
     assert rows.params.iloc[-1] <= limit
     assert rows.target.iloc[-1] == "params<=0.93" and pd.isna(rows.target.iloc[0])
@@ -278,10 +272,10 @@ def test_compare_puts_blocks_against_sublayers_at_equal_prefill_speed(trained_di
         return float(sum(not isinstance(m, (SkippedAttention, SkippedMLP)) for m in running))
 
     monkeypatch.setattr(budget, "_prefill_ms", clock)
-    assert run(trained_dir, text_file, tmp_path, "--mode", "compare", "--target-speedup", "1.3") == 0
+    assert kit(trained_dir, text_file, *FAST, "--mode", "compare", "--target-speedup", "1.3", out=tmp_path) == 0
     out = capsys.readouterr().out
     assert "Whole blocks against sublayers at equal prefill speed-up" in out
-    rows = only_csv(tmp_path)
+    rows = results_of(tmp_path)
     assert set(rows.target[1:]) == {"prefill speed-up>=1.3"}  # the baseline row has none
     chosen = [json.loads(u) for u in rows.removed_units[1:]]
     blocks = [u for u in chosen if all(x.startswith("block") for x in u)]
@@ -294,8 +288,8 @@ def test_compare_puts_blocks_against_sublayers_at_equal_prefill_speed(trained_di
 
 
 def test_compare_puts_blocks_against_sublayers_at_each_budget(trained_dir, text_file, tmp_path, capsys):
-    assert run(trained_dir, text_file, tmp_path, "--mode", "compare", "--target-params", "0.9,0.8") == 0
-    rows = only_csv(tmp_path)
+    assert kit(trained_dir, text_file, *FAST, "--mode", "compare", "--target-params", "0.9,0.8", out=tmp_path) == 0
+    rows = results_of(tmp_path)
     out = capsys.readouterr().out
     assert "Whole blocks against sublayers at equal parameter budgets" in out
     for budget in ("0.9", "0.8"):
@@ -313,8 +307,7 @@ def test_a_partial_block_export_loads_in_plain_transformers_with_the_same_logits
     from transformers import AutoModelForCausalLM
 
     target = tmp_path / "pruned"
-    assert run(trained_dir, text_file, tmp_path / "out", "--mode", "custom", "--remove", "0,attn2,mlp3",
-               "--save-model", str(target)) == 0
+    assert kit(trained_dir, text_file, *FAST, "--mode", "custom", "--remove", "0,attn2,mlp3", "--save-model", str(target), out=tmp_path / "out") == 0
     report = json.loads((target / "pruning_report.json").read_text())
     assert report["removed_units"] == ["block0", "attn2", "mlp3"] and report["removed_blocks"] == [0]
     assert report["zeroed_sublayers"] == ["attn2", "mlp3"]
@@ -330,8 +323,7 @@ def test_a_partial_block_export_loads_in_plain_transformers_with_the_same_logits
 def test_a_sublayer_only_export_card_says_which_sublayers_went_and_that_every_block_stayed(trained_dir, text_file,
                                                                                           tmp_path):
     target = tmp_path / "attn-only"
-    assert run(trained_dir, text_file, tmp_path / "out", "--mode", "custom", "--remove", "attn2", "--no-speed",
-               "--save-model", str(target)) == 0
+    assert kit(trained_dir, text_file, *FAST, "--mode", "custom", "--remove", "attn2", "--no-speed", "--save-model", str(target), out=tmp_path / "out") == 0
     card = (target / "README.md").read_text()
     assert "with 1 sublayer removed" in card and "by removing attn2" in card and "all 4 blocks are kept" in card
     assert "depth-pruned" not in card and "removing transformer blocks" not in card
@@ -343,9 +335,7 @@ def test_a_healed_partial_block_export_keeps_its_sublayers_removed(trained_dir, 
     target = tmp_path / "healed"
     train = tmp_path / "train.txt"
     train.write_text(make_text(300, seed=5), encoding="utf-8")
-    assert run(trained_dir, text_file, tmp_path / "out", "--mode", "custom", "--remove", "0,attn2",
-               "--heal-steps", "3", "--heal-seq-len", "32", "--train-dataset", str(train),
-               "--save-model", str(target)) == 0
+    assert kit(trained_dir, text_file, *FAST, "--mode", "custom", "--remove", "0,attn2", "--heal-steps", "3", "--heal-seq-len", "32", "--train-dataset", str(train), "--save-model", str(target), out=tmp_path / "out") == 0
     report = json.loads((target / "pruning_report.json").read_text())
     assert report["zeroed_sublayers"] == ["attn2"] and report["healing"]["steps"] == 3
     assert "frozen at zero" in (target / "README.md").read_text().replace("\n", " ")
@@ -358,9 +348,9 @@ def test_compare_judges_every_rule_against_the_exhaustive_optimum_over_sublayers
                                                                                    capsys):
     """8 sublayer units, k = 1, 2: every 1- and 2-unit set is evaluated; attn1 and mlp3 are exact
     identities, so the optimum removes them at no cost, and each rule's gap is read off the CSV."""
-    assert run(trained_dir, text_file, tmp_path, "--mode", "compare", "--unit", "sublayer", "--max-remove", "2") == 0
+    assert kit(trained_dir, text_file, *FAST, "--mode", "compare", "--unit", "sublayer", "--max-remove", "2", out=tmp_path) == 0
     out = capsys.readouterr().out
-    rows = only_csv(tmp_path)
+    rows = results_of(tmp_path)
     ppl = {canonical([parse_unit(x) for x in json.loads(u)]): p for u, p in zip(rows.removed_units, rows.perplexity)}
     base = ppl[()]
     units = candidate_units("sublayer", 4)
@@ -400,29 +390,28 @@ def test_compare_up_to_one_unit_left_plans_only_sets_that_keep_an_attention(trai
 
 
 def test_compare_over_attentions_leaves_out_angular(trained_dir, text_file, tmp_path, capsys):
-    assert run(trained_dir, text_file, tmp_path, "--mode", "compare", "--unit", "attn", "--max-remove", "1") == 0
+    assert kit(trained_dir, text_file, *FAST, "--mode", "compare", "--unit", "attn", "--max-remove", "1", out=tmp_path) == 0
     out = capsys.readouterr().out
     assert re.search(rf"^1\s+optimum\s+attn{IDENTITY_ATTN}\s", out, re.M)
     assert not re.search(r"^1\s+angular\s", out, re.M) and "Spearman correlation" in out
 
 
 def test_combinatorial_and_random_draw_units(trained_dir, text_file, tmp_path):
-    assert run(trained_dir, text_file, tmp_path / "c", "--mode", "combinatorial", "--unit", "attn",
-               "--min-remove", "1", "--max-remove", "2") == 0
-    units = [tuple(json.loads(u)) for u in only_csv(tmp_path / "c").removed_units]
+    assert kit(trained_dir, text_file, *FAST, "--mode", "combinatorial", "--unit", "attn", "--min-remove", "1", "--max-remove", "2", out=tmp_path / "c") == 0
+    units = [tuple(json.loads(u)) for u in results_of(tmp_path / "c").removed_units]
     assert len(units) == 1 + 4 + 6 and ("attn0", "attn3") in units
-    assert run(trained_dir, text_file, tmp_path / "r", "--mode", "random", "--unit", "mlp", "--num-remove", "2") == 0
-    (drawn,) = [json.loads(u) for u in only_csv(tmp_path / "r").removed_units[1:]]
+    assert kit(trained_dir, text_file, *FAST, "--mode", "random", "--unit", "mlp", "--num-remove", "2", out=tmp_path / "r") == 0
+    (drawn,) = [json.loads(u) for u in results_of(tmp_path / "r").removed_units[1:]]
     assert len(drawn) == 2 and all(u.startswith("mlp") for u in drawn)
 
 
 def test_shards_of_a_unit_sweep_merge_into_the_unsharded_rows(trained_dir, text_file, tmp_path):
     args = ["--mode", "sequential", "--unit", "sublayer"]
-    assert run(trained_dir, text_file, tmp_path / "whole", *args) == 0
+    assert kit(trained_dir, text_file, *FAST, *args, out=tmp_path / "whole") == 0
     for i in (0, 1):
-        assert run(trained_dir, text_file, tmp_path / "shards", *args, "--shard", f"{i}/2") == 0
+        assert kit(trained_dir, text_file, *FAST, *args, "--shard", f"{i}/2", out=tmp_path / "shards") == 0
     assert main.main(["--mode", "merge", "--inputs", *map(str, sorted((tmp_path / "shards").glob("*.csv"))),
                       "--output-dir", str(tmp_path / "merged"), "--quiet"]) == 0
-    whole, merged = only_csv(tmp_path / "whole"), only_csv(tmp_path / "merged")
+    whole, merged = results_of(tmp_path / "whole"), results_of(tmp_path / "merged")
     assert list(merged.removed_units) == list(whole.removed_units)
     assert list(merged.perplexity) == list(whole.perplexity)

@@ -1,1 +1,1 @@
-"""Loading models and data, results files, logging, errors."""
+"""The lowest floor: errors, logging and progress, the token cache, reading text, labels and tables, run metadata."""
