@@ -114,7 +114,7 @@ class SelectSpec:
     max_remove: int | None = None
     ratio: float = 0.5
     num_remove: int | None = None
-    metric: str = "bi"
+    rule: str = "bi"  # --metric: the scoring rule of --mode importance (pruning.rules)
     beam_width: int = 4
     calib_tokens: int = 16384
     max_configs: int = 5000

@@ -47,7 +47,7 @@ def chosen(name: str, config: RunConfig, calib: "Calibration") -> dict[int, Pick
 
 
 def importance(config: RunConfig, calib: "Calibration") -> Choice:
-    rule = RULES[config.select.metric]
+    rule = RULES[config.select.rule]
     found = chosen(rule.name, config, calib)
     pick = found[max(found)]
     title = f"{rule.title} on {len(calib.ids):,} calibration tokens (lower: removed first)"

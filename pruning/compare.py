@@ -53,7 +53,7 @@ def units_in(removal: Removal, kind: str) -> int:
 
 
 @dataclass(frozen=True)
-class ComparePlan:
+class CompareSets:
     units: tuple[Unit, ...]  # the candidates: blocks, or sublayers (--unit)
     kind: str  # --unit
     chosen: dict[int, dict[str, Removal]]  # k -> rule -> the set it removes
@@ -81,7 +81,7 @@ class ComparePlan:
         return roles
 
 
-def plan_compare(config: RunConfig, calib: "Calibration") -> ComparePlan:
+def compare_sets(config: RunConfig, calib: "Calibration") -> CompareSets:
     select, n_blocks, units = config.select, calib.n_blocks, tuple(calib.units)
     n = len(units)
     high = n - 1 if select.max_remove is None else select.max_remove
@@ -102,7 +102,7 @@ def plan_compare(config: RunConfig, calib: "Calibration") -> ComparePlan:
                   for k in chosen if math.comb(n, k) <= select.max_configs}
     # every rule's score of each unit alone (a span of one unit, for angular)
     unit_scores = {name: [RULES[name].scores(calib, 1)[canonical([u])] for u in units] for name in rules}
-    return ComparePlan(units, select.unit, chosen, exhaustive, unit_scores)
+    return CompareSets(units, select.unit, chosen, exhaustive, unit_scores)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -124,7 +124,7 @@ def _cell(value: float | None, fmt: str) -> str:
     return format(value, fmt)
 
 
-def compare_report(plan: ComparePlan, rows: list[dict], beam_width: int) -> str:
+def compare_report(plan: CompareSets, rows: list[dict], beam_width: int) -> str:
     """The rules-against-optimum table, each rule's summary, and the score correlations."""
     by_key = {removal_key(row_removal(r)): r for r in rows}
     ppl = lambda s: by_key[removal_key(s)]["perplexity"]
@@ -167,7 +167,7 @@ def compare_report(plan: ComparePlan, rows: list[dict], beam_width: int) -> str:
 def compare(config: RunConfig, calib: "Calibration") -> Choice:
     if config.select.target_params is not None or config.select.target_speedup is not None:
         return compare_granularity(config, calib)  # whole blocks against sublayers at equal size or speed
-    plan = plan_compare(config, calib)
+    plan = compare_sets(config, calib)
     removals = plan.removals()
     extras = {}
     position = {canonical([u]): i for i, u in enumerate(plan.units)}

@@ -36,7 +36,7 @@ GRANULARITIES = ("block", "sublayer")
 
 
 @dataclass(frozen=True)
-class GranularityPlan:
+class GranularitySets:
     specs: dict[str, SelectSpec]  # budget label ('0.8' of the params, '1.3x' prefill speed-up) -> its settings
     chosen: dict[tuple[str, str, str], Removal]  # (budget, granularity, rule) -> the set it removes
     costs: dict[tuple[str, str, str], str]  # what choosing it cost, in calibration evaluations (or passes)
@@ -68,7 +68,7 @@ def budget_specs(select: SelectSpec) -> dict[str, SelectSpec]:
     return {b: replace(select, target_params=b) for b in budgets}
 
 
-def plan_granularity(config: RunConfig, calib: "Calibration") -> GranularityPlan:
+def granularity_sets(config: RunConfig, calib: "Calibration") -> GranularitySets:
     specs = budget_specs(config.select)
     chosen, costs = {}, {}
     for b, spec in specs.items():
@@ -77,10 +77,10 @@ def plan_granularity(config: RunConfig, calib: "Calibration") -> GranularityPlan
             budget = Budget(at, replace(spec, unit=g))
             for rule, (removal, cost) in _choices(at, budget, spec).items():
                 chosen[(b, g, rule)], costs[(b, g, rule)] = removal, cost
-    return GranularityPlan(specs, chosen, costs)
+    return GranularitySets(specs, chosen, costs)
 
 
-def granularity_report(plan: GranularityPlan, rows: list[dict]) -> str:
+def granularity_report(plan: GranularitySets, rows: list[dict]) -> str:
     by_key = {removal_key(row_removal(r)): r for r in rows}
     base = by_key[removal_key(())]
     row = lambda s: by_key[removal_key(s)]
@@ -113,6 +113,6 @@ def granularity_report(plan: GranularityPlan, rows: list[dict]) -> str:
 
 
 def compare_granularity(config: RunConfig, calib: "Calibration") -> Choice:
-    plan = plan_granularity(config, calib)
+    plan = granularity_sets(config, calib)
     extras = {s: {"metric": plan.roles(s), "target": target_label(config.select)} for s in plan.removals()}
     return Choice(plan.removals(), extras, lambda rows: granularity_report(plan, rows), sweep_table=False)

@@ -155,7 +155,7 @@ def scored_tokens(ids: torch.Tensor, windows: WindowSpec) -> int:
     return sum(w.scored for w in spec_windows(windows, len(ids)))
 
 
-def plan(config: RunConfig, loaded: Loaded, procs: Processes) -> tuple[list[Removal], Choice | None]:
+def configurations(config: RunConfig, loaded: Loaded, procs: Processes) -> tuple[list[Removal], Choice | None]:
     """The configurations to evaluate (baseline excluded), and a choosing mode's Choice.
 
     A choosing mode chooses on the main process only, and the others receive
@@ -272,7 +272,7 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
     if loaded.settings.tasks:  # lm-eval's task versions, shots and examples, filled in as configurations are scored
         record.info["tasks"] = loaded.settings.tasks.info
     record.save()  # before the first forward pass: a crashed run's CSV has its sidecar
-    removals, choice = plan(config, loaded, procs)
+    removals, choice = configurations(config, loaded, procs)
     shard = config.output.shard
     if shard:
         record.info["plan_size"] = len(removals)

@@ -217,7 +217,7 @@ OPTIONS: tuple[Option, ...] = (
            "as the unpruned model's (1.3); compare: whole blocks against sublayers at that speed-up", WHICH,
            type=speedup, modes=CALIBRATING, metavar="X"),
 
-    Option("--metric", "select.metric", "the scoring rule: "
+    Option("--metric", "select.rule", "the scoring rule: "
            + ", ".join(f"{name} ({rule.title})" for name, rule in RULES.items()), CALIB, choices=tuple(RULES),
            modes=("importance",)),
     Option("--beam-width", "select.beam_width", "sets kept per search step", CALIB, type=positive_int,

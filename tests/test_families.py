@@ -24,7 +24,7 @@ from models.families import get_blocks, num_blocks
 from models.removal import removed_blocks
 from config import RunConfig
 from pruning.calibration import Calibration
-from pruning.compare import plan_compare
+from pruning.compare import compare_sets
 from pruning.search import beam, greedy
 from tiny import make_model, make_text, make_tokenizer
 
@@ -249,4 +249,4 @@ def test_searches_and_compare_choose_the_same_through_the_engine_and_one_model_a
     assert beam(engine.perplexities, N_LAYER, 2, 2, False) == beam(alone.perplexities, N_LAYER, 2, 2, False)
     # compare: every rule's pick for k = 1..3, greedy and beam included, and the ppl rule's scores
     config = RunConfig(mode="compare")
-    assert plan_compare(config, engine).chosen == plan_compare(config, alone).chosen
+    assert compare_sets(config, engine).chosen == compare_sets(config, alone).chosen

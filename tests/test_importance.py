@@ -22,7 +22,7 @@ from models.removal import removed_blocks
 from pruning.compare import spearman
 from config import DataSpec, RunConfig, SelectSpec
 from pruning.calibration import Calibration, calibration_ids, one_pass_scores
-from pruning.granularity import plan_granularity
+from pruning.granularity import granularity_sets
 from pruning.rules import RULES
 from pruning.search import beam, greedy
 from tiny import make_model, save_model_dir, train_briefly
@@ -224,6 +224,6 @@ def test_calibration_scores_a_step_in_one_pass_with_the_numbers_of_each_pruned_m
 def test_compare_at_several_budgets_takes_one_calibration_pass_for_both_granularities(trained, ids):
     calib = Calibration(trained, lambda: ids[1000:2000], max_length=128, stride=64, progress=False)
     config = RunConfig(mode="compare", select=SelectSpec(target_params="0.95,0.9"))
-    plan = plan_granularity(config, calib)
+    plan = granularity_sets(config, calib)
     assert calib.cache.passes == 1  # bi and angular, at two budgets and both granularities
     assert {g for (_, g, _) in plan.chosen} == {"block", "sublayer"}

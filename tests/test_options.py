@@ -31,7 +31,7 @@ def test_every_option_reaches_its_field():
     argv = ["--mode", "importance", "--model", "m", "--num-remove", "3", "--metric", "angular", "--no-speed",
             "--seed", "7", "--protocol", "disjoint"]
     config = to_config(build_parser().parse_args(argv), argv)
-    assert (config.data.model, config.select.num_remove, config.select.metric) == ("m", 3, "angular")
+    assert (config.data.model, config.select.num_remove, config.select.rule) == ("m", 3, "angular")
     assert config.speed.enabled is False and config.seed == config.heal.seed == 7
     assert config.windows.protocol == "disjoint"
 

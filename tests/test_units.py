@@ -374,10 +374,10 @@ def test_compare_up_to_one_unit_left_plans_only_sets_that_keep_an_attention(trai
     """At k = 7 of 8 sublayers, a rule's pick, the random draw or the last 7 units may leave an MLP alone:
     such a pick is left out of that k, not evaluated (the model would have no attention)."""
     from config import RunConfig, SelectSpec
-    from pruning.compare import plan_compare
+    from pruning.compare import compare_sets
 
     calib = Calibration(trained, lambda: ids[:600], 64, 32, progress=False, unit="sublayer")
-    plan = plan_compare(RunConfig(mode="compare", select=SelectSpec(unit="sublayer", max_configs=8)), calib)
+    plan = compare_sets(RunConfig(mode="compare", select=SelectSpec(unit="sublayer", max_configs=8)), calib)
     assert sorted(plan.chosen) == list(range(1, 8)) and sorted(plan.exhaustive) == [1, 7]
     for k, by_rule in plan.chosen.items():
         assert {"greedy", "beam"} <= set(by_rule)
