@@ -131,12 +131,12 @@ def test_protocol_reaches_the_results_file_sidecar_and_model_card(model_dir, tex
     (["--protocol", "disjoint", "--stride", "8"], "--stride is only used by --protocol sliding"),
     (["--protocol", "lm-eval", "--bos"], "--bos does not apply to --protocol lm-eval"),
 ])
-def test_options_a_convention_does_not_read_are_refused(args, message, capsys):
+def test_options_a_protocol_does_not_read_are_refused(args, message, capsys):
     with pytest.raises(SystemExit) as stop:
         main.main(["--mode", "baseline", *args])
     assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_every_convention_has_help_for_the_command_line():
+def test_every_protocol_has_help_and_a_card_sentence():
     assert list(PROTOCOLS) == ["sliding", "disjoint", "lm-eval"]
-    assert all(c.help for c in PROTOCOLS.values())
+    assert all(c.help and c.sentence for c in PROTOCOLS.values())
