@@ -77,23 +77,24 @@ def task_names(text: str) -> tuple[str, ...]:
     return names
 
 
+def _number(text: str, example: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise KitError(f"expected a number such as {example}, got '{text}'") from None
+
+
 @_typed
 def ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is None or not 0.0 < value < 1.0:
+    value = _number(text, "0.25")
+    if not 0.0 < value < 1.0:
         raise KitError(f"--ratio must be strictly between 0 and 1, got {text}")
     return value
 
 
 @_typed
 def speedup(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise KitError(f"expected a number such as 1.3, got '{text}'") from None
+    value = _number(text, "1.3")
     if not value > 1:
         raise KitError(f"--target-speedup must be above 1 (1.3 = 30% faster), got {value}")
     return value
