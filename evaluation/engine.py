@@ -47,7 +47,8 @@ from utils.log import progress_bar
 
 from evaluation.perplexity import PerplexityResult, batch_inputs, scored_nll, to_perplexity
 from evaluation.windows import DEFAULT_PROTOCOL, Window, make_windows, window_batches
-from models.families import block_output, family_of, final_modules, get_blocks, module_at, record_block_calls
+from models.families import (block_output, family_of, final_modules, get_blocks, lm_head, module_at,
+                             record_block_calls)
 from models.removal import check_units, skipped_sublayer
 from models.units import FULL, kept_nodes
 
@@ -149,7 +150,7 @@ class _BatchRunner:
         self.model = model
         self.blocks = get_blocks(model)
         self.final = final_modules(model)
-        self.head = model.get_output_embeddings()
+        self.head = lm_head(model)
         self.device = next(model.parameters()).device
         self.calls: list = []
 

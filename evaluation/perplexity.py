@@ -23,6 +23,7 @@ from utils.log import progress_bar
 
 from evaluation.windows import (DEFAULT_PROTOCOL, Window, make_windows, sliding_windows,  # noqa: F401 (re-exported)
                                 window_batches)
+from models.families import SoftCappedHead, lm_head, soft_cap
 
 # Rows of hidden states sent through the LM head at once.
 LOGIT_ROWS = 1024
@@ -85,10 +86,16 @@ def token_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     vocabulary slice at a time.
 
     The log-sum-exp over the vocabulary is the log-sum-exp of the slices'
-    log-sum-exps, so slicing changes nothing but rounding. A head that is not
-    a plain linear layer is applied whole.
+    log-sum-exps, so slicing changes nothing but rounding; a soft cap
+    (models.families.SoftCappedHead) acts on each logit alone, so it is applied
+    slice by slice. A head that is not a plain linear layer is applied whole.
     """
+    cap = None
+    if isinstance(head, SoftCappedHead):
+        head, cap = head.linear, head.cap
     if not isinstance(head, nn.Linear):
+        if cap is not None:
+            return F.cross_entropy(_upcast(soft_cap(head(hidden), cap)), targets, reduction="none")
         return F.cross_entropy(_upcast(head(hidden)), targets, reduction="none")
     if vocab_slice is None:
         vocab_slice = VOCAB_SLICE if hidden.device.type == "cpu" else head.out_features
@@ -97,7 +104,8 @@ def token_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     for first in range(0, head.out_features, vocab_slice):
         last = first + vocab_slice
         bias = head.bias[first:last] if head.bias is not None else None
-        logits = _upcast(F.linear(hidden, head.weight[first:last], bias))
+        logits = F.linear(hidden, head.weight[first:last], bias)
+        logits = _upcast(soft_cap(logits, cap) if cap is not None else logits)
         sums.append(torch.logsumexp(logits, dim=1))
         inside = (targets >= first) & (targets < last)
         column = (targets - first).clamp(0, logits.shape[1] - 1).unsqueeze(1)
@@ -119,8 +127,8 @@ def to_perplexity(nll_sum: float, tokens: int) -> float:
 
 
 def lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The base model (ids -> final hidden states) and the LM head."""
-    return model.base_model, model.get_output_embeddings()
+    """The base model (ids -> final hidden states) and the LM head (soft-capped where the family caps it)."""
+    return model.base_model, lm_head(model)
 
 
 @torch.no_grad()

@@ -11,6 +11,17 @@ KV cache is indexed by it), the modules between the last block and the LM
 head, whether a block returns a tuple, and any config fields that are repaired
 by hand when blocks go or that make removal impossible.
 
+A block's own attention kind (full or sliding window) is fixed in its
+attention module when the model is built, so it moves with the block; the
+model's forward picks each block's mask (and Gemma 3 its local or global
+rotary embedding) from config.layer_types by position, which removal slices
+to the kept blocks. Gemma normalizes each sublayer's output before adding it
+to the residual stream (post_attention_layernorm, post_feedforward_layernorm):
+a stub's zeros stay zeros through those RMS norms, so a skipped sublayer still
+adds exactly nothing, and the stream after the attention is the output of that
+norm (``Family.attention_added``). Gemma 2 soft-caps its logits after the LM
+head (``lm_head``).
+
 How a block is called is not written here by hand: the engine runs the
 model's own forward once per window batch with recorders in place of the
 blocks (models.families.record_block_calls), so each block is later called
@@ -52,6 +63,13 @@ class Family:
     mlp: tuple[str, ...] = ("mlp",)
     attention_out: str = "self_attn.o_proj"
     mlp_out: str = "mlp.down_proj"
+    attention_norm: str | None = None  # a norm of the attention's output before the residual add (Gemma)
+    logit_cap: str | None = None  # config field of a soft cap on the logits, cap * tanh(logits / cap) (Gemma 2)
+
+    @property
+    def attention_added(self) -> str:
+        """The module whose output the block adds to the residual stream for its attention."""
+        return self.attention_norm or self.attention
 
 
 def _gpt2_refuse(config) -> str | None:
@@ -85,6 +103,17 @@ def _qwen2_rewrite(config, keep: Sequence[int], state: dict) -> None:
         config.max_window_layers = sum(1 for i in keep if i < state["max_window_layers"])
 
 
+def _gemma3_rewrite(config, keep: Sequence[int], state: dict) -> None:
+    # Gemma 3 configs may still carry the old period of full-attention blocks; the sliced layer_types
+    # are what the model reads, and a period that no longer gives them is cleared so no tool derives
+    # the kinds from it.
+    for name in ("sliding_window_pattern", "_sliding_window_pattern"):
+        period = state.get(name)
+        if isinstance(period, int) and config.layer_types != [
+                "sliding_attention" if (i + 1) % period else "full_attention" for i in range(len(keep))]:
+            setattr(config, name, None)
+
+
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("gpt2", "transformer.h", ("transformer.ln_f",), transposed_linears=True, refuse=_gpt2_refuse,
            attention="attn", attention_out="attn.c_proj", mlp_out="mlp.c_proj"),
@@ -100,6 +129,14 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("mistral", "model.layers", ("model.norm",), per_layer_fields=("layer_types",)),
     Family("qwen2", "model.layers", ("model.norm",), per_layer_fields=("layer_types",), rewrite=_qwen2_rewrite,
            saved=("max_window_layers",)),
+    Family("qwen3", "model.layers", ("model.norm",), per_layer_fields=("layer_types",), rewrite=_qwen2_rewrite,
+           saved=("max_window_layers",)),
+    Family("phi3", "model.layers", ("model.norm",)),
+    Family("gemma2", "model.layers", ("model.norm",), per_layer_fields=("layer_types",),
+           attention_norm="post_attention_layernorm", logit_cap="final_logit_softcapping"),
+    Family("gemma3_text", "model.layers", ("model.norm",), per_layer_fields=("layer_types",),
+           rewrite=_gemma3_rewrite, saved=("sliding_window_pattern", "_sliding_window_pattern"),
+           attention_norm="post_attention_layernorm", logit_cap="final_logit_softcapping"),
 )}
 
 
@@ -148,6 +185,30 @@ def num_blocks(model: nn.Module) -> int:
 def final_modules(model: nn.Module) -> list[nn.Module]:
     """What turns the last block's output into the LM head's input (final norm, OPT's project_out)."""
     return [m for m in (module_at(model, p) for p in family_of(model).final) if m is not None]
+
+
+def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap), in the order Gemma's forward computes it."""
+    return torch.tanh(logits / cap) * cap
+
+
+class SoftCappedHead(nn.Module):
+    """The LM head followed by the family's logit soft cap, for code that applies the head itself."""
+
+    def __init__(self, linear: nn.Linear, cap: float):
+        super().__init__()
+        self.linear, self.cap = linear, cap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return soft_cap(self.linear(hidden), self.cap)
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    """What turns final hidden states into the model's logits: its output embeddings, soft-capped where
+    the family caps them (Gemma 2), so a perplexity computed from hidden states is the model's own."""
+    head, field = model.get_output_embeddings(), family_of(model).logit_cap
+    cap = getattr(model.config, field, None) if field else None
+    return SoftCappedHead(head, cap) if cap else head
 
 
 def block_output(model: nn.Module, output: Any) -> torch.Tensor:

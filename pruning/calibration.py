@@ -137,7 +137,7 @@ def _stream_hooks(model: nn.Module, blocks: nn.ModuleList, states: list) -> list
     def leaving(module, args, output):
         states.append(output[0] if isinstance(output, tuple) else output)
 
-    attention = family_of(model).attention
+    attention = family_of(model).attention_added  # Gemma: the norm of the attention's output
     handles = [blocks[0].register_forward_pre_hook(entering, with_kwargs=True)]
     for block in blocks:
         handles.append(module_at(block, attention).register_forward_hook(leaving))

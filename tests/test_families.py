@@ -2,9 +2,12 @@
 built from each family's config class (no download).
 
 Each model mixes attention kinds where its family has them (GPT-Neo local and
-global blocks, Qwen2 full then sliding-window blocks) and uses a window
-shorter than the test sequence, so a config that described the wrong kind for
-a kept block would change the reloaded model's logits.
+global blocks, Qwen2 and Qwen3 full then sliding-window blocks, Gemma 2
+alternating sliding and full, Gemma 3 two sliding then one full) and uses a
+window shorter than the test sequence, so a config that described the wrong
+kind for a kept block would change the reloaded model's logits. The tiny
+Gemma 2 caps its logits low enough (0.3) that a perplexity without the cap
+would differ.
 """
 
 import json
@@ -12,9 +15,11 @@ import json
 import pandas as pd
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, GPTJConfig, GPTJForCausalLM, GPTNeoConfig, GPTNeoForCausalLM,
-                          GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
+                          GPTJConfig, GPTJForCausalLM, GPTNeoConfig, GPTNeoForCausalLM, GPTNeoXConfig,
+                          GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          OPTConfig, OPTForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 import main
 from evaluation.engine import sweep_perplexities
@@ -33,6 +38,19 @@ WINDOW = 6  # sliding/local attention window, shorter than SEQ
 SEQ = 24
 SMALL = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
              bos_token_id=0, eos_token_id=0)
+GEMMA = dict(num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW, pad_token_id=0,
+             **SMALL)
+
+
+def gemma(family: str, vocab: int, n_layer: int = N_LAYER) -> torch.nn.Module:
+    """Gemma 2 (sliding, full, sliding, ...: its default kinds) or Gemma 3 text (the kinds its
+    sliding_window_pattern of 3 derives: two sliding blocks, then one full)."""
+    torch.manual_seed(0)
+    if family == "gemma2":
+        config = Gemma2Config(num_hidden_layers=n_layer, vocab_size=vocab, final_logit_softcapping=0.3, **GEMMA)
+        return Gemma2ForCausalLM(config).eval()
+    config = Gemma3TextConfig(num_hidden_layers=n_layer, vocab_size=vocab, sliding_window_pattern=3, **GEMMA)
+    return Gemma3ForCausalLM(config).eval()
 
 
 def build(family: str, vocab: int) -> torch.nn.Module:
@@ -61,6 +79,16 @@ def build(family: str, vocab: int) -> torch.nn.Module:
         config = Qwen2Config(num_hidden_layers=N_LAYER, num_key_value_heads=1, use_sliding_window=True,
                              sliding_window=WINDOW, max_window_layers=2, vocab_size=vocab, **SMALL)
         return Qwen2ForCausalLM(config).eval()
+    if family == "qwen3":
+        config = Qwen3Config(num_hidden_layers=N_LAYER, num_key_value_heads=1, head_dim=16, use_sliding_window=True,
+                             sliding_window=WINDOW, max_window_layers=2, vocab_size=vocab, **SMALL)
+        return Qwen3ForCausalLM(config).eval()
+    if family == "phi3":
+        config = Phi3Config(num_hidden_layers=N_LAYER, num_key_value_heads=1, sliding_window=WINDOW, pad_token_id=0,
+                            vocab_size=vocab, **SMALL)
+        return Phi3ForCausalLM(config).eval()
+    if family in ("gemma2", "gemma3_text"):
+        return gemma(family, vocab)
     raise ValueError(family)
 
 
@@ -84,7 +112,8 @@ def ids(tokenizer, text) -> torch.Tensor:
 
 
 def test_every_listed_family_is_tested():
-    assert FAMILIES == ["gpt2", "gpt_neo", "gpt_neox", "llama", "mistral", "opt", "qwen2"]
+    assert FAMILIES == ["gemma2", "gemma3_text", "gpt2", "gpt_neo", "gpt_neox", "llama", "mistral", "opt", "phi3",
+                        "qwen2", "qwen3"]
 
 
 @torch.no_grad()

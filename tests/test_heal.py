@@ -180,7 +180,7 @@ def test_training_text_defaults_to_the_train_split_of_a_hub_dataset(monkeypatch)
     assert asked == [("wikitext-2-raw-v1", "train"), ("my/corpus", "train")]
 
 
-@pytest.mark.parametrize("family", ["gpt_neo", "gpt_neox", "llama", "opt", "qwen2"])
+@pytest.mark.parametrize("family", ["gpt_neo", "gpt_neox", "llama", "opt", "qwen2", "gemma2", "phi3"])
 def test_lora_healing_merges_into_a_plain_model_of_every_family(family, corpus):
     from test_families import build  # the tiny model of each family the kit prunes
 
