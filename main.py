@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{m.name}: {m.help}" for m in MODES.values()))
 
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="distilgpt2", help="Hub id or local directory (default: distilgpt2)")
+    g.add_argument("--model", default="distilgpt2", help="Hub id, local directory or .gguf file (default: distilgpt2)")
+    g.add_argument("--gguf-file", metavar="NAME", help="the .gguf file in the --model folder or Hub repo to load, "
+                   "dequantized to --dtype")
     g.add_argument("--dataset", default="wikitext-2-raw-v1",
                    help="Hub dataset (wikitext-2-raw-v1, or ID[:CONFIG]) or a local .txt/.json/.jsonl/.csv/.parquet file")
     g.add_argument("--split", default="test", help="Hub dataset split (default: test)")
@@ -99,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-cache", action="store_true", help="tokenize the dataset afresh and cache nothing")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow a model directory's own code (auto_map) to run; without it such a model is refused")
+    g.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                   help="spread one model over GPUs, CPU memory and disk (accelerate); replaces --device")
+    g.add_argument("--max-memory", metavar="DEV=SIZE,...", help="--device-map's limit per device, e.g. 0=20GiB,cpu=60GiB")
+    g.add_argument("--offload-dir", metavar="DIR", help="folder for the weights --device-map puts on disk")
 
     g = p.add_argument_group("perplexity")
     g.add_argument("--max-length", type=positive_int, help="window length (default: the model's context size)")
@@ -173,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", metavar="FILE", help="continue a results CSV, skipping configurations it holds")
     g.add_argument("--save-model", metavar="DIR", help=f"{saving}: write the pruned "
                    "(and healed) model, tokenizer and a model card to DIR")
+    g.add_argument("--save-gguf", metavar="FILE", help=f"{saving}: write the pruned model as a GGUF file, kept "
+                   "tensors byte for byte (a GGUF source, whole blocks only)")
     g.add_argument("--plot", action="store_true",
                    help="also write PNG figures beside the CSV (implies --save_results)")
     g.add_argument("--input", metavar="CSV", help=f"--mode {used_by('input')}: the results CSV to report on")
@@ -247,9 +255,11 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                      "(BOS, or end-of-text where the tokenizer has none)")
     if args.max_remove is not None and "min_remove" in mode.options and args.max_remove < args.min_remove:
         parser.error(f"--max-remove ({args.max_remove}) is smaller than --min-remove ({args.min_remove})")
-    if args.shard and (args.save_model or args.heal_steps):
-        parser.error("--save-model and --heal-steps need the whole run's result; a --shard job evaluates only "
-                     "its share (save or heal in an unsharded run)")
+    if (args.max_memory or args.offload_dir) and not args.device_map:
+        parser.error("--max-memory and --offload-dir need --device-map auto")
+    if args.shard and (args.save_model or args.save_gguf or args.heal_steps):
+        parser.error("--save-model, --save-gguf and --heal-steps need the whole run's result; a --shard job "
+                     "evaluates only its share (save or heal in an unsharded run)")
     if args.shard and mode.calibrates:
         parser.error(f"--shard splits a planned sweep; --mode {args.mode} chooses its blocks on calibration tokens "
                      "and needs every row (run it in one job, or with accelerate launch)")
@@ -270,7 +280,8 @@ def to_config(args: argparse.Namespace, command_line: list[str]) -> RunConfig:
     return RunConfig(
         mode=args.mode,
         data=DataSpec(args.model, args.dataset, args.split, args.text_column, args.max_tokens, args.cache_dir,
-                      args.no_cache, args.trust_remote_code),
+                      args.no_cache, args.trust_remote_code, args.gguf_file, args.device_map, args.max_memory,
+                      args.offload_dir),
         windows=WindowSpec(args.max_length, args.stride, args.batch_size, args.protocol, args.bos),
         select=SelectSpec(tuple(args.remove) if args.remove is not None else None, args.min_remove,
                           args.max_remove, args.ratio, args.num_remove, args.metric or "bi", args.beam_width or 4,
@@ -280,7 +291,8 @@ def to_config(args: argparse.Namespace, command_line: list[str]) -> RunConfig:
         heal=HealSpec(args.heal_steps, args.heal_mode, args.heal_lr, args.heal_batch_size, args.heal_seq_len,
                       args.lora_rank, args.heal_kd, args.train_dataset, args.seed),
         output=OutputSpec(args.save_results, args.output_dir, args.resume, args.save_model, args.plot, args.quiet,
-                          args.input, tuple(args.inputs or ()), args.shard, bool(args.allow_partial)),
+                          args.input, tuple(args.inputs or ()), args.shard, bool(args.allow_partial),
+                          args.save_gguf),
         tasks=TaskSpec(args.tasks or (), args.num_fewshot, args.limit, args.tasks_batch_size, args.include_path),
         device=args.device, dtype=args.dtype, seed=args.seed, command_line=tuple(command_line),
     )

@@ -48,6 +48,7 @@ from utils.log import progress_bar
 from evaluation.perplexity import PerplexityResult, batch_inputs, scored_nll, to_perplexity
 from evaluation.windows import DEFAULT_PROTOCOL, Window, make_windows, window_batches
 from models.families import block_output, family_of, final_modules, get_blocks, module_at, record_block_calls
+from models.placement import input_device
 from models.removal import check_units, skipped_sublayer
 from models.units import FULL, kept_nodes
 
@@ -150,7 +151,7 @@ class _BatchRunner:
         self.blocks = get_blocks(model)
         self.final = final_modules(model)
         self.head = model.get_output_embeddings()
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.calls: list = []
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
