@@ -61,7 +61,7 @@ def gguf_source(name: str, gguf_file: str | None, local: bool) -> GgufSource | N
         if not os.path.isfile(file):
             raise KitError(f"--gguf-file '{gguf_file}' is not a file in '{name}'")
         return GgufSource(path, gguf_file, file)
-    if path.endswith(".gguf") and local:
+    if path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise KitError(f"GGUF file '{name}' does not exist")
         return GgufSource(os.path.dirname(os.path.abspath(path)), os.path.basename(path), path)

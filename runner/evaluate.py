@@ -119,6 +119,8 @@ def load(config: RunConfig, procs: Processes) -> Loaded:
     if placement.device_map and procs.count > 1:
         raise KitError("--device-map spreads one model over the devices; accelerate launch runs a whole model per "
                        "process: use one or the other")
+    if placement.device_map and config.heal.steps:
+        raise KitError("--heal-steps trains a copy of the model on one device; it does not work with --device-map")
     model, tokenizer = load_model(data.model, device, config.dtype, data.trust_remote_code, data.gguf_file,
                                   placement)
     device = input_device(model)

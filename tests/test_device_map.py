@@ -38,7 +38,7 @@ def test_blocks_on_disk_give_bit_equal_sweep_perplexities(offloaded, model_dir, 
     assert offloaded.transformer.h[1].attn.c_attn.weight.device.type == "meta"
     in_memory, _ = load_model(str(model_dir), torch.device("cpu"), "float32")
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0][:500]
-    removals = [(), (0,), (1,), (2,), (3,), (0, 3)]
+    removals = [(), (0,), (1,), (2,), (3,), (0, 3), ("attn1",), (0, "mlp2")]
     expected, _ = sweep_perplexities(in_memory, ids, removals, 64, 32, progress=False)
     got, _ = sweep_perplexities(offloaded, ids, removals, 64, 32, progress=False)
     assert [r.nll_sum for r in got] == [r.nll_sum for r in expected]
