@@ -29,8 +29,8 @@ from export.card import build_report, model_card
 from export.gguf import export_gguf
 from export.heal import HealResult, describe, heal
 from models.loading import dtype_name
-from models.placement import input_device
 from models.gguf_source import source_of
+from models.placement import input_device
 from models.removal import removed_blocks, zeroed_copy
 from models.units import is_whole_blocks, row_removal
 from reporting.schema import change_pct

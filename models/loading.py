@@ -58,11 +58,13 @@ def load_model(name: str, device: torch.device, dtype: str = "auto", trust_remot
     if local and source is None and not os.path.isdir(path):
         raise KitError(f"model directory '{name}' does not exist")
     folder = source.folder if source else path
+    if source and placement.device_map and placement.offload_dir:
+        raise KitError("transformers cannot offload a GGUF model to disk; drop --offload-dir (GPU and CPU "
+                       "placement with --device-map and --max-memory work)")
     if local and not trust_remote_code:
         refuse_own_code(folder)
     torch_dtype: Any = DTYPES[dtype] if dtype != "auto" else (torch.float32 if device.type == "cpu" else "auto")
     where = "" if local else f"; {OFFLINE_HINT}"
-    extra = gguf_kwargs(source.file if source else None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code,
                                                   **({"gguf_file": source.file} if source else {}))
@@ -72,12 +74,10 @@ def load_model(name: str, device: torch.device, dtype: str = "auto", trust_remot
     if not isinstance(tokenizer, PreTrainedTokenizerBase) or not tokenizer("The river", verbose=False)["input_ids"]:
         raise KitError(f"'{name}' has no usable tokenizer (tokenizer.json, or vocab.json and merges.txt); "
                        "save the tokenizer beside the model with tokenizer.save_pretrained")
-    if source and placement.device_map and placement.offload_dir:
-        raise KitError("transformers cannot offload a GGUF model to disk; drop --offload-dir (GPU and CPU "
-                       "placement with --device-map and --max-memory work)")
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                     **extra, **placement.load_kwargs())
+                                                     **gguf_kwargs(source.file if source else None),
+                                                     **placement.load_kwargs())
     except Exception as exc:  # truncated weights (SafetensorError), unknown architectures, failed downloads
         raise KitError(f"cannot load model '{name}': {first_line(exc)}{where}") from None
     if placement.device_map is None:
@@ -96,8 +96,8 @@ def gguf_kwargs(file: str | None) -> dict:
 
     With dequantize=True the GGUF quantizer leaves no quantization state on
     the model (no hf_quantizer, no quantization_config), so save_pretrained
-    writes an ordinary checkpoint; without it transformers may keep packed
-    weights and refuses to save.
+    writes an ordinary checkpoint; without it the quantizer stays attached,
+    even where every weight came out dense, and save_pretrained refuses.
     """
     if file is None:
         return {}
