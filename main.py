@@ -258,8 +258,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if (args.max_memory or args.offload_dir) and not args.device_map:
         parser.error("--max-memory and --offload-dir need --device-map auto")
     if args.shard and (args.save_model or args.save_gguf or args.heal_steps):
-        parser.error("--save-model, --save-gguf and --heal-steps need the whole run's result; a --shard job "
-                     "evaluates only its share (save or heal in an unsharded run)")
+        parser.error("--save-model and --heal-steps need the whole run's result; a --shard job evaluates only "
+                     "its share (save or heal in an unsharded run)")
     if args.shard and mode.calibrates:
         parser.error(f"--shard splits a planned sweep; --mode {args.mode} chooses its blocks on calibration tokens "
                      "and needs every row (run it in one job, or with accelerate launch)")
