@@ -60,6 +60,10 @@ class DataSpec:
     cache_dir: str | None = None
     no_cache: bool = False
     trust_remote_code: bool = False  # run code shipped with the model (auto_map); never by default
+    gguf_file: str | None = None  # --gguf-file: the .gguf inside a --model folder or Hub repo
+    device_map: str | None = None  # --device-map: accelerate places the model over devices (None: --device)
+    max_memory: str | None = None  # --max-memory "0=20GiB,cpu=60GiB"
+    offload_dir: str | None = None  # --offload-dir: where --device-map puts weights mapped to disk
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,7 @@ class OutputSpec:
     inputs: tuple[str, ...] = ()
     shard: Shard | None = None
     allow_partial: bool = False  # merge: accept missing shards
+    save_gguf: str | None = None  # --save-gguf: the pruned GGUF file (whole blocks of a GGUF source)
 
     @property
     def writes_csv(self) -> bool:

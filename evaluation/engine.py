@@ -49,6 +49,7 @@ from evaluation.perplexity import PerplexityResult, batch_inputs, scored_nll, to
 from evaluation.windows import DEFAULT_PROTOCOL, Window, make_windows, window_batches
 from models.families import (block_output, family_of, final_modules, get_blocks, lm_head, module_at,
                              record_block_calls)
+from models.placement import input_device
 from models.removal import check_units, skipped_sublayer
 from models.units import FULL, kept_nodes
 
@@ -151,7 +152,7 @@ class _BatchRunner:
         self.blocks = get_blocks(model)
         self.final = final_modules(model)
         self.head = lm_head(model)
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.calls: list = []
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:

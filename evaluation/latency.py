@@ -40,6 +40,7 @@ from typing import Callable, ContextManager, Sequence
 import torch
 from torch import nn
 
+from models.placement import input_device
 from models.removal import context_size, removed_units
 
 log = logging.getLogger("gpt2-pruning-kit")
@@ -120,7 +121,7 @@ def _iqr(values: list[float]) -> float:
 
 def _runs(model: nn.Module, prompt_ids: torch.Tensor, gen_tokens: int) -> tuple[Callable[[], None], Callable[[], None]]:
     """The two timed calls on ``model`` as it is when called: generation, and one prefill forward."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     inputs = prompt_ids.view(1, -1).to(device)
     mask = torch.ones_like(inputs)
     pad = model.config.eos_token_id if model.config.eos_token_id is not None else 0
@@ -149,7 +150,7 @@ def _latency(gen_times: Sequence[float], prefill_times: Sequence[float], gen_tok
 def measure_latency(model: nn.Module, prompt_ids: torch.Tensor, gen_tokens: int, runs: int = 10,
                     warmup: int = 2) -> Latency:
     """Time greedy generation of exactly ``gen_tokens`` tokens after ``prompt_ids`` (1-D)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     generate, prefill = _runs(model, prompt_ids, gen_tokens)
     return _latency(_timed(generate, device, runs, warmup), _timed(prefill, device, runs, warmup), gen_tokens)
 
@@ -164,7 +165,7 @@ def estimated_speed_seconds(model: nn.Module, prompt_ids: torch.Tensor, gen_toke
     shared with other jobs at the time.
     """
     generate, prefill = _runs(model, prompt_ids, gen_tokens)
-    device = next(model.parameters()).device
+    device = input_device(model)
     _sync(device)
     start = time.perf_counter()
     generate()
@@ -203,7 +204,7 @@ def measure_against_baseline(model: nn.Module, removed: Sequence[int], prompt_id
 
     Twice the runs of measure_latency: ``runs`` (and ``warmup``) of each model.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     generate, prefill = _runs(model, prompt_ids, gen_tokens)
     states = (nullcontext, lambda: removed_units(model, removed))
     base_gen, config_gen = _timed_pairs(generate, states, device, runs, warmup)

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from models.placement import input_device
+
 
 def count_parameters(model: nn.Module) -> int:
     """Distinct parameters; tied weights (GPT-2's wte and lm_head) count once.
@@ -22,7 +24,7 @@ def kv_cache_bytes_per_token(model: nn.Module) -> int:
     base model runs without the LM head, whose weights (GPT-2's 154 MB) made
     this 35 ms per configuration, 6% of a 57-configuration sweep's time.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)
     with torch.no_grad():
         cache = model.base_model(input_ids=ids, use_cache=True).past_key_values

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
+from models.placement import input_device, weights_at_hand
 from utils.log import progress_bar
 
 from evaluation.windows import (DEFAULT_PROTOCOL, Window, make_windows, sliding_windows,  # noqa: F401 (re-exported)
@@ -70,13 +71,14 @@ def scored_nll(head: nn.Module, hidden: torch.Tensor, rows: torch.Tensor, positi
     ``hidden`` is (B, T, D) after the final layer norm; ``head`` maps it to
     logits. Cross-entropy runs in float32 even for half-precision models.
     """
-    device = hidden.device
-    picked = hidden[rows.to(device), positions.to(device)]
-    targets = targets.to(device)
     total = 0.0
-    for start in range(0, picked.shape[0], LOGIT_ROWS):
-        nll = token_nll(head, picked[start : start + LOGIT_ROWS], targets[start : start + LOGIT_ROWS])
-        total += nll.double().sum().item()
+    with weights_at_hand(head) as device:  # under --device-map the head's weight may be offloaded
+        hidden = hidden.to(device)
+        picked = hidden[rows.to(device), positions.to(device)]
+        targets = targets.to(device)
+        for start in range(0, picked.shape[0], LOGIT_ROWS):
+            nll = token_nll(head, picked[start : start + LOGIT_ROWS], targets[start : start + LOGIT_ROWS])
+            total += nll.double().sum().item()
     return total
 
 
@@ -138,7 +140,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, max_length: int, stride: int
     """Perplexity of ``model`` on the token stream ``ids`` (1-D, on CPU), in the windows of
     ``protocol`` (evaluation.windows.make_windows)."""
     base, head = lm_parts(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     windows = make_windows(len(ids), max_length, stride, protocol, prefix_token)
     nll_sum, tokens = 0.0, 0
     bar = progress_bar(total=len(windows), desc=desc, unit="win", leave=False, disable=not progress)

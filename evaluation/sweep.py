@@ -41,6 +41,7 @@ from evaluation.params import count_parameters, kv_cache_bytes_per_token
 from evaluation.perplexity import PerplexityResult, batch_inputs, perplexity, window_batches
 from evaluation.windows import spec_windows
 from models.families import num_blocks
+from models.placement import input_device
 from models.removal import check_units, removed_units
 from models.units import kept_nodes, unit_names
 
@@ -127,7 +128,7 @@ def estimated_seconds(model: nn.Module, ids: torch.Tensor, removals: Sequence[Se
     """
     w, n = windows, num_blocks(model)
     all_windows = spec_windows(w, len(ids))
-    inputs = batch_inputs(ids, next(window_batches(all_windows, w.batch_size)))[0].to(next(model.parameters()).device)
+    inputs = batch_inputs(ids, next(window_batches(all_windows, w.batch_size)))[0].to(input_device(model))
     model(input_ids=inputs[:1, :16], use_cache=False)  # first-call set-up is not the model's speed
     start = time.perf_counter()
     model(input_ids=inputs, use_cache=False)

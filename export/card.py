@@ -17,6 +17,7 @@ from huggingface_hub import ModelCardData
 from config import DataSpec, RunConfig, WindowSpec
 from evaluation.latency import PREFILL_TOKENS
 from evaluation.windows import DEFAULT_PROTOCOL, PROTOCOLS
+from models.gguf_source import GgufSource
 from models.loading import looks_local
 from models.units import kept_blocks, removed_whole, row_removal, unit_names
 from reporting.schema import change_pct, row_task_scores, speed_within_noise
@@ -44,8 +45,10 @@ def reproduce_command(data: DataSpec, path: str, windows: WindowSpec, dtype: str
 
 
 def build_report(config: RunConfig, rows: Sequence[dict], windows: WindowSpec, healing: dict | None,
-                 checkpoint_ppl: float, dtype: str, device: str, model_type: str) -> dict:
-    """Everything the model card states, as data; ``windows`` are the run's resolved windows."""
+                 checkpoint_ppl: float, dtype: str, device: str, model_type: str,
+                 gguf: GgufSource | None = None) -> dict:
+    """Everything the model card states, as data; ``windows`` are the run's resolved windows and ``gguf``
+    the GGUF file the model was loaded from (None: an ordinary checkpoint)."""
     original, pruned = rows[0], rows[-1]
     # lm-eval scores of the original and pruned model ({} without --tasks); the healed one's are in healing["tasks"]
     tasks = {"original": row_task_scores(original), "pruned": row_task_scores(pruned)}
@@ -56,6 +59,7 @@ def build_report(config: RunConfig, rows: Sequence[dict], windows: WindowSpec, h
     data, speed = config.data, config.speed
     return {
         "source_model": data.model,
+        "source_gguf": {**gguf.as_dict(), "dequantized_to": dtype, "note": gguf.describe(dtype)} if gguf else None,
         "model_type": model_type,
         "mode": config.mode,
         "removed_blocks": removed,
@@ -153,6 +157,21 @@ def _zeroed_note(report: dict) -> list[str]:
             + (" Healing kept these projections frozen at zero." if report.get("healing") else ""), ""]
 
 
+def _gguf_note(report: dict) -> list[str]:
+    """What a card says about a GGUF source: how it stored its weights, and that this checkpoint holds them
+    dequantized."""
+    gguf = report.get("source_gguf")
+    if not gguf:
+        return []
+    kind = f", file type {gguf['file_type']}" if gguf.get("file_type") else ""
+    stored = (f"stores quantized weights ({', '.join(gguf['quantized_types'])}{kind})" if gguf["quantized_types"]
+              else f"stores {', '.join(gguf['tensor_types'])} weights{kind}")
+    return ["## Source: a GGUF file", "",
+            f"`{gguf['file']}` {stored}. transformers' GGUF support loaded it with every tensor dequantized to "
+            f"{gguf['dequantized_to']}, and this checkpoint stores those values: the perplexities below are of the "
+            "dequantized weights and carry the quantization's error.", ""]
+
+
 def _what_was_removed(report: dict, name: str) -> list[str]:
     """The card's title and first paragraph: the blocks removed, or only sublayers (all blocks kept)."""
     o, p, blocks = report["original"], report["pruned"], report["removed_blocks"]
@@ -202,7 +221,7 @@ def model_card(report: dict) -> str:
                   "noise: the runs cannot tell the two models apart. The original's own latency above comes from "
                   "runs of its own, at another moment. No interval was measured for prefill, so its change is "
                   "left out.")
-    lines = [*front, "", *_what_was_removed(report, name),
+    lines = [*front, "", *_what_was_removed(report, name), *_gguf_note(report),
              *_zeroed_note(report), "## Before and after", "", *table, "", speed, ""]
     if h:
         lines += ["## Healing", "",

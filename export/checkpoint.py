@@ -26,8 +26,11 @@ from config import HealSpec, RunConfig
 from evaluation.perplexity import perplexity
 from evaluation.sweep import EvalSettings
 from export.card import build_report, model_card
+from export.gguf import export_gguf
 from export.heal import HealResult, describe, heal
 from models.loading import dtype_name
+from models.gguf_source import source_of
+from models.placement import input_device
 from models.removal import removed_blocks, zeroed_copy
 from models.units import is_whole_blocks, row_removal
 from reporting.schema import change_pct
@@ -52,10 +55,21 @@ def verify_reload(path: str, model: nn.Module, sample_ids: torch.Tensor) -> bool
     """
     from transformers import AutoModelForCausalLM
 
-    device = next(model.parameters()).device
-    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype, trust_remote_code=False).to(device).eval()
+    device = input_device(model)
     inputs = sample_ids.view(1, -1).to(device)
-    diff = (reloaded(input_ids=inputs).logits - model(input_ids=inputs).logits).abs().max().item()
+    placement = getattr(model, "kit_placement", None)
+    if placement is None:
+        reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype, trust_remote_code=False).to(device)
+        return _same_model(reloaded.eval(), model, inputs)
+    # placed as the run's model was (it may not fit on one device), disk offload in a folder of its own
+    with tempfile.TemporaryDirectory(prefix=".reload-offload-", dir=os.path.dirname(os.path.abspath(path))) as spill:
+        reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype, trust_remote_code=False,
+                                                        **placement.load_kwargs(offload_dir=spill))
+        return _same_model(reloaded.eval(), model, inputs)
+
+
+def _same_model(reloaded: nn.Module, model: nn.Module, inputs: torch.Tensor) -> bool:
+    diff = (reloaded(input_ids=inputs).logits.to(inputs.device) - model(input_ids=inputs).logits).abs().max().item()
     pad = model.config.eos_token_id if model.config.eos_token_id is not None else 0
     gen = dict(max_new_tokens=CHECK_GEN_TOKENS, do_sample=False, use_cache=True, pad_token_id=pad,
                attention_mask=torch.ones_like(inputs))
@@ -119,7 +133,7 @@ def deliver(config: RunConfig, model: nn.Module, tokenizer, rows: Sequence[dict]
     resolved HealSpec (None: no healing).
     """
     removed = row_removal(rows[-1])
-    device, dtype = next(model.parameters()).device.type, dtype_name(model)
+    device, dtype = input_device(model).type, dtype_name(model)
     w, target = settings.windows, config.output.save_model
     healing, healed = None, None
     if heal_spec is not None:
@@ -135,10 +149,13 @@ def deliver(config: RunConfig, model: nn.Module, tokenizer, rows: Sequence[dict]
             print(f"\nHealing ({heal_spec.mode}, {heal_spec.steps} steps, training loss "
                   f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}; perplexity on the evaluation text)\n")
             print(healing_table(rows, healed_ppl))
+    if config.output.save_gguf:
+        export_gguf(model, removed, config.output.save_gguf, ids[:CHECK_TOKENS])
     if not target:
         return
     checkpoint_ppl = healing["perplexity"] if healed is not None else rows[-1]["perplexity"]
-    report = build_report(config, rows, w, healing, checkpoint_ppl, dtype, device, model.config.model_type)
+    report = build_report(config, rows, w, healing, checkpoint_ppl, dtype, device, model.config.model_type,
+                          source_of(model))
     if healed is not None:
         export_model(healed, tokenizer, target, report, ids[:CHECK_TOKENS])
         return

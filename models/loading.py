@@ -1,4 +1,10 @@
-"""Loading a causal LM and its tokenizer, from the Hub or a local directory."""
+"""Loading a causal LM and its tokenizer, from the Hub, a local directory or a GGUF file.
+
+A GGUF source (models.gguf_source) is dequantized to --dtype on loading and is
+an ordinary in-memory model from then on; the model carries its GgufSource
+(``model.gguf_source``) and, with --device-map, its Placement
+(``model.kit_placement``), for the export that needs them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from models.gguf_source import GgufSource, gguf_source, with_storage
+from models.placement import Placement
 from utils.errors import OFFLINE_HINT, KitError, first_line
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -34,9 +42,9 @@ def looks_local(name: str) -> bool:
             or name.endswith(("/", "\\")) or "\\" in name)
 
 
-def load_model(name: str, device: torch.device, dtype: str = "auto",
-               trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """Model (eval mode, on ``device``) and tokenizer.
+def load_model(name: str, device: torch.device, dtype: str = "auto", trust_remote_code: bool = False,
+               gguf_file: str | None = None, placement: Placement = Placement()) -> tuple[Any, Any]:
+    """Model (eval mode, on ``device`` or spread by ``placement``) and tokenizer.
 
     dtype 'auto' means float32 on CPU (half precision is slow and inaccurate
     there) and the checkpoint's own dtype elsewhere. A model's own code (a
@@ -46,14 +54,20 @@ def load_model(name: str, device: torch.device, dtype: str = "auto",
     """
     path = os.path.expanduser(name)
     local = looks_local(name)
-    if local and not os.path.isdir(path):
+    source = gguf_source(name, gguf_file, local)
+    if local and source is None and not os.path.isdir(path):
         raise KitError(f"model directory '{name}' does not exist")
+    folder = source.folder if source else path
+    if source and placement.device_map and placement.offload_dir:
+        raise KitError("transformers cannot offload a GGUF model to disk; drop --offload-dir (GPU and CPU "
+                       "placement with --device-map and --max-memory work)")
     if local and not trust_remote_code:
-        refuse_own_code(path)
+        refuse_own_code(folder)
     torch_dtype: Any = DTYPES[dtype] if dtype != "auto" else (torch.float32 if device.type == "cpu" else "auto")
     where = "" if local else f"; {OFFLINE_HINT}"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                                  **({"gguf_file": source.file} if source else {}))
     except Exception as exc:  # missing files, a broken tokenizer.json, a download that failed
         raise KitError(f"cannot load the tokenizer of '{name}': {first_line(exc)}{where}") from None
     # transformers builds an empty tokenizer for a directory without tokenizer files: it tokenizes to nothing
@@ -61,11 +75,42 @@ def load_model(name: str, device: torch.device, dtype: str = "auto",
         raise KitError(f"'{name}' has no usable tokenizer (tokenizer.json, or vocab.json and merges.txt); "
                        "save the tokenizer beside the model with tokenizer.save_pretrained")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     **gguf_kwargs(source.file if source else None),
+                                                     **placement.load_kwargs())
     except Exception as exc:  # truncated weights (SafetensorError), unknown architectures, failed downloads
         raise KitError(f"cannot load model '{name}': {first_line(exc)}{where}") from None
-    model.to(device).eval()
+    if placement.device_map is None:
+        model.to(device)
+    model.eval()
+    if source:
+        model.gguf_source = with_storage(source, source.path or cached_gguf(source))
+    if placement.device_map:
+        model.kit_placement = placement
     return model, tokenizer
+
+
+def gguf_kwargs(file: str | None) -> dict:
+    """from_pretrained's keywords for a GGUF ``file`` (a name in the folder, or a path): every tensor
+    dequantized into a plain dense model.
+
+    With dequantize=True the GGUF quantizer leaves no quantization state on
+    the model (no hf_quantizer, no quantization_config), so save_pretrained
+    writes an ordinary checkpoint; without it the quantizer stays attached,
+    even where every weight came out dense, and save_pretrained refuses.
+    """
+    if file is None:
+        return {}
+    from transformers.utils.quantization_config import GgufConfig
+
+    return {"gguf_file": file, "quantization_config": GgufConfig(dequantize=True)}
+
+
+def cached_gguf(source: GgufSource) -> str:
+    """The local copy of a Hub GGUF file that from_pretrained downloaded."""
+    from transformers.utils import cached_file
+
+    return cached_file(source.folder, source.file)
 
 
 def refuse_own_code(path: str) -> None:

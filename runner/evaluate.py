@@ -26,9 +26,11 @@ from evaluation.sweep import EvalSettings, estimated_seconds, measure_all
 from evaluation.tasks import load_tasks
 from evaluation.windows import resolve_windows, spec_windows
 from export.checkpoint import deliver
+from export.gguf import check_gguf_output
 from export.heal import healing_inputs
 from models.families import check_prunable, num_blocks
 from models.loading import dtype_name, load_model, resolve_device
+from models.placement import Placement, input_device
 from models.removal import context_size
 from models.units import Removal, canonical, removal_key, row_removal
 from pruning.calibration import Calibration, calibration_ids
@@ -75,6 +77,9 @@ def check_outputs(config: RunConfig) -> None:
     mode, target = MODES[config.mode], config.output.save_model
     if config.heal.steps and not mode.saves:
         raise KitError(f"--heal-steps works with --mode {', '.join(saving_modes())}, not {config.mode}")
+    if config.output.save_gguf and not mode.saves:
+        raise KitError(f"--save-gguf works with --mode {', '.join(saving_modes())}, not {config.mode}")
+    check_gguf_output(config)
     if target is None:
         return
     if not mode.saves:
@@ -111,7 +116,15 @@ def load(config: RunConfig, procs: Processes) -> Loaded:
     check_local_dataset(data.dataset)  # a missing or unreadable file is named before a model loads for minutes
     if config.heal.steps and config.heal.train_dataset:
         check_local_dataset(config.heal.train_dataset, "--train-dataset")
-    model, tokenizer = load_model(data.model, device, config.dtype, data.trust_remote_code)
+    placement = Placement(data.device_map, data.max_memory, data.offload_dir)
+    if placement.device_map and procs.count > 1:
+        raise KitError("--device-map spreads one model over the devices; accelerate launch runs a whole model per "
+                       "process: use one or the other")
+    if placement.device_map and config.heal.steps:
+        raise KitError("--heal-steps trains a copy of the model on one device; it does not work with --device-map")
+    model, tokenizer = load_model(data.model, device, config.dtype, data.trust_remote_code, data.gguf_file,
+                                  placement)
+    device = input_device(model)
     if mode.removes:
         check_prunable(model)
     context = context_size(model)

@@ -172,7 +172,9 @@ MODEL, WINDOWS, WHICH, CALIB, SPEED, TASKS, OUTPUT, SPLIT, HEAL = (
     f"healing (fine-tune the pruned model; {'/'.join(SAVING)})")
 
 OPTIONS: tuple[Option, ...] = (
-    Option("--model", "data.model", "Hub id or local directory", MODEL),
+    Option("--model", "data.model", "Hub id, local directory or .gguf file", MODEL),
+    Option("--gguf-file", "data.gguf_file", "the .gguf file in the --model folder or Hub repo to load, dequantized "
+           "to --dtype", MODEL, metavar="NAME"),
     Option("--dataset", "data.dataset", "Hub dataset (wikitext-2-raw-v1, or ID[:CONFIG]) or a local "
            ".txt/.json/.jsonl/.csv/.parquet file", MODEL),
     Option("--split", "data.split", "Hub dataset split", MODEL),
@@ -186,6 +188,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("--no-cache", "data.no_cache", "tokenize the dataset afresh and cache nothing", MODEL, flag_only=True),
     Option("--trust-remote-code", "data.trust_remote_code", "allow a model directory's own code (auto_map) to run; "
            "without it such a model is refused", MODEL, flag_only=True),
+    Option("--device-map", "data.device_map", "spread one model over GPUs, CPU memory and disk (accelerate); "
+           "replaces --device", MODEL, choices=("auto", "balanced", "balanced_low_0", "sequential")),
+    Option("--max-memory", "data.max_memory", "--device-map's limit per device, e.g. 0=20GiB,cpu=60GiB", MODEL,
+           metavar="DEV=SIZE,...", requires="data.device_map"),
+    Option("--offload-dir", "data.offload_dir", "folder for the weights --device-map puts on disk", MODEL,
+           metavar="DIR", requires="data.device_map"),
 
     Option("--max-length", "windows.max_length", "window length (default: the model's context size)", WINDOWS,
            type=positive_int),
@@ -257,6 +265,8 @@ OPTIONS: tuple[Option, ...] = (
            metavar="FILE"),
     Option("--save-model", "output.save_model", f"{', '.join(SAVING)}: write the pruned (and healed) model, "
            "tokenizer and a model card to DIR", OUTPUT, metavar="DIR"),
+    Option("--save-gguf", "output.save_gguf", f"{', '.join(SAVING)}: write the pruned model as a GGUF file, kept "
+           "tensors byte for byte (a GGUF source, whole blocks only)", OUTPUT, metavar="FILE"),
     Option("--plot", "output.plot", "also write PNG figures beside the CSV (implies --save_results)", OUTPUT,
            flag_only=True),
     Option("--input", "output.input", "the results CSV to report on", OUTPUT, metavar="CSV", modes=("report",)),
@@ -400,7 +410,7 @@ def _remove_range(mode, set_, v):
 
 
 def _shard(mode, set_, v):
-    if v["output.shard"] and (v["output.save_model"] or v["heal.steps"]):
+    if v["output.shard"] and (v["output.save_model"] or v["output.save_gguf"] or v["heal.steps"]):
         return ("--save-model and --heal-steps need the whole run's result; a --shard job evaluates only its share "
                 "(save or heal in an unsharded run)")
     if v["output.shard"] and mode.calibrates:
