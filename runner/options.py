@@ -233,7 +233,8 @@ OPTIONS: tuple[Option, ...] = (
            modes=("beam", "compare")),
     Option("--calib-tokens", "select.calib_tokens", "calibration tokens from the train split", CALIB,
            type=positive_int, modes=CALIBRATING, outside="warn"),
-    Option("--max-configs", "select.max_configs", "exhaustive optimum only where C(L, k) <= this", CALIB,
+    Option("--max-configs", "select.max_configs", "the most configurations combinatorial plans; compare's exhaustive "
+           "optimum only where C(L, k) <= this", CALIB,
            type=positive_int, modes=("combinatorial", "compare"), outside="warn"),
 
     Option("--no-speed", "speed.enabled", "skip the latency measurement", SPEED, flag_only=True,
