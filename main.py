@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from config import (DEFAULT_PROMPT, DataSpec, HealSpec, OutputSpec, RunConfig, SelectSpec, Shard, SpeedSpec,
-                    TaskSpec, WindowSpec, parse_shard)
+from config import (DEFAULT_PROMPT, PATCHES, DataSpec, HealSpec, OutputSpec, RunConfig, SelectSpec, Shard,
+                    SpeedSpec, TaskSpec, WindowSpec, parse_shard)
 from evaluation.windows import CONVENTIONS, DEFAULT_PROTOCOL
 from pruning.modes import MODE_OPTIONS, MODES, either, saving_modes, users
 from models.units import UNIT_KINDS, parse_unit
@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-speedup", type=float, metavar="X", help=f"{used_by('target_speedup')}: remove units "
                    "until the measured prefill is X times as fast as the unpruned model's (1.3); compare: whole blocks against "
                    "sublayers at that speed-up")
+
+    g.add_argument("--patch", choices=PATCHES, default="none", help="compensate each removed run of blocks with a "
+                   "linear map fitted on --calib-tokens calibration tokens and merged into the weights (ReplaceMe): "
+                   "lstsq (least squares), cosine (cosine distance); none (default). compare: each rule's pick "
+                   "with and without it")
 
     g = p.add_argument_group(f"choosing blocks on calibration tokens ({used_by('calib_tokens')})")
     g.add_argument("--metric", choices=list(RULES), help=f"{used_by('metric')}: "
@@ -275,7 +280,7 @@ def to_config(args: argparse.Namespace, command_line: list[str]) -> RunConfig:
         select=SelectSpec(tuple(args.remove) if args.remove is not None else None, args.min_remove,
                           args.max_remove, args.ratio, args.num_remove, args.metric or "bi", args.beam_width or 4,
                           args.calib_tokens, args.max_configs, args.unit, args.target_params,
-                          args.target_speedup),
+                          args.target_speedup, args.patch),
         speed=SpeedSpec(not args.no_speed, args.speed_runs, args.speed_warmup, args.gen_tokens, args.prompt),
         heal=HealSpec(args.heal_steps, args.heal_mode, args.heal_lr, args.heal_batch_size, args.heal_seq_len,
                       args.lora_rank, args.heal_kd, args.train_dataset, args.seed),

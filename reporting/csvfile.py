@@ -16,7 +16,7 @@ from datetime import datetime
 from models.units import row_removal
 from reporting.schema import COLUMNS, TASK_PREFIX
 from utils.errors import KitError, WriteError
-from utils.text import removal_key
+from utils.text import config_key
 
 log = logging.getLogger("gpt2-pruning-kit")
 
@@ -186,7 +186,7 @@ def check_unique(rows: list[dict], path: str) -> None:
     """Each configuration once: a repeat means two runs wrote to the file at once, and its rows cannot be trusted."""
     seen: set[str] = set()
     for row in rows:
-        key = removal_key(row_removal(row))
+        key = config_key(row_removal(row), row.get("patch"))
         if key in seen:
             raise KitError(f"'{path}' holds configuration {key} twice (two runs wrote to it at once?); "
                            "start a new file")

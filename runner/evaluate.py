@@ -22,7 +22,7 @@ from config import HealSpec, RunConfig, WindowSpec
 from evaluation.engine import Work
 from evaluation.latency import estimated_speed_seconds
 from evaluation.params import count_parameters
-from evaluation.sweep import EvalSettings, estimated_seconds, measure_all
+from evaluation.sweep import EvalSettings, estimated_seconds
 from evaluation.tasks import load_tasks
 from evaluation.windows import resolve_windows, spec_windows
 from export.checkpoint import deliver
@@ -33,6 +33,7 @@ from models.removal import context_size
 from models.units import Removal, canonical, row_removal
 from pruning.calibration import Calibration, calibration_ids
 from pruning.choice import Choice
+from pruning.compensation import NONE, Fitter, configurations, measure_configs
 from pruning.modes import MODES, saving_modes
 from reporting.csvfile import ResultsFile, read_rows, results_path
 from reporting.markdown import write_outputs
@@ -46,7 +47,7 @@ from utils.data import check_local_dataset, tokenize
 from utils.errors import Interrupted, KitError
 from utils.log import progress_bar
 from utils.metadata import device_name, now
-from utils.text import removal_key
+from utils.text import config_key
 
 log = logging.getLogger("gpt2-pruning-kit")
 
@@ -76,6 +77,7 @@ def check_outputs(config: RunConfig) -> None:
     mode, target = MODES[config.mode], config.output.save_model
     if config.heal.steps and not mode.saves:
         raise KitError(f"--heal-steps works with --mode {', '.join(saving_modes())}, not {config.mode}")
+    check_patch_options(config)
     if target is None:
         return
     if not mode.saves:
@@ -88,6 +90,21 @@ def check_outputs(config: RunConfig) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=parent))
     except OSError as exc:
         raise KitError(f"--save-model cannot write into '{parent}': {exc.strerror}") from None
+
+
+def check_patch_options(config: RunConfig) -> None:
+    """--patch fits maps for removed whole blocks: a mode that removes none or picks sublayers cannot use it."""
+    select = config.select
+    if select.patch == NONE:
+        return
+    if not MODES[config.mode].removes:
+        raise KitError(f"--patch compensates removed blocks; --mode {config.mode} removes none")
+    if select.unit != "block":
+        raise KitError(f"--patch fits maps for removed whole blocks; --unit {select.unit} removes sublayers: use "
+                       "--patch none, or --unit block")
+    if config.mode == "compare" and (select.target_params is not None or select.target_speedup is not None):
+        raise KitError("--patch fits maps for removed whole blocks; --mode compare with a budget sets whole blocks "
+                       "against sublayers: drop --patch or the budget")
 
 
 def open_results(config: RunConfig) -> ResultsFile | None:
@@ -203,11 +220,21 @@ def announce(config: RunConfig, loaded: Loaded, removals: list[Removal]) -> None
 
 
 def counted(measurements: Iterator, work: Work) -> Iterator:
-    """Passes measurements through, adding the cost of their perplexity passes to ``work``."""
-    for m in measurements:
+    """Passes (measurement, --patch method) pairs through, adding the cost of their perplexity passes to ``work``."""
+    for m, method in measurements:
         if m.work is not None:
             work.add(m.work)
-        yield m
+        yield m, method
+
+
+def patch_fitter(config: RunConfig, loaded: Loaded) -> Fitter | None:
+    """What fits --patch's maps, on the calibration tokens the choosing modes take (None: no --patch)."""
+    if config.select.patch == NONE:
+        return None
+    w = loaded.settings.windows
+    return Fitter(loaded.model, lambda: calibration_ids(config.data, config.select.calib_tokens, loaded.tokenizer,
+                                                        loaded.stream, loaded.cache_dir),
+                  w.max_length, w.batch_size, progress=loaded.settings.progress)
 
 
 @dataclass
@@ -280,13 +307,20 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
         mine = share(removals, shard.index, shard.count)
         log.info(f"Shard {shard}: {len(mine)} of the sweep's {len(removals)} configurations, and the baseline")
         removals = mine
+    configs = configurations(config.select.patch, removals, choice.patched if choice else None, loaded.model)
+    fitter = patch_fitter(config, loaded)
+    if fitter:
+        record.info["patch"] = fitter.info  # filled in as maps are fitted
     announce(config, loaded, removals)
-    rows = measure_rows(config, loaded, procs, removals, resumed, choice, record)
+    rows = measure_rows(config, loaded, procs, configs, resumed, choice, record, fitter)
     if not procs.is_main:
         return 0
     mode_report = choice.report(rows) if choice and choice.report else None
     print_summary(config, rows, mode_report, with_table=not choice or choice.sweep_table)
-    deliver(config, loaded.model, loaded.tokenizer, rows, loaded.ids, loaded.settings, loaded.heal, loaded.train_ids)
+    method = rows[-1].get("patch") or NONE
+    patch = fitter(row_removal(rows[-1]), method) if fitter and method != NONE else None
+    deliver(config, loaded.model, loaded.tokenizer, rows, loaded.ids, loaded.settings, loaded.heal, loaded.train_ids,
+            patch, fitter.info["calibration"] if patch else None)
     if record.out:
         record.info.update(finished=now(), mode_report=mode_report)
         record.save()
@@ -296,29 +330,34 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
     return 0
 
 
-def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: list[Removal],
-                 resumed: list[dict], choice: Choice | None, record: Record) -> list[dict]:
-    """Every configuration's row, in plan order, each written as it arrives."""
+def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, configs: list[tuple[Removal, str]],
+                 resumed: list[dict], choice: Choice | None, record: Record, fitter: Fitter | None) -> list[dict]:
+    """Every configuration's row, in plan order, each written as it arrives.
+
+    ``configs`` are (removal set, --patch method) pairs, the baseline first
+    (pruning.compensation.configurations); ``fitter`` fits the patched ones.
+    """
     model, device, info = loaded.model, loaded.device, record.info
     context = {"mode": config.mode, "model": config.data.model, "dataset": config.data.dataset,
                "device": device.type, "dtype": dtype_name(model), "protocol": loaded.settings.windows.label}
-    done = {removal_key(row_removal(r)): r for r in resumed}
+    done = {config_key(row_removal(r), r.get("patch")): r for r in resumed}
     work = Work()
-    base = done.get(removal_key(()))
+    base = done.get(config_key(()))
     # The baseline goes into the sweep's own pass (its chain of blocks is every other configuration's
     # prefix), first, so its row arrives before any row that needs it for the change columns.
-    configs = removals if base else [(), *removals]
-    todo = [r for r in configs if removal_key(r) not in done]
+    candidates = configs[1:] if base else configs
+    todo = [c for c in candidates if config_key(*c) not in done]
     if config.output.resume or procs.count > 1:
-        skipped = f" ({len(configs) - len(todo)} already in {config.output.resume})" if config.output.resume else ""
+        skipped = f" ({len(candidates) - len(todo)} already in {config.output.resume})" if config.output.resume else ""
         workers = f" over {procs.count} processes" if procs.count > 1 else ""
         log.info(f"{len(todo)} configurations to evaluate{skipped}{workers}")
     mine = share(todo, procs.index, procs.count)
     bar = progress_bar(total=len(todo), desc="configurations", unit="cfg",
                    disable=config.output.quiet or len(todo) < 2 or not procs.is_main)
     extras = choice.extras if choice else {}
-    measurements = counted(measure_all(model, loaded.ids, loaded.prompt_ids, mine, loaded.settings), work)
-    measured = (to_row(m, {**context, **extras.get(canonical(m.removed), {})}) for m in measurements)
+    measurements = counted(measure_configs(model, loaded.ids, loaded.prompt_ids, mine, loaded.settings, fitter), work)
+    measured = (to_row(m, {**context, "patch": method, **extras.get(canonical(m.removed), {})})
+                for m, method in measurements)
     rows = dict(done)
     # Each process measures its share; every row reaches every process, in order, and the main
     # process writes it. Process 0's share starts with the baseline, so it is the first row of all.
@@ -326,7 +365,7 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: 
         for row in batch:
             base = base or row
             row = with_changes(row, base)
-            rows[removal_key(row_removal(row))] = row
+            rows[config_key(row_removal(row), row["patch"])] = row
             info["configurations_evaluated"] += 1
             info["tokens_evaluated"] += row["eval_tokens"]
             if record.out:
@@ -339,4 +378,4 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: 
     if work.configurations:
         log.info(f"Perplexity work: {work.summary()}")
     info["work"] = work.as_dict()
-    return [rows[removal_key(r)] for r in [(), *removals]]
+    return [rows[config_key(*c)] for c in configs]

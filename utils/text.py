@@ -16,6 +16,13 @@ def removal_key(removed: Sequence) -> str:
     return json.dumps([f"block{u}" if isinstance(u, int) else u for u in removed])
 
 
+def config_key(removed: Sequence, patch: str | None = None) -> str:
+    """The key of a row's configuration: its removal_key, and the --patch method when one was applied
+    (a patched set is another model than the same set plain); no method, '' and 'none' are plain."""
+    key = removal_key(removed)
+    return key if patch in (None, "", "none") else f"{key} patch={patch}"
+
+
 def removed_label(removed: Sequence) -> str:
     """'1, 3' for blocks; sublayers by name: '1, attn3'."""
     return ", ".join(map(str, removed)) if removed else "None"
