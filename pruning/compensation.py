@@ -46,7 +46,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from evaluation.sweep import EvalSettings, Measurement, measure, measure_all
+from evaluation.sweep import EvalSettings, Measurement, measure
 from evaluation.windows import Window, window_batches
 from models.compensation import Map, Patch, applied, check_patchable, merge_map
 from models.families import block_output, family_of, get_blocks, module_at, record_block_calls
@@ -340,17 +340,13 @@ def configurations(method: str, removals: Sequence[Removal], patched: Sequence[R
     return list(dict.fromkeys(rows + [(r, method) for r in targets]))
 
 
-def measure_configs(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None,
+def measure_patched(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None,
                     configs: Sequence[tuple[Removal, str]], settings: EvalSettings,
-                    fit: Callable[[Removal, str], Patch] | None) -> Iterator[tuple[Measurement, str]]:
-    """Measurements of (removal set, method) pairs: the plain sets through the shared-prefix sweep
-    (evaluation.sweep.measure_all), then each patched one on its own, with its patch applied."""
-    plain = [r for r, method in configs if method == NONE]
-    for m in measure_all(model, ids, prompt_ids, plain, settings):
-        yield m, NONE
+                    fit: Callable[[Removal, str], Patch]) -> Iterator[tuple[Measurement, str]]:
+    """Measurements of patched (removal set, method) pairs, each on its own with its patch applied
+    (the plain ones go through the shared-prefix sweep, evaluation.sweep.measure_all)."""
     for removal, method in configs:
-        if method != NONE:
-            patch = fit(removal, method)
-            with applied(model, patch):
-                m = measure(model, ids, prompt_ids, removal, settings)
-            yield m, method
+        patch = fit(removal, method)
+        with applied(model, patch):
+            m = measure(model, ids, prompt_ids, removal, settings)
+        yield m, method

@@ -10,6 +10,7 @@ forward pass, and the results file and its sidecar exist before it too.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
@@ -22,7 +23,7 @@ from config import HealSpec, RunConfig, WindowSpec
 from evaluation.engine import Work
 from evaluation.latency import estimated_speed_seconds
 from evaluation.params import count_parameters
-from evaluation.sweep import EvalSettings, estimated_seconds
+from evaluation.sweep import EvalSettings, estimated_seconds, measure_all
 from evaluation.tasks import load_tasks
 from evaluation.windows import resolve_windows, spec_windows
 from export.checkpoint import deliver
@@ -33,7 +34,7 @@ from models.removal import context_size
 from models.units import Removal, canonical, row_removal
 from pruning.calibration import Calibration, calibration_ids
 from pruning.choice import Choice
-from pruning.compensation import NONE, Fitter, configurations, measure_configs
+from pruning.compensation import NONE, Fitter, configurations, measure_patched
 from pruning.modes import MODES, saving_modes
 from reporting.csvfile import ResultsFile, read_rows, results_path
 from reporting.markdown import write_outputs
@@ -355,7 +356,12 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, configs: l
     bar = progress_bar(total=len(todo), desc="configurations", unit="cfg",
                    disable=config.output.quiet or len(todo) < 2 or not procs.is_main)
     extras = choice.extras if choice else {}
-    measurements = counted(measure_configs(model, loaded.ids, loaded.prompt_ids, mine, loaded.settings, fitter), work)
+    # the plain sets in the shared-prefix sweep, then each patched one on its own
+    plain = ((m, NONE) for m in measure_all(model, loaded.ids, loaded.prompt_ids,
+                                            [r for r, method in mine if method == NONE], loaded.settings))
+    patched = measure_patched(model, loaded.ids, loaded.prompt_ids, [c for c in mine if c[1] != NONE],
+                              loaded.settings, fitter)
+    measurements = counted(itertools.chain(plain, patched), work)
     measured = (to_row(m, {**context, "patch": method, **extras.get(canonical(m.removed), {})})
                 for m, method in measurements)
     rows = dict(done)
