@@ -22,6 +22,8 @@ DEFAULT_PROMPT = "The future of artificial intelligence is"
 DEFAULT_HEAL_LR = {"lora": 2e-4, "full": 2e-5}
 DEFAULT_HEAL_SEQ_LEN = 256
 DEFAULT_STRIDE = 512
+# --patch: training-free compensation of removed blocks (pruning.compensation.METHODS, and none).
+PATCHES = ("none", "lstsq", "cosine")
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class SelectSpec:
     unit: str = "block"  # --unit: the candidates, block | attn | mlp | sublayer (models.units.UNIT_KINDS)
     target_params: str | None = None  # --target-params: "0.8" (a fraction of the original) or "60M"
     target_speedup: float | None = None  # --target-speedup: measured prefill speed-up over the baseline
+    patch: str = "none"  # --patch: a map fitted per removed run of blocks and merged into the weights (PATCHES)
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,10 @@ def reproduce_command(data: DataSpec, path: str, windows: WindowSpec, dtype: str
 
 def build_report(config: RunConfig, rows: Sequence[dict], windows: WindowSpec, healing: dict | None,
                  checkpoint_ppl: float, dtype: str, device: str, model_type: str,
-                 gguf: GgufSource | None = None) -> dict:
-    """Everything the model card states, as data; ``windows`` are the run's resolved windows and ``gguf``
-    the GGUF file the model was loaded from (None: an ordinary checkpoint)."""
+                 gguf: GgufSource | None = None, compensation: dict | None = None) -> dict:
+    """Everything the model card states, as data; ``windows`` are the run's resolved windows, ``gguf`` the
+    GGUF file the model was loaded from (None: an ordinary checkpoint), ``compensation`` the maps --patch
+    fitted and merged (export.checkpoint.compensation), or None."""
     original, pruned = rows[0], rows[-1]
     # lm-eval scores of the original and pruned model ({} without --tasks); the healed one's are in healing["tasks"]
     tasks = {"original": row_task_scores(original), "pruned": row_task_scores(pruned)}
@@ -76,6 +77,7 @@ def build_report(config: RunConfig, rows: Sequence[dict], windows: WindowSpec, h
         "original": measured(original),
         "pruned": measured(pruned),
         "healing": healing,
+        "compensation": compensation,
         "tasks": tasks,
         "checkpoint_perplexity": checkpoint_ppl,
         "command": shlex.join(config.command_line or ["python", "main.py"]),
@@ -172,6 +174,27 @@ def _gguf_note(report: dict) -> list[str]:
             "dequantized weights and carry the quantization's error.", ""]
 
 
+def _compensation_note(report: dict) -> list[str]:
+    """What a card says about --patch's maps: which were fitted, on what text, by which method, merged where."""
+    c = report.get("compensation")
+    if not c:
+        return []
+    rows = [f"| {', '.join(map(str, m['removed_blocks']))} | {m['merged_into']} | {m['tokens']:,} | "
+            f"{m['seconds']:.2f} |" for m in c["maps"]]
+    lines = ["## Compensation (training-free)", "",
+             f"Each removed run of blocks was replaced by a linear map fitted on calibration text and merged into "
+             f"the weights that feed the residual stream before the run (`--patch {c['method']}`: {c['paper']}); "
+             "no module was added, the architecture is the family's own. The pruned numbers below are this "
+             "patched model's.", "", f"Calibration text: {c.get('calibration') or 'not recorded'}", "",
+             "| Removed blocks | Map merged into | Calibration tokens | Fit (s) |", "|---|---|---:|---:|", *rows, ""]
+    if c.get("untied_embeddings"):
+        lines += ["The run starting at block 0 has no block before it, so its map went into the token embeddings, "
+                  "which the original model shares with its LM head: this checkpoint unties them "
+                  "(`tie_word_embeddings: false`), the LM head keeping the original matrix, which adds a vocabulary "
+                  "x width matrix of parameters.", ""]
+    return lines
+
+
 def _what_was_removed(report: dict, name: str) -> list[str]:
     """The card's title and first paragraph: the blocks removed, or only sublayers (all blocks kept)."""
     o, p, blocks = report["original"], report["pruned"], report["removed_blocks"]
@@ -222,7 +245,7 @@ def model_card(report: dict) -> str:
                   "runs of its own, at another moment. No interval was measured for prefill, so its change is "
                   "left out.")
     lines = [*front, "", *_what_was_removed(report, name), *_gguf_note(report),
-             *_zeroed_note(report), "## Before and after", "", *table, "", speed, ""]
+             *_zeroed_note(report), *_compensation_note(report), "## Before and after", "", *table, "", speed, ""]
     if h:
         lines += ["## Healing", "",
                   f"After pruning, the model was fine-tuned for {h['steps']} steps ({h['mode']}"

@@ -28,11 +28,13 @@ from evaluation.sweep import EvalSettings
 from export.card import build_report, model_card
 from export.gguf import export_gguf
 from export.heal import HealResult, describe, heal
+from models.compensation import Patch, applied
 from models.loading import dtype_name
 from models.gguf_source import source_of
 from models.placement import input_device
 from models.removal import removed_blocks, zeroed_copy
 from models.units import is_whole_blocks, row_removal
+from pruning.compensation import describe as describe_patch
 from reporting.schema import change_pct
 from utils.errors import WriteError
 from utils.text import format_table
@@ -124,20 +126,23 @@ def healing_table(rows: Sequence[dict], healed_ppl: float) -> str:
 
 
 def deliver(config: RunConfig, model: nn.Module, tokenizer, rows: Sequence[dict], ids: torch.Tensor,
-            settings: EvalSettings, heal_spec: HealSpec | None, train_ids: torch.Tensor | None) -> None:
+            settings: EvalSettings, heal_spec: HealSpec | None, train_ids: torch.Tensor | None,
+            patch: Patch | None = None, calibration: str | None = None) -> None:
     """Heal the run's final configuration if asked, then export it if asked.
 
     rows[0] is the unpruned baseline and rows[-1] the configuration the mode
     chose. The pruned perplexity before healing is that row's: the student
     starts as an exact copy of the model it measured. ``heal_spec`` is the
-    resolved HealSpec (None: no healing).
+    resolved HealSpec (None: no healing). ``patch``: the maps --patch fitted
+    for rows[-1] (on the ``calibration`` text, in words), merged into the
+    exported weights and the student's starting point.
     """
     removed = row_removal(rows[-1])
     device, dtype = input_device(model).type, dtype_name(model)
     w, target = settings.windows, config.output.save_model
     healing, healed = None, None
     if heal_spec is not None:
-        result: HealResult = heal(model, removed, train_ids, heal_spec, progress=settings.progress)
+        result: HealResult = heal(model, removed, train_ids, heal_spec, progress=settings.progress, patch=patch)
         healed = result.model
         healed_ppl = perplexity(healed, ids, w.max_length, w.stride, w.batch_size, progress=settings.progress,
                                 desc="healed windows", protocol=w.protocol, prefix_token=w.prefix_token).perplexity
@@ -155,12 +160,17 @@ def deliver(config: RunConfig, model: nn.Module, tokenizer, rows: Sequence[dict]
         return
     checkpoint_ppl = healing["perplexity"] if healed is not None else rows[-1]["perplexity"]
     report = build_report(config, rows, w, healing, checkpoint_ppl, dtype, device, model.config.model_type,
-                          source_of(model))
+                          source_of(model), compensation(patch, calibration) if patch else None)
     if healed is not None:
         export_model(healed, tokenizer, target, report, ids[:CHECK_TOKENS])
         return
     if not is_whole_blocks(removed):  # partial blocks: plain transformers cannot skip a sublayer
         export_model(zeroed_copy(model, removed), tokenizer, target, report, ids[:CHECK_TOKENS])
         return
-    with removed_blocks(model, removed) as pruned:
+    with removed_blocks(model, removed) as pruned, applied(pruned, patch):
         export_model(pruned, tokenizer, target, report, ids[:CHECK_TOKENS])
+
+
+def compensation(patch: Patch, calibration: str | None) -> dict:
+    """The model card's record of the fitted maps: method, paper, calibration text, where each went."""
+    return {**describe_patch(patch), "calibration": calibration}

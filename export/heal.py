@@ -42,6 +42,7 @@ from torch.nn import functional as F
 from utils.log import progress_bar
 
 from config import HealSpec
+from models.compensation import Patch, applied
 from models.families import family_of, num_blocks
 from models.removal import check_units, context_size, zeroed_copy, zeroed_projections
 from utils.cache import cached_token_ids
@@ -170,11 +171,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
 
 
 def heal(model: nn.Module, removed: Sequence, train_ids: torch.Tensor, settings: HealSpec,
-         progress: bool = True) -> HealResult:
+         progress: bool = True, patch: Patch | None = None) -> HealResult:
     """Fine-tune a copy of ``model`` with the units ``removed`` (blocks, attnN, mlpN) on ``train_ids`` (1-D).
 
     ``model`` is the unpruned model; it is only read (as the teacher with
-    distillation) and is unchanged afterwards.
+    distillation) and is unchanged afterwards. With ``patch`` (--patch's maps
+    for ``removed``) the student starts from the patched model; the teacher
+    stays the unpatched original.
     """
     if settings.seq_len is None:
         settings = settings.resolved(context_size(model))
@@ -185,7 +188,8 @@ def heal(model: nn.Module, removed: Sequence, train_ids: torch.Tensor, settings:
     generator = torch.Generator().manual_seed(settings.seed)
     device = next(model.parameters()).device
 
-    student, keep_zero = student_copy(model, removed)
+    with applied(model, patch):
+        student, keep_zero = student_copy(model, removed)
     dtype = next(student.parameters()).dtype
     if settings.mode == "lora":
         student = with_lora(student, settings.lora_rank)  # peft keeps the adapters in float32

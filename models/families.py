@@ -63,6 +63,10 @@ class Family:
     mlp: tuple[str, ...] = ("mlp",)
     attention_out: str = "self_attn.o_proj"
     mlp_out: str = "mlp.down_proj"
+    # the modules whose outputs are summed into the stream entering block 0, each a tuple of alternatives,
+    # the first the model has being the one used (OPT projects its token embeddings with project_in when
+    # their width differs from the blocks'); --patch merges a map for a run from block 0 into them
+    embeddings: tuple[tuple[str, ...], ...] = (("model.embed_tokens",),)
     attention_norm: str | None = None  # a norm of the attention's output before the residual add (Gemma)
     logit_cap: str | None = None  # config field of a soft cap on the logits, cap * tanh(logits / cap) (Gemma 2)
 
@@ -116,15 +120,19 @@ def _gemma3_rewrite(config, keep: Sequence[int], state: dict) -> None:
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("gpt2", "transformer.h", ("transformer.ln_f",), transposed_linears=True, refuse=_gpt2_refuse,
-           attention="attn", attention_out="attn.c_proj", mlp_out="mlp.c_proj"),
+           attention="attn", attention_out="attn.c_proj", mlp_out="mlp.c_proj",
+           embeddings=(("transformer.wte",), ("transformer.wpe",))),
     Family("gpt_neo", "transformer.h", ("transformer.ln_f",), per_layer_fields=("attention_layers",),
            index_attrs=("layer_id",), returns_tuple=True, rewrite=_gpt_neo_rewrite, saved=("attention_types",),
-           attention="attn", attention_out="attn.attention.out_proj", mlp_out="mlp.c_proj"),
+           attention="attn", attention_out="attn.attention.out_proj", mlp_out="mlp.c_proj",
+           embeddings=(("transformer.wte",), ("transformer.wpe",))),
     Family("gpt_neox", "gpt_neox.layers", ("gpt_neox.final_layer_norm",), per_layer_fields=("layer_types",),
-           attention="attention", attention_out="attention.dense", mlp_out="mlp.dense_4h_to_h"),
+           attention="attention", attention_out="attention.dense", mlp_out="mlp.dense_4h_to_h",
+           embeddings=(("gpt_neox.embed_in",),)),
     Family("opt", "model.decoder.layers", ("model.decoder.final_layer_norm", "model.decoder.project_out"),
            per_layer_fields=("layer_types",), attention_out="self_attn.out_proj", mlp=("fc1", "fc2"),
-           mlp_out="fc2"),
+           mlp_out="fc2", embeddings=(("model.decoder.project_in", "model.decoder.embed_tokens"),
+                                      ("model.decoder.embed_positions",))),
     Family("llama", "model.layers", ("model.norm",), per_layer_fields=("layer_types",)),
     Family("mistral", "model.layers", ("model.norm",), per_layer_fields=("layer_types",)),
     Family("qwen2", "model.layers", ("model.norm",), per_layer_fields=("layer_types",), rewrite=_qwen2_rewrite,

@@ -253,6 +253,13 @@ def removal_key(removal: Iterable[UnitLike]) -> str:
     return json.dumps(unit_names(units))
 
 
+def config_key(removal: Iterable[UnitLike], patch: str | None = None) -> str:
+    """The key of a row's configuration: its removal_key, and the --patch method when one was applied
+    (a patched set is another model than the same set plain); no method, '' and 'none' are plain."""
+    key = removal_key(removal)
+    return key if patch in (None, "", "none") else f"{key} patch={patch}"
+
+
 def removed_label(removal: Iterable[UnitLike]) -> str:
     """'1, 3' for blocks; sublayers by name: '1, attn3'."""
     units = [Unit.of(u) for u in removal]

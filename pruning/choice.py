@@ -17,6 +17,9 @@ class Choice:
     extras: dict[Removal, dict] = field(default_factory=dict)  # extra CSV columns per removal set
     report: Callable[[list[dict]], str] | None = None  # printed after the runs, given all rows
     sweep_table: bool = True  # also print the usual table of every row
+    # The sets that --patch evaluates patched as well as plain (compare: each rule's pick); None: every set,
+    # patched only.
+    patched: list[Removal] | None = None
 
 
 def scores_json(scores: dict[Removal, float]) -> str:

@@ -28,7 +28,7 @@ from itertools import combinations
 from typing import TYPE_CHECKING, Sequence
 
 from config import RunConfig
-from models.units import Removal, Unit, canonical, removal_key, removed_label, row_removal, sublayers_in
+from models.units import Removal, Unit, canonical, config_key, removal_key, removed_label, row_removal, sublayers_in
 from pruning.choice import Choice
 from pruning.granularity import compare_granularity
 from pruning.plans import random_units, valid_sets
@@ -126,21 +126,27 @@ def _cell(value: float | None, fmt: str) -> str:
 
 def compare_report(plan: CompareSets, rows: list[dict], beam_width: int) -> str:
     """The rules-against-optimum table, each rule's summary, and the score correlations."""
-    by_key = {removal_key(row_removal(r)): r for r in rows}
+    by_key = {config_key(row_removal(r), r.get("patch")): r for r in rows}
     ppl = lambda s: by_key[removal_key(s)]["perplexity"]
     base = by_key[removal_key(())]["perplexity"]
+    # --patch: each rule's pick also evaluated with its fitted maps merged in
+    method = next((r["patch"] for r in rows if r.get("patch") not in (None, "", "none")), None)
+    patched = (lambda s: _cell(by_key[config_key(s, method)]["perplexity"], ",.2f")) if method else None
     body, gaps = [], {rule: [] for rule in COMPARED}
     for k, by_rule in plan.chosen.items():
         optimum = None
         if plan.exhaustive.get(k):
             optimum = min(plan.exhaustive[k], key=lambda s: rank_key(ppl(s), s))
-            body.append([str(k), "optimum", removed_label(optimum), _cell(ppl(optimum), ",.2f"), "0.00"])
+            body.append([str(k), "optimum", removed_label(optimum), _cell(ppl(optimum), ",.2f"), "0.00",
+                         *(["-"] if patched else [])])
         for rule, s in by_rule.items():
             gap = (ppl(s) - ppl(optimum)) / ppl(optimum) * 100 if optimum is not None else None
             if gap is not None:
                 gaps[rule].append(gap)
-            body.append([str(k), rule, removed_label(s), _cell(ppl(s), ",.2f"), _cell(gap, "+,.2f")])
-    table = format_table(["k", "Rule", "Removed", "Perplexity", "Gap to optimum (%)"], body)
+            body.append([str(k), rule, removed_label(s), _cell(ppl(s), ",.2f"), _cell(gap, "+,.2f"),
+                         *([patched(s)] if patched else [])])
+    table = format_table(["k", "Rule", "Removed", "Perplexity", "Gap to optimum (%)",
+                          *([f"Patched ({method})"] if patched else [])], body)
 
     k_opt = len(plan.exhaustive)
     summary = format_table(
@@ -156,6 +162,9 @@ def compare_report(plan: CompareSets, rows: list[dict], beam_width: int) -> str:
              f"(baseline {base:,.2f}). beam width {beam_width}."]
     if plan.kind == "sublayer":
         notes.append("k counts sublayers: a whole block removed is two (its attention and its MLP).")
+    if patched:
+        notes.append(f"Patched: the rule's pick with a {method} map fitted on the calibration tokens for each removed "
+                     "run and merged into the weights (--patch); the optimum and gaps are without it.")
     if skipped:
         notes.append(f"No exhaustive optimum for k = {', '.join(map(str, skipped))} "
                      f"(more than --max-configs subsets).")
@@ -175,5 +184,6 @@ def compare(config: RunConfig, calib: "Calibration") -> Choice:
         extras[s] = {"metric": ",".join(plan.roles(s))}
         if s in position:
             extras[s]["scores"] = json.dumps({m: scores[position[s]] for m, scores in plan.unit_scores.items()})
+    picks = list(dict.fromkeys(s for by_rule in plan.chosen.values() for s in by_rule.values()))
     return Choice(removals, extras, lambda rows: compare_report(plan, rows, config.select.beam_width),
-                  sweep_table=False)
+                  sweep_table=False, patched=picks)

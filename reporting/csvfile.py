@@ -13,7 +13,7 @@ import os
 import re
 from datetime import datetime
 
-from models.units import removal_key, row_removal
+from models.units import config_key, removal_key, row_removal
 from reporting.schema import COLUMNS, TASK_PREFIX
 from utils.errors import KitError, WriteError
 
@@ -185,7 +185,7 @@ def check_unique(rows: list[dict], path: str) -> None:
     """Each configuration once: a repeat means two runs wrote to the file at once, and its rows cannot be trusted."""
     seen: set[str] = set()
     for row in rows:
-        key = removal_key(row_removal(row))
+        key = config_key(row_removal(row), row.get("patch"))
         if key in seen:
             raise KitError(f"'{path}' holds configuration {key} twice (two runs wrote to it at once?); "
                            "start a new file")

@@ -31,6 +31,8 @@ COLUMNS = [
     "removed_units", "kv_cache_bytes_per_token",
     # --target-params / --target-speedup the choosing mode removed units until it met; empty otherwise
     "target",
+    # --patch: the method whose fitted maps were merged into this row's model (pruning.compensation), or none
+    "patch",
 ]
 # The columns a file must have for --mode report to draw from it.
 REQUIRED_COLUMNS = ("removed_layers", "num_layers", "perplexity")

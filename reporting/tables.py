@@ -45,8 +45,9 @@ def sweep_cells(rows: Sequence[dict], width: int | None = None) -> list[list[str
     ``width`` caps each number cell (console); None keeps every decimal (report).
     """
     label = removed_label if width is None else compact_label
+    patched = lambda r: "" if r.get("patch") in (None, "", "none") else f" +{r['patch']}"  # --patch
     return [[
-        label(row_removal(r)), str(r["num_layers"]), format_number(r["perplexity"], width=width),
+        label(row_removal(r)) + patched(r), str(r["num_layers"]), format_number(r["perplexity"], width=width),
         format_number(r.get("latency_ms"), width=width), format_number(r.get("params_m"), width=width),
         format_number(r.get("ppl_change_pct"), sign=True, width=width), speed_change_cell(r, width),
     ] for r in rows]

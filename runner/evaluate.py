@@ -10,6 +10,7 @@ forward pass, and the results file and its sidecar exist before it too.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
@@ -32,9 +33,10 @@ from models.families import check_prunable, num_blocks
 from models.loading import dtype_name, load_model, resolve_device
 from models.placement import Placement, input_device
 from models.removal import context_size
-from models.units import Removal, canonical, removal_key, row_removal
+from models.units import Removal, canonical, config_key, removal_key, row_removal
 from pruning.calibration import Calibration, calibration_ids
 from pruning.choice import Choice
+from pruning.compensation import NONE, Fitter, configurations, measure_patched
 from runner.modes import MODES, saving_modes
 from reporting.csvfile import ResultsFile, read_rows, results_path
 from reporting.markdown import write_outputs
@@ -80,6 +82,7 @@ def check_outputs(config: RunConfig) -> None:
     if config.output.save_gguf and not mode.saves:
         raise KitError(f"--save-gguf works with --mode {', '.join(saving_modes())}, not {config.mode}")
     check_gguf_output(config)
+    check_patch_options(config)
     if target is None:
         return
     if not mode.saves:
@@ -92,6 +95,21 @@ def check_outputs(config: RunConfig) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=parent))
     except OSError as exc:
         raise KitError(f"--save-model cannot write into '{parent}': {exc.strerror}") from None
+
+
+def check_patch_options(config: RunConfig) -> None:
+    """--patch fits maps for removed whole blocks: a mode that removes none or picks sublayers cannot use it."""
+    select = config.select
+    if select.patch == NONE:
+        return
+    if not MODES[config.mode].removes:
+        raise KitError(f"--patch compensates removed blocks; --mode {config.mode} removes none")
+    if select.unit != "block":
+        raise KitError(f"--patch fits maps for removed whole blocks; --unit {select.unit} removes sublayers: use "
+                       "--patch none, or --unit block")
+    if config.mode == "compare" and (select.target_params is not None or select.target_speedup is not None):
+        raise KitError("--patch fits maps for removed whole blocks; --mode compare with a budget sets whole blocks "
+                       "against sublayers: drop --patch or the budget")
 
 
 def open_results(config: RunConfig) -> ResultsFile | None:
@@ -168,7 +186,7 @@ def scored_tokens(ids: torch.Tensor, windows: WindowSpec) -> int:
     return sum(w.scored for w in spec_windows(windows, len(ids)))
 
 
-def configurations(config: RunConfig, loaded: Loaded, procs: Processes) -> tuple[list[Removal], Choice | None]:
+def removal_sets(config: RunConfig, loaded: Loaded, procs: Processes) -> tuple[list[Removal], Choice | None]:
     """The configurations to evaluate (baseline excluded), and a choosing mode's Choice.
 
     A choosing mode chooses on the main process only, and the others receive
@@ -215,11 +233,21 @@ def announce(config: RunConfig, loaded: Loaded, removals: list[Removal]) -> None
 
 
 def counted(measurements: Iterator, work: Work) -> Iterator:
-    """Passes measurements through, adding the cost of their perplexity passes to ``work``."""
-    for m in measurements:
+    """Passes (measurement, --patch method) pairs through, adding the cost of their perplexity passes to ``work``."""
+    for m, method in measurements:
         if m.work is not None:
             work.add(m.work)
-        yield m
+        yield m, method
+
+
+def patch_fitter(config: RunConfig, loaded: Loaded) -> Fitter | None:
+    """What fits --patch's maps, on the calibration tokens the choosing modes take (None: no --patch)."""
+    if config.select.patch == NONE:
+        return None
+    w = loaded.settings.windows
+    return Fitter(loaded.model, lambda: calibration_ids(config.data, config.select.calib_tokens, loaded.tokenizer,
+                                                        loaded.stream, loaded.cache_dir),
+                  w.max_length, w.batch_size, progress=loaded.settings.progress)
 
 
 @dataclass
@@ -285,20 +313,27 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
     if loaded.settings.tasks:  # lm-eval's task versions, shots and examples, filled in as configurations are scored
         record.info["tasks"] = loaded.settings.tasks.info
     record.save()  # before the first forward pass: a crashed run's CSV has its sidecar
-    removals, choice = configurations(config, loaded, procs)
+    removals, choice = removal_sets(config, loaded, procs)
     shard = config.output.shard
     if shard:
         record.info["plan_size"] = len(removals)
         mine = share(removals, shard.index, shard.count)
         log.info(f"Shard {shard}: {len(mine)} of the sweep's {len(removals)} configurations, and the baseline")
         removals = mine
+    configs = configurations(config.select.patch, removals, choice.patched if choice else None, loaded.model)
+    fitter = patch_fitter(config, loaded)
+    if fitter:
+        record.info["patch"] = fitter.info  # filled in as maps are fitted
     announce(config, loaded, removals)
-    rows = measure_rows(config, loaded, procs, removals, resumed, choice, record)
+    rows = measure_rows(config, loaded, procs, configs, resumed, choice, record, fitter)
     if not procs.is_main:
         return 0
     mode_report = choice.report(rows) if choice and choice.report else None
     print_summary(config, rows, mode_report, with_table=not choice or choice.sweep_table)
-    deliver(config, loaded.model, loaded.tokenizer, rows, loaded.ids, loaded.settings, loaded.heal, loaded.train_ids)
+    method = rows[-1].get("patch") or NONE
+    patch = fitter(row_removal(rows[-1]), method) if fitter and method != NONE else None
+    deliver(config, loaded.model, loaded.tokenizer, rows, loaded.ids, loaded.settings, loaded.heal, loaded.train_ids,
+            patch, fitter.info["calibration"] if patch else None)
     if record.out:
         record.info.update(finished=now(), mode_report=mode_report)
         record.save()
@@ -309,29 +344,39 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
     return 0
 
 
-def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: list[Removal],
-                 resumed: list[dict], choice: Choice | None, record: Record) -> list[dict]:
-    """Every configuration's row, in plan order, each written as it arrives."""
+def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, configs: list[tuple[Removal, str]],
+                 resumed: list[dict], choice: Choice | None, record: Record, fitter: Fitter | None) -> list[dict]:
+    """Every configuration's row, in plan order, each written as it arrives.
+
+    ``configs`` are (removal set, --patch method) pairs, the baseline first
+    (pruning.compensation.configurations); ``fitter`` fits the patched ones.
+    """
     model, device, info = loaded.model, loaded.device, record.info
     context = {"mode": config.mode, "model": config.data.model, "dataset": config.data.dataset,
                "device": device.type, "dtype": dtype_name(model), "protocol": loaded.settings.windows.label}
-    done = {removal_key(row_removal(r)): r for r in resumed}
+    done = {config_key(row_removal(r), r.get("patch")): r for r in resumed}
     work = Work()
-    base = done.get(removal_key(()))
+    base = done.get(config_key(()))
     # The baseline goes into the sweep's own pass (its chain of blocks is every other configuration's
     # prefix), first, so its row arrives before any row that needs it for the change columns.
-    configs = removals if base else [(), *removals]
-    todo = [r for r in configs if removal_key(r) not in done]
+    candidates = configs[1:] if base else configs
+    todo = [c for c in candidates if config_key(*c) not in done]
     if config.output.resume or procs.count > 1:
-        skipped = f" ({len(configs) - len(todo)} already in {config.output.resume})" if config.output.resume else ""
+        skipped = f" ({len(candidates) - len(todo)} already in {config.output.resume})" if config.output.resume else ""
         workers = f" over {procs.count} processes" if procs.count > 1 else ""
         log.info(f"{len(todo)} configurations to evaluate{skipped}{workers}")
     mine = share(todo, procs.index, procs.count)
     bar = progress_bar(total=len(todo), desc="configurations", unit="cfg",
                    disable=config.output.quiet or len(todo) < 2 or not procs.is_main)
     extras = choice.extras if choice else {}
-    measurements = counted(measure_all(model, loaded.ids, loaded.prompt_ids, mine, loaded.settings), work)
-    measured = (to_row(m, {**context, **extras.get(canonical(m.removed), {})}) for m in measurements)
+    # the plain sets in the shared-prefix sweep, then each patched one on its own
+    plain = ((m, NONE) for m in measure_all(model, loaded.ids, loaded.prompt_ids,
+                                            [r for r, method in mine if method == NONE], loaded.settings))
+    patched = measure_patched(model, loaded.ids, loaded.prompt_ids, [c for c in mine if c[1] != NONE],
+                              loaded.settings, fitter)
+    measurements = counted(itertools.chain(plain, patched), work)
+    measured = (to_row(m, {**context, "patch": method, **extras.get(canonical(m.removed), {})})
+                for m, method in measurements)
     rows = dict(done)
     # Each process measures its share; every row reaches every process, in order, and the main
     # process writes it. Process 0's share starts with the baseline, so it is the first row of all.
@@ -339,7 +384,7 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: 
         for row in batch:
             base = base or row
             row = with_changes(row, base)
-            rows[removal_key(row_removal(row))] = row
+            rows[config_key(row_removal(row), row["patch"])] = row
             info["configurations_evaluated"] += 1
             info["tokens_evaluated"] += row["eval_tokens"]
             if record.out:
@@ -352,4 +397,4 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: 
     if work.configurations:
         log.info(f"Perplexity work: {work.summary()}")
     info["work"] = work.as_dict()
-    return [rows[removal_key(r)] for r in [(), *removals]]
+    return [rows[config_key(*c)] for c in configs]

@@ -8,7 +8,7 @@ import os
 from typing import Sequence
 
 from config import RunConfig
-from models.units import removal_key, removal_order, row_removal
+from models.units import config_key, removal_key, removal_order, row_removal
 from reporting.csvfile import ResultsFile, read_rows, results_path
 from reporting.markdown import write_outputs
 from reporting.schema import columns_of, with_changes
@@ -51,14 +51,14 @@ def merge_rows(tables: Sequence[tuple[str, list[dict]]]) -> list[dict]:
     pruned: list[dict] = []
     for path, rows in tables:
         for row in rows:
-            for column in ("model", "dataset", "mode", "eval_tokens", "dtype", "device", "protocol"):
+            for column in ("model", "dataset", "mode", "eval_tokens", "dtype", "device", "protocol", "patch"):
                 if row.get(column) != reference.get(column):
                     raise KitError(f"'{path}' has {column} {row.get(column)!r} but '{first_path}' has "
                                    f"{reference.get(column)!r}; merge only the shards of one sweep")
             if columns_of(row) != columns_of(reference):
                 raise KitError(f"'{path}' and '{first_path}' have different task columns (--tasks); merge only the "
                                "shards of one sweep")
-            key = removal_key(row_removal(row))
+            key = config_key(row_removal(row), row.get("patch"))
             if not row_removal(row):
                 if baseline is None:
                     baseline = row

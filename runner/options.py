@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from config import DEFAULT_PROMPT, RunConfig, parse_shard
+from config import DEFAULT_PROMPT, PATCHES, RunConfig, parse_shard
 from evaluation.windows import PROTOCOLS
 from models.units import UNIT_KINDS, Unit
 from pruning.budget import parse_params_target
@@ -236,6 +236,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("--max-configs", "select.max_configs", "the most configurations combinatorial plans; compare's exhaustive "
            "optimum only where C(L, k) <= this", CALIB,
            type=positive_int, modes=("combinatorial", "compare"), outside="warn"),
+
+    Option("--patch", "select.patch", "compensate each removed run of blocks with a linear map fitted on "
+           "--calib-tokens calibration tokens and merged into the weights (ReplaceMe): lstsq (least squares), cosine "
+           "(cosine distance), none; compare: each rule's pick with and without it", CALIB, choices=PATCHES),
 
     Option("--no-speed", "speed.enabled", "skip the latency measurement", SPEED, flag_only=True,
            convert=lambda given: not given),

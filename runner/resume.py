@@ -41,6 +41,9 @@ def run_identity(config: RunConfig, windows: WindowSpec, device: str, dtype: str
     }
     if MODES[config.mode].seeded:
         identity["seed"] = config.seed
+    identity["patch"] = config.select.patch  # a patched row is another model than the plain one
+    if config.select.patch != "none":  # its maps are fitted on the calibration tokens
+        identity["calib_tokens"] = config.select.calib_tokens
     return identity
 
 

@@ -201,7 +201,7 @@ def test_only_the_main_process_chooses_the_others_receive_its_plan(monkeypatch):
 
     from config import RunConfig, WindowSpec
     from runner.modes import MODES
-    from runner.evaluate import configurations
+    from runner.evaluate import removal_sets
     from runner.processes import Processes
 
     chose = []
@@ -210,5 +210,5 @@ def test_only_the_main_process_chooses_the_others_receive_its_plan(monkeypatch):
     worker = Processes(index=1, count=2, _broadcast=lambda outcome: [("ok", sent)])
     loaded = SimpleNamespace(planned=None, model=None, tokenizer=None, stream=None, cache_dir=None,
                              settings=SimpleNamespace(windows=WindowSpec(64, 32), progress=False))
-    removals, choice = configurations(RunConfig(mode="greedy"), loaded, worker)
+    removals, choice = removal_sets(RunConfig(mode="greedy"), loaded, worker)
     assert chose == [] and removals == sent[0] and choice.extras == sent[1] and choice.report is None

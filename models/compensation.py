@@ -1,0 +1,171 @@
+"""Merging fitted linear maps into a model's own weights: a removed run of
+blocks compensated without a new module (the fitting is pruning.compensation).
+
+A maximal run of removed blocks a..b is replaced by a d x d map T acting on
+the MLP output M of block a-1, the last kept block before the run (ReplaceMe,
+Shopkhoev et al., 2025): the stream leaving block a-1 becomes h_mid + M T
+instead of h_mid + M, h_mid being the stream after its attention. M is the
+output of a linear projection (the family's ``mlp_out``), so
+M T = x (W T) + b T and T is merged into that projection's weight and bias:
+the model keeps its architecture and its parameter count.
+
+A run starting at block 0 has no block before it. The map then acts on the
+whole stream entering block 0, which in every supported family is a sum of
+embedding lookups (token and, for GPT-2, GPT-Neo and OPT, learned position
+embeddings; OPT's project_in where it has one): (E[ids] + P[pos]) T =
+(E T)[ids] + (P T)[pos], so T is merged into each of them exactly. Where the
+token embeddings are also the LM head (tied, as in GPT-2 and SmolLM2), the
+patched model unties them: the LM head keeps the original matrix and the
+embedding gets its own, which adds vocabulary x width parameters (counted in
+the row's params) and writes ``tie_word_embeddings: false`` into an exported
+config. The fit checks the merged embeddings against X T on calibration
+tokens and refuses where they differ.
+
+Refused, with one line: removal sets with attention or MLP sublayers, and
+OPT with the layer norm after the residual add (do_layer_norm_before false),
+where the MLP output is not added to the stream as it is.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from models.families import family_of, get_blocks, module_at
+from models.units import is_whole_blocks, removed_whole, unit_names
+from utils.errors import KitError
+
+def removed_runs(removal: Sequence) -> list[tuple[int, int]]:
+    """The maximal runs of consecutive removed blocks, (first, last), in order."""
+    runs: list[list[int]] = []
+    for i in sorted(removed_whole(removal)):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return [(a, b) for a, b in runs]
+
+
+def check_patchable(model: nn.Module, removal: Sequence) -> list[tuple[int, int]]:
+    """Refuse a removal set or model that no map can compensate exactly; its runs otherwise."""
+    if not is_whole_blocks(removal):
+        parts = ", ".join(u for u in unit_names(removal) if not u.startswith("block"))
+        raise KitError(f"--patch fits maps for removed whole blocks; this configuration removes sublayers ({parts}): "
+                       "use --patch none, or remove whole blocks")
+    family = family_of(model)
+    if family.model_type == "opt" and getattr(model.config, "do_layer_norm_before", True) is False:
+        raise KitError("--patch cannot merge a map into this OPT model: its layer norm follows the residual add "
+                       "(do_layer_norm_before false), so the MLP output is not added to the stream as it is")
+    return removed_runs(removal)
+
+
+def input_embeddings(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of each module summed into the stream entering block 0."""
+    found = []
+    for alternatives in family_of(model).embeddings:
+        path = next((p for p in alternatives if module_at(model, p) is not None), None)
+        if path is None:
+            raise KitError(f"--patch cannot find {' or '.join(alternatives)} in this model")
+        found.append((path, module_at(model, path)))
+    return found
+
+
+@dataclass(frozen=True)
+class Map:
+    """A fitted map for the removed blocks first..last, and what its fit cost."""
+
+    first: int
+    last: int
+    matrix: torch.Tensor  # (d, d) float64: the stream leaving the last kept point times this
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A parameter of the model and the tensor that stands in for it while the patch is applied."""
+
+    module: nn.Module
+    name: str  # "weight" or "bias"
+    value: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Patch:
+    """The maps of one removal set, merged: the tensors to swap in, and whether that unties the LM head."""
+
+    method: str
+    removal: tuple
+    maps: tuple[Map, ...] = ()
+    replacements: tuple[Replacement, ...] = ()
+    untied: bool = False  # the token embeddings were the LM head's too: the patched model has its own
+    merged_into: tuple[str, ...] = ()  # per map, where it went, in original block numbering
+
+    def __add__(self, other: "Patch") -> "Patch":
+        return Patch(self.method, other.removal, self.maps + other.maps, self.replacements + other.replacements,
+                     self.untied or other.untied, self.merged_into + other.merged_into)
+
+
+def _times(weight: torch.Tensor, matrix: torch.Tensor, rows_are_outputs: bool) -> torch.Tensor:
+    """The weight whose outputs are the old outputs times ``matrix`` (in float64, cast back)."""
+    w, t = weight.detach().double(), matrix.to(weight.device, torch.float64)
+    return (t.T @ w if rows_are_outputs else w @ t).to(weight.dtype)
+
+
+def merge_map(model: nn.Module, m: Map, method: str, removal: tuple) -> Patch:
+    """The replacements that merge ``m`` into the model (not yet applied: see ``applied``).
+
+    ``model`` is the full model (no blocks removed), so block indices are the original ones;
+    ``removal`` holds the blocks removed up to this map's run.
+    """
+    family = family_of(model)
+    if m.first > 0:
+        path, source = family.mlp_out, m.first - 1
+        renumbered = source - sum(1 for i in removal if i < source)
+        targets = [(f"block {source}'s {path} (block {renumbered} of the pruned model)",
+                    module_at(get_blocks(model)[source], path))]
+    else:
+        targets = [(p, module) for p, module in input_embeddings(model)]
+    head = model.get_output_embeddings()
+    head_weight = head.weight if head is not None else None
+    out, untied = [], False
+    for _, module in targets:
+        if isinstance(module, nn.Embedding):  # (vocabulary, d): each row is an output vector
+            out.append(Replacement(module, "weight", _times(module.weight, m.matrix, rows_are_outputs=False)))
+            untied = untied or module.weight is head_weight
+        else:  # nn.Linear stores (out, in); GPT-2's Conv1D (in, out)
+            out.append(Replacement(module, "weight", _times(module.weight, m.matrix,
+                                                            rows_are_outputs=not family.transposed_linears)))
+        if getattr(module, "bias", None) is not None:
+            out.append(Replacement(module, "bias", _times(module.bias.view(1, -1), m.matrix, False).view(-1)))
+    where = " + ".join(p for p, _ in targets)
+    return Patch(method, removal, (m,), tuple(out), untied, (where,))
+
+
+@contextmanager
+def applied(model: nn.Module, patch: Patch | None) -> Iterator[nn.Module]:
+    """``model`` with the patch's tensors in place of its own, restored on exit.
+
+    The replaced parameters are swapped as objects, so a tie (GPT-2's wte and
+    lm_head) is broken while the patch is applied and restored afterwards; the
+    config says untied meanwhile, so save_pretrained writes both matrices.
+    """
+    if patch is None or not patch.replacements:
+        yield model
+        return
+    originals = [(r.module, r.name, getattr(r.module, r.name)) for r in patch.replacements]
+    tied = getattr(model.config, "tie_word_embeddings", None)
+    try:
+        for r, (_, _, old) in zip(patch.replacements, originals):
+            setattr(r.module, r.name, nn.Parameter(r.value, requires_grad=old.requires_grad))
+        if patch.untied:
+            model.config.tie_word_embeddings = False
+        yield model
+    finally:
+        for module, name, old in originals:
+            setattr(module, name, old)
+        if patch.untied:
+            model.config.tie_word_embeddings = tied
