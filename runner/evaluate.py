@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -34,7 +34,7 @@ from models.units import Removal, canonical, row_removal
 from pruning.calibration import Calibration, calibration_ids
 from pruning.choice import Choice
 from pruning.modes import MODES, saving_modes
-from reporting.csvfile import ResultsFile, read_rows, results_path
+from reporting.csvfile import ResultsFile, pass_checkpoint_path, read_rows, results_path
 from reporting.markdown import write_outputs
 from reporting.schema import COLUMNS, task_columns, to_row, with_changes
 from reporting.sidecar import write_sidecar
@@ -296,10 +296,23 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
     return 0
 
 
+def pass_checkpoint(config: RunConfig, record: Record, procs: Processes) -> str | None:
+    """Where the perplexity passes save their state: beside the results file, for a single process (several
+    processes each hold a share, which a resumed run shares out anew). A new file's name was free, so a
+    checkpoint beside it is a leftover of a file removed since, and goes."""
+    if record.out is None or procs.count > 1:
+        return None
+    path = pass_checkpoint_path(record.out.path)
+    if not config.output.resume and os.path.exists(path):
+        os.remove(path)
+    return path
+
+
 def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: list[Removal],
                  resumed: list[dict], choice: Choice | None, record: Record) -> list[dict]:
     """Every configuration's row, in plan order, each written as it arrives."""
     model, device, info = loaded.model, loaded.device, record.info
+    settings = replace(loaded.settings, checkpoint=pass_checkpoint(config, record, procs))
     context = {"mode": config.mode, "model": config.data.model, "dataset": config.data.dataset,
                "device": device.type, "dtype": dtype_name(model), "protocol": loaded.settings.windows.label}
     done = {removal_key(row_removal(r)): r for r in resumed}
@@ -317,7 +330,7 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, removals: 
     bar = progress_bar(total=len(todo), desc="configurations", unit="cfg",
                    disable=config.output.quiet or len(todo) < 2 or not procs.is_main)
     extras = choice.extras if choice else {}
-    measurements = counted(measure_all(model, loaded.ids, loaded.prompt_ids, mine, loaded.settings), work)
+    measurements = counted(measure_all(model, loaded.ids, loaded.prompt_ids, mine, settings), work)
     measured = (to_row(m, {**context, **extras.get(canonical(m.removed), {})}) for m in measurements)
     rows = dict(done)
     # Each process measures its share; every row reaches every process, in order, and the main
