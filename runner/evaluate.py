@@ -129,7 +129,7 @@ def load(config: RunConfig, procs: Processes) -> Loaded:
         raise KitError("--max-tokens must be at least 2")
     heal, train_ids = healing_inputs(config.heal, data.dataset, data.text_column, model, tokenizer, ids, context,
                                      cache_dir)
-    settings = EvalSettings(windows, config.speed, progress=progress, tasks=tasks)
+    settings = EvalSettings(windows, config.speed, progress=progress, tasks=tasks, divergence=windows.kl)
     return Loaded(model, tokenizer, device, planned, stream, ids, prompt_ids, settings, heal, train_ids, cache_dir)
 
 
