@@ -62,25 +62,27 @@ def slices_token_nll(head: nn.Module, slices: Slices, targets: torch.Tensor) -> 
 
 def _top1(slices: Slices) -> torch.Tensor:
     """The first maximal column over all slices, per row."""
-    best = torch.stack([logits.max(dim=1).values for _, logits in slices])
-    which = best.argmax(dim=0)  # the first slice holding the row's maximum
-    local = torch.stack([logits.argmax(dim=1) + first for first, logits in slices])
+    maxima = [logits.max(dim=1) for _, logits in slices]
+    which = torch.stack([m.values for m in maxima]).argmax(dim=0)  # the first slice holding the row's maximum
+    local = torch.stack([m.indices + first for (first, _), m in zip(slices, maxima)])
     return local.gather(0, which.unsqueeze(0)).squeeze(0)
 
 
-def _log_probs(slices: Slices, lse: torch.Tensor) -> list[torch.Tensor]:
-    return [logits - lse.unsqueeze(1) for _, logits in slices]
+def _expected(probs: list[torch.Tensor], slices: Slices, lse: torch.Tensor) -> torch.Tensor:
+    """sum_v p(v) log q(v) per row, q the softmax of ``slices``: one row-wise dot product per slice."""
+    total = None
+    for p, (_, logits) in zip(probs, slices):
+        dot = torch.bmm(p.unsqueeze(1), (logits - lse.unsqueeze(1)).unsqueeze(2)).view(-1)
+        total = dot if total is None else total + dot
+    return total
 
 
 def reference(slices: Slices, lse: torch.Tensor) -> Reference:
     """The original's side of a chunk, from its logit slices and log-sum-exps."""
-    log_p = _log_probs(slices, lse)
-    probs = [lp.exp() for lp in log_p]
-    neg_entropy = sum((p * lp).sum(dim=1) for p, lp in zip(probs, log_p))
-    return Reference(probs, neg_entropy, _top1(slices))
+    probs = [(logits - lse.unsqueeze(1)).exp() for _, logits in slices]
+    return Reference(probs, _expected(probs, slices, lse), _top1(slices))
 
 
 def compare(ref: Reference, slices: Slices, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """KL(original || pruned) per row (rounding below 0 clamped) and whether the top-1 tokens agree."""
-    cross = sum((p * lq).sum(dim=1) for p, lq in zip(ref.probs, _log_probs(slices, lse)))
-    return (ref.neg_entropy - cross).clamp_min(0.0), _top1(slices) == ref.top1
+    return (ref.neg_entropy - _expected(ref.probs, slices, lse)).clamp_min(0.0), _top1(slices) == ref.top1

@@ -17,8 +17,8 @@ at the end of its pass, so rows come in bursts: after a group's pass, each
 configuration's speed test runs and its Measurement is yielded as soon as that
 finishes. GROUP_SIZE is the trade-off: a larger group shares more prefixes (a
 sequential sweep of up to GROUP_SIZE blocks is one group, so it gets all of
-its sharing), a smaller one loses less work to a crash and reports its first
-rows sooner. Groups are consecutive runs of the configurations in the order
+its sharing), a smaller one reports its first rows sooner and, without a
+checkpoint (no results file, several processes), loses less work to a crash. Groups are consecutive runs of the configurations in the order
 given (the planners list them so that neighbours share prefixes), and rows
 come out in that order. ``measure`` evaluates one configuration on its own,
 the reference the engine is tested against.
@@ -72,7 +72,7 @@ class EvalSettings:
     speed: SpeedSpec = SpeedSpec(enabled=False)
     progress: bool = True
     tasks: Callable[[nn.Module], dict[str, dict]] | None = None
-    divergence: bool = True  # KL and top-1 agreement against the baseline (--no-kl turns it off)
+    divergence: bool = False  # KL and top-1 agreement against the baseline (--kl)
     checkpoint: str | None = None  # the pass checkpoint file (evaluation.passfile); None: no checkpoints
 
 

@@ -33,7 +33,7 @@ COLUMNS = [
     "target",
     # the perplexity's 95% interval (block bootstrap over scored tokens, evaluation.intervals), the interval of
     # its change against the baseline in percent (paired resampling; empty for the baseline), and the mean
-    # KL(original || pruned) and share of scored positions with the original's top-1 token (empty with --no-kl)
+    # KL(original || pruned) and share of scored positions with the original's top-1 token (with --kl)
     "ppl_low", "ppl_high", "ppl_change_low_pct", "ppl_change_high_pct", "kld", "top1_agreement",
 ]
 # The columns of files written before the pass columns: such a file is still resumed (csvfile.check_columns).

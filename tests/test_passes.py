@@ -69,7 +69,9 @@ def test_kl_and_top1_agreement_match_a_model_with_the_block_deleted(model, ids):
     assert by_removal[(IDENTITY_BLOCK,)].kld == 0.0 and by_removal[(IDENTITY_BLOCK,)].top1_agreement == 1.0
     for block in (0, 3):
         kl, agree = independent_divergence(model, ids, block)
-        assert kl > 0 and by_removal[(block,)].kld == pytest.approx(kl, rel=1e-4)
+        # float32 sums of p log p and p log q: about 1e-7 nats per position apart from float64 (this random
+        # model's KL is only 2e-4 nats)
+        assert kl > 0 and by_removal[(block,)].kld == pytest.approx(kl, rel=1e-3, abs=1e-7)
         assert by_removal[(block,)].top1_agreement == pytest.approx(agree, abs=1 / 2000)
 
 
@@ -240,7 +242,8 @@ def run_kit(model_dir, text_file, *args) -> int:
 
 
 def test_rows_carry_intervals_and_divergence_and_tables_mark_noise(model_dir, text_file, tmp_path):
-    assert run_kit(model_dir, text_file, "--mode", "sequential", "--save_results", "--output-dir", str(tmp_path)) == 0
+    assert run_kit(model_dir, text_file, "--mode", "sequential", "--kl", "--save_results", "--output-dir",
+                   str(tmp_path)) == 0
     [path] = tmp_path.glob("*.csv")
     rows = csvfile.read_rows(str(path))
     base, identity = rows[0], rows[1 + IDENTITY_BLOCK]
@@ -257,8 +260,8 @@ def test_rows_carry_intervals_and_divergence_and_tables_mark_noise(model_dir, te
     assert "within the noise" in observations(noisy)[-1]
 
 
-def test_no_kl_leaves_the_divergence_columns_empty(model_dir, text_file, tmp_path):
-    assert run_kit(model_dir, text_file, "--mode", "custom", "--remove", "1", "--no-kl", "--save_results",
+def test_without_kl_the_divergence_columns_are_empty(model_dir, text_file, tmp_path):
+    assert run_kit(model_dir, text_file, "--mode", "custom", "--remove", "1", "--save_results",
                    "--output-dir", str(tmp_path)) == 0
     [path] = tmp_path.glob("*.csv")
     rows = csvfile.read_rows(str(path))
@@ -331,7 +334,7 @@ def test_a_run_killed_mid_pass_resumes_to_the_same_rows_with_less_work(model_dir
             env[KILL_AFTER_WINDOWS] = str(kill)
         return subprocess.run([sys.executable, "main.py", "--mode", "sequential", "--model", str(model_dir),
                                "--dataset", str(text_file), "--max-tokens", "2400", "--max-length", "48",
-                               "--stride", "24", "--batch-size", "2", "--no-speed", *args],
+                               "--stride", "24", "--batch-size", "2", "--kl", "--no-speed", *args],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
     whole = kit("--save_results", "--output-dir", str(tmp_path / "whole"))
