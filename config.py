@@ -84,6 +84,7 @@ class WindowSpec:
     protocol: str = "sliding"
     bos: bool = False
     prefix_token: int | None = None
+    kl: bool = False  # KL divergence and top-1 agreement against the baseline in results passes (--kl)
 
     @property
     def label(self) -> str:

@@ -19,9 +19,9 @@ would feed them: the model's own forward is run once per window batch with
 recorders in place of its blocks (models.families.record_block_calls), and
 each block is called with the arguments it received at its own position
 (its attention kind's mask, rotary embeddings, position ids). The loss is
-evaluation.perplexity.scored_nll, so each perplexity equals the one-model-at-
-a-time evaluation of evaluation.perplexity.perplexity to the last bit on a given
-device and batch size.
+computed as evaluation.perplexity.scored_nll computes it, so each perplexity
+equals the one-model-at-a-time evaluation of evaluation.perplexity.perplexity
+to the last bit on a given device and batch size.
 
 Removal sets may hold sublayers (models.units): a node of the tree is then a
 (block, part) pair, part 'block' for the whole block or 'attn' / 'mlp' for a
@@ -30,13 +30,27 @@ block with its other sublayer replaced by the stub removed_units uses
 (models.removal.skipped_sublayer), so it is exact for sequential and
 parallel-residual blocks alike, and sweeps over units share prefixes too.
 
+A results pass (run_pass with ``compare``) also runs the baseline, the
+tree's first path, and keeps each configuration's NLL per block of scored
+tokens for its 95% intervals (evaluation.intervals); with ``divergence`` it
+compares every configuration's next-token distribution with the baseline's
+(evaluation.divergence). Its running state is evaluation.passfile.PassState,
+which a PassCheckpoint saves as the pass goes, so an interrupted pass
+continues where it stopped. The progress bar counts model FLOPs, block by
+block, so a long window batch moves too.
+
 Peak memory beyond the model: (depth of the tree + 1) hidden states of one
 window batch (at most L + 1 tensors of batch x window x width), the attention
-temporaries of one block, and one LOGIT_ROWS x VOCAB_SLICE slice of logits.
+temporaries of one block, and one LOGIT_ROWS x VOCAB_SLICE slice of logits;
+with ``divergence``, the baseline's probabilities at the batch's scored
+positions (scored positions x vocabulary) and one LOGIT_ROWS x vocabulary
+chunk of logits (evaluation.divergence).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -45,13 +59,18 @@ import torch
 from torch import nn
 from utils.log import progress_bar
 
-from evaluation.perplexity import PerplexityResult, batch_inputs, scored_nll, to_perplexity
+from evaluation.divergence import compare as divergence_compare
+from evaluation.divergence import head_slices, slices_token_nll
+from evaluation.divergence import reference as divergence_reference
+from evaluation.intervals import block_counts, block_tokens, perplexity_intervals
+from evaluation.passfile import PassCheckpoint, PassState, pass_identity
+from evaluation.perplexity import LOGIT_ROWS, PerplexityResult, batch_inputs, to_perplexity, token_nll
 from evaluation.windows import DEFAULT_PROTOCOL, Window, make_windows, window_batches
 from models.families import (block_output, family_of, final_modules, get_blocks, lm_head, module_at,
                              record_block_calls)
 from models.placement import input_device
 from models.removal import check_units, skipped_sublayer
-from models.units import FULL, kept_nodes
+from models.units import FULL, kept_nodes, removal_key
 
 # A node of the prefix tree: a kept block and what of it runs ('block', or only its 'attn' or 'mlp').
 Node = tuple[int, str]
@@ -75,6 +94,7 @@ class Work:
     tokens_scored: int = 0
     flops: float = 0.0
     seconds: float = 0.0  # wall time of the perplexity passes only (no speed test)
+    checkpoint_seconds: float = 0.0  # of ``seconds``, writing pass checkpoints (evaluation.passfile)
 
     def add(self, other: "Work") -> None:
         for name, value in asdict(other).items():
@@ -96,7 +116,8 @@ class Work:
         return (f"{self.configurations} configurations: {self.block_evals:,} block evaluations "
                 f"(one-at-a-time: {self.naive_block_evals:,}, {self.block_evals_saved:.0%} saved), "
                 f"{self.tokens_scored:,} tokens scored, {self.flops / 1e12:.2f} TFLOP in {self.seconds:.1f} s "
-                f"= {self.flops_per_s / 1e9:.1f} GFLOP/s")
+                f"= {self.flops_per_s / 1e9:.1f} GFLOP/s"
+                + (f", {self.checkpoint_seconds:.2f} s of it writing checkpoints" if self.checkpoint_seconds else ""))
 
 
 @dataclass
@@ -108,10 +129,13 @@ class _Node:
     ends: list[int] = field(default_factory=list)  # configurations whose kept list is this prefix
 
 
-def prefix_tree(kept_lists: Sequence[Sequence[Node]]) -> _Node:
-    """The kept lists as a tree; a plain block index stands for the whole block."""
+def prefix_tree(kept_lists: Sequence[Sequence[Node]], first: int | None = None) -> _Node:
+    """The kept lists as a tree; a plain block index stands for the whole block. Kept list ``first`` goes in
+    first, so its path comes first among every node's children (_walk)."""
     root = _Node((-1, FULL))
-    for index, kept in enumerate(kept_lists):
+    order = range(len(kept_lists)) if first is None else [first, *(i for i in range(len(kept_lists)) if i != first)]
+    for index in order:
+        kept = kept_lists[index]
         node = root
         for item in kept:
             key = (item, FULL) if isinstance(item, int) else tuple(item)
@@ -168,55 +192,204 @@ class _BatchRunner:
         with skipped_sublayer(self.model, block, "mlp" if part == "attn" else "attn"):
             return block_output(self.model, self.calls[index](block, hidden))
 
-    def nll(self, hidden: torch.Tensor, rows, positions, targets) -> float:
-        for module in self.final:
-            hidden = module(hidden)
-        return scored_nll(self.head, hidden, rows, positions, targets)
-
 
 def _walk(node: _Node, hidden: torch.Tensor, step: Callable[[Node, torch.Tensor], torch.Tensor],
           finish: Callable[[int, torch.Tensor], None]) -> None:
-    """Depth first: only the states on the path from the root stay alive."""
-    for config in node.ends:
-        finish(config, hidden)
+    """Depth first: only the states on the path from the root stay alive. A node's configurations are
+    finished after its subtree, so the configuration inserted first into the tree (the baseline, when it is
+    the reference) is the first one finished of every window batch."""
     for child in node.children.values():
         _walk(child, step(child.node, hidden), step, finish)
+    for config in node.ends:
+        finish(config, hidden)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """One configuration's results from a pass. With ``compare`` (run_pass) they hold the 95% intervals of
+    the perplexity and of its change in percent against the baseline (evaluation.intervals), and with
+    ``divergence`` the mean KL(original || pruned) and the share of scored positions whose top-1 token is
+    the original's (evaluation.divergence)."""
+
+    ppl: PerplexityResult
+    kld: float | None = None
+    top1_agreement: float | None = None
+    ppl_interval: tuple[float, float] | None = None
+    change_interval: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a pass evaluates, fixed for its whole length."""
+
+    configs: list[tuple]  # canonical removal sets; the baseline appended when it is the reference and missing
+    kept_lists: list[tuple[Node, ...]]
+    tree: _Node
+    windows: list[Window]
+    offsets: list[int]  # scored tokens before each window
+    block: int  # scored tokens per interval block
+    reference: int | None  # the baseline's index, when the pass compares against it
+
+
+def _plan(model: nn.Module, removals: Sequence[Sequence], windows: list[Window], compare: bool) -> _Plan:
+    configs = [check_units(model, removed) for removed in removals]
+    if compare and () not in configs:
+        configs.append(())
+    reference = configs.index(()) if compare else None
+    n_blocks = len(get_blocks(model))
+    kept_lists = [kept_nodes(n_blocks, removed) for removed in configs]
+    offsets = [0]
+    for w in windows:
+        offsets.append(offsets[-1] + w.scored)
+    return _Plan(configs, kept_lists, prefix_tree(kept_lists, first=reference), windows, offsets,
+                 block_tokens(offsets[-1]), reference)
+
+
+class _Scorer:
+    """The LM head and loss of every configuration on one window batch, added into the pass's state.
+
+    With ``divergence`` the baseline's distribution at the batch's scored positions is kept (as
+    evaluation.divergence.Reference chunks) from its finish, the batch's first, to the batch's end.
+    """
+
+    def __init__(self, runner: _BatchRunner, plan: _Plan, state: PassState, first_window: int, rows: torch.Tensor,
+                 positions: torch.Tensor, targets: torch.Tensor, divergence: bool):
+        device = runner.device
+        self.runner, self.plan, self.state, self.divergence = runner, plan, state, divergence
+        self.rows, self.positions, self.targets = rows.to(device), positions.to(device), targets.to(device)
+        self.blocks = (plan.offsets[first_window] + torch.arange(len(targets))) // plan.block
+        self.references: list = []
+
+    def finish(self, config: int, hidden: torch.Tensor) -> None:
+        for module in self.runner.final:
+            hidden = module(hidden)
+        picked = hidden[self.rows, self.positions]
+        total, kl, agree = 0.0, 0.0, 0
+        for k, start in enumerate(range(0, len(self.targets), LOGIT_ROWS)):
+            rows, targets = picked[start : start + LOGIT_ROWS], self.targets[start : start + LOGIT_ROWS]
+            nll, chunk_kl, chunk_agree = self._chunk(config, k, rows, targets)
+            total += nll.double().sum().item()  # as evaluation.perplexity.scored_nll adds it up
+            kl, agree = kl + chunk_kl, agree + chunk_agree
+            self.state.blocks[config].index_add_(0, self.blocks[start : start + LOGIT_ROWS], nll.double().cpu())
+        s = self.state
+        s.nll[config], s.tokens[config] = s.nll[config] + total, s.tokens[config] + len(self.targets)
+        s.kl[config], s.agree[config] = s.kl[config] + kl, s.agree[config] + agree
+
+    def _chunk(self, config: int, k: int, rows: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        head = self.runner.head
+        if not self.divergence:
+            return token_nll(head, rows, targets), 0.0, 0
+        slices = head_slices(head, rows)
+        nll, lse = slices_token_nll(head, slices, targets)
+        if config == self.plan.reference:
+            self.references.append(divergence_reference(slices, lse))
+            return nll, 0.0, len(targets)
+        kl, same = divergence_compare(self.references[k], slices, lse)
+        return nll, kl.double().sum().item(), int(same.sum().item())
+
+
+# Test hook (tests/test_passes.py): SIGKILL this process once a pass has this many windows done (after the
+# checkpoint tick of that window batch), so a test can stop a run mid-pass at a known point.
+KILL_AFTER_WINDOWS = "PRUNING_KIT_KILL_AFTER_WINDOWS"
+
+
+def _test_kill(done: int) -> None:
+    after = os.environ.get(KILL_AFTER_WINDOWS)
+    if after and done >= int(after):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _progress(model: nn.Module, plan: _Plan, batches: list[list[Window]], desc: str, progress: bool):
+    """A bar over the model FLOPs still to run, so that it moves block by block within a window batch."""
+    nodes = tree_nodes(plan.tree)
+    total = sum(len(b) * nodes_flops(model, nodes, b[0].length) + len(plan.configs) * head_flops(
+        model, sum(w.scored for w in b)) for b in batches)
+    return progress_bar(total=total, desc=desc, unit="FLOP", unit_scale=True, leave=False, disable=not progress)
 
 
 @torch.no_grad()
+def run_pass(model: nn.Module, ids: torch.Tensor, removals: Sequence[Sequence], max_length: int, stride: int | None,
+             batch_size: int = 1, progress: bool = True, desc: str = "windows", protocol: str = DEFAULT_PROTOCOL,
+             prefix_token: int | None = None, compare: bool = False, divergence: bool = False,
+             checkpoint: PassCheckpoint | None = None) -> tuple[list[PassResult], Work]:
+    """Every removal set (of blocks and sublayers, models.units) on ``ids``, in one pass over the windows of
+    ``protocol`` (evaluation.windows.make_windows); results in the order of ``removals``.
+
+    ``compare``: the baseline runs too (if it is not among ``removals``) and the results hold intervals;
+    ``divergence`` (with ``compare``): KL and top-1 agreement against it. ``checkpoint``: the pass continues
+    from the state saved there, if any, and saves its own (evaluation.passfile).
+    """
+    windows = make_windows(len(ids), max_length, stride, protocol, prefix_token)
+    plan = _plan(model, removals, windows, compare)
+    divergence = divergence and compare
+    identity = pass_identity(model, ids, windows, [removal_key(c) for c in plan.configs], batch_size,
+                             {"interval_block": plan.block, "divergence": divergence})
+    state = (checkpoint.load(identity) if checkpoint else None) or PassState.fresh(
+        identity, len(windows), len(plan.configs), len(block_counts(plan.offsets[-1], plan.block)))
+    batches = list(window_batches(windows[state.done:], batch_size))
+    runner = _BatchRunner(model)
+    work = Work(configurations=len(removals))
+    bar = _progress(model, plan, batches, desc, progress)
+    saving = checkpoint.seconds if checkpoint else 0.0
+    if checkpoint:
+        checkpoint.start(state)
+    start = time.perf_counter()
+    for batch in batches:
+        _run_batch(runner, plan, state, ids, batch, divergence, bar)
+        state.done += len(batch)
+        _account(work, model, batch, plan.tree, plan.kept_lists, sum(w.scored for w in batch))
+        bar.set_postfix_str(f"{state.done}/{len(windows)} windows", refresh=False)
+        if checkpoint:
+            checkpoint.tick(state)
+        _test_kill(state.done)
+    if checkpoint and batches:
+        checkpoint.save(state)  # the results outlive the pass until their rows are written
+    bar.close()
+    work.seconds = time.perf_counter() - start
+    work.checkpoint_seconds = checkpoint.seconds - saving if checkpoint else 0.0
+    return _results(plan, state, compare, divergence)[: len(removals)], work
+
+
+def _run_batch(runner: _BatchRunner, plan: _Plan, state: PassState, ids: torch.Tensor, batch: list[Window],
+               divergence: bool, bar) -> None:
+    inputs, rows, positions, targets = batch_inputs(ids, batch)
+    scorer = _Scorer(runner, plan, state, state.done, rows, positions, targets, divergence)
+    window = batch[0].length
+    part_flops = {part: len(batch) * block_flops(runner.model, window, part) for part in (FULL, "attn", "mlp")}
+    finish_flops = head_flops(runner.model, len(targets))
+
+    def step(node: Node, hidden: torch.Tensor) -> torch.Tensor:
+        out = runner.block(node, hidden)
+        bar.update(part_flops[node[1]])
+        return out
+
+    def finish(config: int, hidden: torch.Tensor) -> None:
+        scorer.finish(config, hidden)
+        bar.update(finish_flops)
+
+    _walk(plan.tree, runner.embed(inputs), step, finish)
+
+
+def _results(plan: _Plan, state: PassState, compare: bool, divergence: bool) -> list[PassResult]:
+    intervals = (perplexity_intervals(state.blocks, block_counts(plan.offsets[-1], plan.block), plan.reference)
+                 if compare else [(None, None)] * len(plan.configs))
+    out = []
+    for c, (ppl_interval, change_interval) in enumerate(intervals):
+        nll, tokens = state.nll[c], state.tokens[c]
+        out.append(PassResult(PerplexityResult(to_perplexity(nll, tokens), nll, tokens),
+                              state.kl[c] / tokens if divergence else None,
+                              state.agree[c] / tokens if divergence else None, ppl_interval, change_interval))
+    return out
+
+
 def sweep_perplexities(model: nn.Module, ids: torch.Tensor, removals: Sequence[Sequence[int]], max_length: int,
                        stride: int | None, batch_size: int = 1, progress: bool = True, desc: str = "windows",
                        protocol: str = DEFAULT_PROTOCOL,
                        prefix_token: int | None = None) -> tuple[list[PerplexityResult], Work]:
-    """Perplexity of every removal set (of blocks and sublayers, models.units) on ``ids``, in one pass over
-    the windows of ``protocol`` (evaluation.windows.make_windows).
-
-    Results are in the order of ``removals``.
-    """
-    n_blocks = len(get_blocks(model))
-    kept_lists = [kept_nodes(n_blocks, check_units(model, removed)) for removed in removals]
-    tree = prefix_tree(kept_lists)
-    runner = _BatchRunner(model)
-    windows = make_windows(len(ids), max_length, stride, protocol, prefix_token)
-    nll = [0.0] * len(kept_lists)
-    tokens = [0] * len(kept_lists)
-    work = Work(configurations=len(kept_lists))
-    bar = progress_bar(total=len(windows), desc=desc, unit="win", leave=False, disable=not progress)
-    start = time.perf_counter()
-    for batch in window_batches(windows, batch_size):
-        inputs, rows, positions, targets = batch_inputs(ids, batch)
-        hidden = runner.embed(inputs)
-
-        def finish(config: int, state: torch.Tensor) -> None:
-            nll[config] += runner.nll(state, rows, positions, targets)
-            tokens[config] += len(targets)
-
-        _walk(tree, hidden, runner.block, finish)
-        _account(work, model, batch, tree, kept_lists, len(targets))
-        bar.update(len(batch))
-    bar.close()
-    work.seconds = time.perf_counter() - start
-    return [PerplexityResult(to_perplexity(n, t), n, t) for n, t in zip(nll, tokens)], work
+    """Perplexity of every removal set on ``ids`` in one pass (run_pass without comparisons or checkpoint)."""
+    results, work = run_pass(model, ids, removals, max_length, stride, batch_size, progress, desc, protocol,
+                             prefix_token)
+    return [r.ppl for r in results], work
 
 
 def tree_nodes(node: _Node) -> list[Node]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -88,34 +88,45 @@ def token_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     vocabulary slice at a time.
 
     The log-sum-exp over the vocabulary is the log-sum-exp of the slices'
-    log-sum-exps, so slicing changes nothing but rounding; a soft cap
-    (models.families.SoftCappedHead) acts on each logit alone, so it is applied
-    slice by slice. A head that is not a plain linear layer is applied whole.
+    log-sum-exps, so slicing changes nothing but rounding. A head that is not
+    a plain linear layer (or a soft-capped one) is applied whole.
     """
+    linear = head.linear if isinstance(head, SoftCappedHead) else head
+    if not isinstance(linear, nn.Linear):
+        return F.cross_entropy(upcast(head(hidden)), targets, reduction="none")
+    return slices_nll(logit_slices(head, hidden, vocab_slice), targets)[0]
+
+
+def logit_slices(head: nn.Module, hidden: torch.Tensor, vocab_slice: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first vocabulary index, upcast logits) of each vocabulary slice of a linear head, computed as they are
+    read; a soft cap (models.families.SoftCappedHead) acts on each logit alone, so it is applied slice by slice."""
     cap = None
     if isinstance(head, SoftCappedHead):
         head, cap = head.linear, head.cap
-    if not isinstance(head, nn.Linear):
-        if cap is not None:
-            return F.cross_entropy(_upcast(soft_cap(head(hidden), cap)), targets, reduction="none")
-        return F.cross_entropy(_upcast(head(hidden)), targets, reduction="none")
     if vocab_slice is None:
         vocab_slice = VOCAB_SLICE if hidden.device.type == "cpu" else head.out_features
-    sums, target_logit = [], torch.zeros(len(targets), device=hidden.device,
-                                          dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
     for first in range(0, head.out_features, vocab_slice):
         last = first + vocab_slice
         bias = head.bias[first:last] if head.bias is not None else None
         logits = F.linear(hidden, head.weight[first:last], bias)
-        logits = _upcast(soft_cap(logits, cap) if cap is not None else logits)
+        yield first, upcast(soft_cap(logits, cap) if cap is not None else logits)
+
+
+def slices_nll(slices: Iterable[tuple[int, torch.Tensor]], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row NLL of the targets from vocabulary slices of logits, and each row's log-sum-exp."""
+    sums, target_logit = [], None
+    for first, logits in slices:
+        if target_logit is None:
+            target_logit = torch.zeros(len(targets), device=logits.device, dtype=logits.dtype)
         sums.append(torch.logsumexp(logits, dim=1))
-        inside = (targets >= first) & (targets < last)
+        inside = (targets >= first) & (targets < first + logits.shape[1])
         column = (targets - first).clamp(0, logits.shape[1] - 1).unsqueeze(1)
         target_logit += torch.where(inside, logits.gather(1, column).squeeze(1), 0.0)
-    return torch.logsumexp(torch.stack(sums), dim=0) - target_logit
+    lse = torch.logsumexp(torch.stack(sums), dim=0)
+    return lse - target_logit, lse
 
 
-def _upcast(t: torch.Tensor) -> torch.Tensor:
+def upcast(t: torch.Tensor) -> torch.Tensor:
     """Half-precision logits to float32 for the loss; float32 and float64 stay as they are."""
     return t if t.dtype == torch.float64 else t.float()
 

@@ -17,15 +17,25 @@ at the end of its pass, so rows come in bursts: after a group's pass, each
 configuration's speed test runs and its Measurement is yielded as soon as that
 finishes. GROUP_SIZE is the trade-off: a larger group shares more prefixes (a
 sequential sweep of up to GROUP_SIZE blocks is one group, so it gets all of
-its sharing), a smaller one loses less work to a crash and reports its first
-rows sooner. Groups are consecutive runs of the configurations in the order
+its sharing), a smaller one reports its first rows sooner and, without a
+checkpoint (no results file, several processes), loses less work to a crash. Groups are consecutive runs of the configurations in the order
 given (the planners list them so that neighbours share prefixes), and rows
 come out in that order. ``measure`` evaluates one configuration on its own,
 the reference the engine is tested against.
+
+Each pass also gives every row its perplexity's 95% interval, the paired
+interval of its change against the baseline and (``divergence``) its KL
+divergence and top-1 agreement with the unpruned model (evaluation.engine
+run_pass). With ``checkpoint`` (a file beside the results CSV) the pass saves
+its state as it goes and once more at its end, and the file is removed only
+when every row of the pass has been consumed (written): a run stopped during
+a pass continues it, and one stopped during the speed tests that follow gets
+the finished pass's results back from the file without a new pass.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
@@ -34,8 +44,8 @@ import torch
 from torch import nn
 
 from config import SpeedSpec, WindowSpec
-from evaluation.engine import (Work, block_flops, head_flops, nodes_flops, one_model_work, prefix_tree, sweep_perplexities,
-                               tree_nodes)
+from evaluation.engine import (PassResult, Work, block_flops, head_flops, nodes_flops, one_model_work, prefix_tree,
+                               run_pass, tree_nodes)
 from evaluation.latency import Latency, SpeedChange, measure_against_baseline, measure_latency, warn_if_noisy
 from evaluation.params import count_parameters, kv_cache_bytes_per_token
 from evaluation.perplexity import PerplexityResult, batch_inputs, perplexity, window_batches
@@ -43,7 +53,9 @@ from evaluation.windows import spec_windows
 from models.families import num_blocks
 from models.placement import input_device
 from models.removal import check_units, removed_units
-from models.units import kept_nodes, unit_names
+from evaluation.passfile import PassCheckpoint
+from models.units import canonical, kept_nodes, removal_key, unit_names
+from utils.errors import KitError
 
 # Configurations evaluated together in one shared-prefix pass.
 GROUP_SIZE = 64
@@ -60,6 +72,8 @@ class EvalSettings:
     speed: SpeedSpec = SpeedSpec(enabled=False)
     progress: bool = True
     tasks: Callable[[nn.Module], dict[str, dict]] | None = None
+    divergence: bool = False  # KL and top-1 agreement against the baseline (--kl)
+    checkpoint: str | None = None  # the pass checkpoint file (evaluation.passfile); None: no checkpoints
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,11 @@ class Measurement:
     # Against the baseline runs interleaved with this configuration's; None for the baseline and untimed runs.
     speed: SpeedChange | None = None
     kv_cache_bytes: int | None = None  # per generated token
+    # From a results pass (evaluation.engine.PassResult); None from ``measure`` (one model at a time).
+    ppl_interval: tuple[float, float] | None = None
+    change_interval: tuple[float, float] | None = None  # percent, paired against the baseline
+    kld: float | None = None
+    top1_agreement: float | None = None
 
 
 def _speed(model: nn.Module, prompt_ids: torch.Tensor, removed: Sequence[int],
@@ -89,14 +108,16 @@ def _speed(model: nn.Module, prompt_ids: torch.Tensor, removed: Sequence[int],
     return latency, change
 
 
-def _finish(model: nn.Module, prompt_ids: torch.Tensor | None, removed: Sequence[int], ppl: PerplexityResult,
+def _finish(model: nn.Module, prompt_ids: torch.Tensor | None, removed: Sequence[int], result: PassResult,
             settings: EvalSettings, work: Work | None) -> Measurement:
     """The measurements that need the pruned model itself: size, speed and downstream tasks."""
     latency, change = _speed(model, prompt_ids, removed, settings.speed) if settings.speed.enabled else (None, None)
     with removed_units(model, removed) as pruned:
         tasks = settings.tasks(pruned) if settings.tasks else None
-        return Measurement(tuple(removed), num_blocks(pruned), ppl, count_parameters(pruned), latency, work,
-                           tasks=tasks, speed=change, kv_cache_bytes=kv_cache_bytes_per_token(pruned))
+        return Measurement(tuple(removed), num_blocks(pruned), result.ppl, count_parameters(pruned), latency, work,
+                           tasks=tasks, speed=change, kv_cache_bytes=kv_cache_bytes_per_token(pruned),
+                           ppl_interval=result.ppl_interval, change_interval=result.change_interval, kld=result.kld,
+                           top1_agreement=result.top1_agreement)
 
 
 def measure(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None, removed: Sequence[int],
@@ -108,7 +129,7 @@ def measure(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None
         ppl = perplexity(pruned, ids, w.max_length, w.stride, w.batch_size, progress=settings.progress,
                          protocol=w.protocol, prefix_token=w.prefix_token)
     work = one_model_work(model, spec_windows(w, len(ids)), removed, time.perf_counter() - start)
-    return _finish(model, prompt_ids, removed, ppl, settings, work)
+    return _finish(model, prompt_ids, removed, PassResult(ppl), settings, work)
 
 
 def _groups(removals: Sequence) -> Iterator[tuple[int, Sequence]]:
@@ -144,14 +165,52 @@ def estimated_seconds(model: nn.Module, ids: torch.Tensor, removals: Sequence[Se
 
 def measure_all(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None,
                 removals: Iterable[Sequence[int]], settings: EvalSettings) -> Iterator[Measurement]:
-    """Measurements of every removal set, in the order given, in groups (see the module docstring)."""
+    """Measurements of every removal set, in the order given, in groups (see the module docstring); the
+    configurations of a checkpointed pass first."""
     removals = [check_units(model, r) for r in removals]
     w = settings.windows
-    for start, group in _groups(removals):
-        desc = (f"windows (configurations {start + 1}-{start + len(group)} of {len(removals)})"
-                if len(removals) > GROUP_SIZE else "windows")
-        ppls, work = sweep_perplexities(model, ids, group, w.max_length, w.stride, w.batch_size,
-                                        progress=settings.progress, desc=desc, protocol=w.protocol,
-                                        prefix_token=w.prefix_token)
-        for i, (removed, ppl) in enumerate(zip(group, ppls)):
-            yield _finish(model, prompt_ids, removed, ppl, settings, work if i == 0 else None)
+    checkpoint = PassCheckpoint(settings.checkpoint) if settings.checkpoint else None
+    saved, rest = _checkpointed_group(checkpoint, removals)
+    groups = ([saved] if saved else []) + [g for _, g in _groups(rest)]
+    wanted, done = set(removals), 0
+    for group in groups:
+        first = done + 1
+        done += len(wanted.intersection(group))
+        desc = f"pass (configurations {first}-{done} of {len(removals)})" if len(groups) > 1 else "pass"
+        results, work = run_pass(model, ids, group, w.max_length, w.stride, w.batch_size, progress=settings.progress,
+                                 desc=desc, protocol=w.protocol, prefix_token=w.prefix_token, compare=True,
+                                 divergence=settings.divergence, checkpoint=checkpoint)
+        for removed, result in zip(group, results):
+            if removed in wanted:
+                yield _finish(model, prompt_ids, removed, result, settings, work)
+                work = None  # a pass's cost is carried by its first measurement
+        if checkpoint:
+            checkpoint.remove()  # every row of the pass is written: the consumer asked for the next one
+
+
+def _checkpointed_group(checkpoint: PassCheckpoint | None, removals: list) -> tuple[list | None, list]:
+    """The configurations of a saved pass (its whole group, so that its identity matches) and the others.
+
+    A pass saved mid-way wrote none of its rows, so each of its configurations must be still to evaluate; a
+    finished one may have written some (a run stopped during the speed tests), and one that wrote all is
+    left over and removed.
+    """
+    state = checkpoint.read() if checkpoint else None
+    if state is None:
+        return None, removals
+    group = [removal_of(key) for key in state.identity["configurations"]]
+    todo = [r for r in group if r in set(removals)]
+    if state.complete and not todo:
+        checkpoint.remove()
+        return None, removals
+    foreign = [r for r in group if r and r not in set(removals)]
+    if not state.complete and foreign:
+        raise KitError(f"pass checkpoint '{checkpoint.path}' was made with configurations "
+                       f"{', '.join(removal_key(r) for r in foreign[:6])} that this run does not evaluate; resume with the same "
+                       "settings, or remove it to evaluate its configurations afresh")
+    return group, [r for r in removals if r not in set(group)]
+
+
+def removal_of(key: str) -> tuple:
+    """The removal set that models.units.removal_key wrote as ``key``."""
+    return canonical(json.loads(key))

@@ -14,7 +14,7 @@ import re
 from datetime import datetime
 
 from models.units import config_key, removal_key, row_removal
-from reporting.schema import COLUMNS, TASK_PREFIX
+from reporting.schema import COLUMNS, EARLIER_COLUMNS, TASK_PREFIX
 from utils.errors import KitError, WriteError
 
 log = logging.getLogger("gpt2-pruning-kit")
@@ -25,6 +25,11 @@ def results_path(output_dir: str, model: str, mode: str, now: datetime | None = 
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model.strip("/\\")).strip("-.") or "model"
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
     return os.path.join(output_dir, f"{slug}_{mode}_{stamp}.csv")
+
+
+def pass_checkpoint_path(csv_path: str) -> str:
+    """The checkpoint of the perplexity pass under way for a results file (evaluation.passfile), beside it."""
+    return os.path.splitext(csv_path)[0] + ".pass.pt"
 
 
 def _make_dir(folder: str) -> None:
@@ -96,7 +101,10 @@ class ResultsFile:
         """Write the header of a new file, or check that a resumed file has these columns."""
         self.columns = columns
         if self.resumed:
-            check_columns(self.path, columns)
+            self.columns = check_columns(self.path, columns)
+            if len(self.columns) < len(columns):
+                log.warning(f"'{self.path}' has the columns of an earlier version of the kit: its new rows leave out "
+                            f"{', '.join(c for c in columns if c not in self.columns)} (start a new file to have them)")
         else:
             self._append(encode_row(dict(zip(columns, columns)), columns), "its header")
 
@@ -125,7 +133,7 @@ class ResultsFile:
         """Remove a file this run created and wrote no row to (the run failed before its first result)."""
         self.close()
         if not self.resumed and not self.rows:
-            for path in (self.path, os.path.splitext(self.path)[0] + ".json"):
+            for path in (self.path, os.path.splitext(self.path)[0] + ".json", pass_checkpoint_path(self.path)):
                 if os.path.exists(path):
                     os.remove(path)
             if self.new_folder and not os.listdir(self.new_folder):
@@ -208,17 +216,22 @@ def drop_partial_row(path: str) -> bool:
     return True
 
 
-def check_columns(path: str, columns: list[str] | None = None) -> None:
+def check_columns(path: str, columns: list[str] | None = None) -> list[str]:
     """A file is resumed only if it has this run's columns (this version's, and the same --tasks' task
-    columns), in order: rows are appended in that order. Without ``columns``, only the fixed ones are checked."""
+    columns), in order: rows are appended in that order. A file of the version before the pass columns
+    (EARLIER_COLUMNS) is resumed too, its new rows without them. Without ``columns``, only the fixed ones
+    are checked. The columns rows are to be written in: the file's header."""
     with open(path, newline="", encoding="utf-8") as f:
         header = next(csv.reader(f), [])
-    if not header or header == columns or (columns is None and header[: len(COLUMNS)] == COLUMNS):
-        return
-    if columns is not None and header[: len(COLUMNS)] == COLUMNS:
-        tasks = lambda cols: sorted({c[len(TASK_PREFIX):].rsplit(":", 1)[0] for c in cols[len(COLUMNS):]
-                                     if c.startswith(TASK_PREFIX)})
-        theirs, ours = tasks(header), tasks(columns)
+    fixed = COLUMNS if header[: len(COLUMNS)] == COLUMNS else EARLIER_COLUMNS
+    if not header or header == columns or (columns is None and header[: len(fixed)] == fixed):
+        return header or columns or COLUMNS
+    if columns is not None and header[: len(fixed)] == fixed:
+        if header[len(fixed):] == columns[len(COLUMNS):]:
+            return header  # an earlier version's file: its columns, the same tasks
+        tasks = lambda cols, n: sorted({c[len(TASK_PREFIX):].rsplit(":", 1)[0] for c in cols[n:]
+                                        if c.startswith(TASK_PREFIX)})
+        theirs, ours = tasks(header, len(fixed)), tasks(columns, len(COLUMNS))
         if theirs != ours:
             raise KitError(f"--resume file '{path}' has the task columns of --tasks {','.join(theirs) or '(none)'}, "
                            f"this run scores {','.join(ours) or 'no tasks'}: resume with the same --tasks, or start a "

@@ -9,9 +9,9 @@ from typing import Callable, Sequence
 
 from models.units import is_whole_blocks, removed_label, row_removal, sublayers_in
 from reporting.figures import write_figures
-from reporting.schema import REQUIRED_COLUMNS, speed_within_noise, task_column
+from reporting.schema import REQUIRED_COLUMNS, ppl_within_noise, speed_within_noise, task_column
 from reporting.tables import (COMPARISON_HEADERS, accuracy_cell, accuracy_headers, comparison_cells, interval_cell,
-                              noise_note, observations, sweep_cells)
+                              noise_note, observations, ppl_interval_cell, sweep_cells)
 from utils.errors import KitError
 from utils.text import format_number
 
@@ -22,6 +22,9 @@ SWEEP_HEADERS = ["Layers Removed", "Layers", "Perplexity (↓)", "Speed (ms) ↓
                  "Speed Change (%)"]
 # Beside the speed change, where the file has intervals (runs interleaved with the baseline's).
 SPEED_INTERVAL_HEADER = "Speed Change 95% Interval"
+# Beside them, where the file has them (evaluation.intervals, evaluation.divergence).
+PPL_INTERVAL_HEADER = "PPL Change 95% Interval"
+DIVERGENCE_HEADERS = ["KL (nats)", "Top-1 Agreement (%)"]
 
 
 def markdown_table(headers: Sequence[str], cells: Sequence[Sequence[str]], left: int = 1) -> str:
@@ -82,14 +85,22 @@ def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: s
         lines += [f"## {title}", "", f"Removed {'blocks' if is_whole_blocks(row_removal(pruned[0])) else 'units'}: "
                   f"{removed_label(row_removal(pruned[0]))}.", "",
                   markdown_table(COMPARISON_HEADERS, comparison_cells(base, pruned[0])), ""]
+        if ppl_within_noise(pruned[0]) is not None:
+            lines += [f"PPL change 95% interval (paired): {ppl_interval_cell(pruned[0])}"
+                      + (f"; KL {format_number(pruned[0]['kld'], 4)} nats, top-1 agreement "
+                         f"{format_number(pruned[0]['top1_agreement'] * 100)}%" if pruned[0].get("kld") is not None
+                         else "") + ".", ""]
         if speed_within_noise(pruned[0]) is not None:
-            lines += [f"Speed change 95% interval: {interval_cell(pruned[0])}.", *notes, ""]
+            lines += [f"Speed change 95% interval: {interval_cell(pruned[0])}.", ""]
+        if notes:
+            lines += [*notes, ""]
     if len(pruned) > 1 or not pruned:
         title = f"{mode.capitalize()} Layer Pruning" if pruned else "Baseline"
         headers = [first_header, *SWEEP_HEADERS[1:]] if first_header else SWEEP_HEADERS
         cells = sweep_cells(rows)
         if any(speed_within_noise(r) is not None for r in rows):
             headers, cells = [*headers, SPEED_INTERVAL_HEADER], [[*c, interval_cell(r)] for c, r in zip(cells, rows)]
+        headers, cells = quality_columns(rows, headers, cells)
         lines += [f"## {title}", "", markdown_table(headers, cells), "", *(notes and [*notes, ""])]
     depths = best_per_depth(pruned)
     if len(depths) > 1:
@@ -112,6 +123,17 @@ def report_markdown(rows: Sequence[dict], figures: Sequence[str] = (), source: s
         lines += ["## Figures", ""]
         lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({os.path.basename(p)})" for p in figures] + [""]
     return "\n".join(lines)
+
+
+def quality_columns(rows: Sequence[dict], headers: list[str], cells: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """The sweep table with the PPL change's interval, KL and top-1 agreement, where the file has them."""
+    if any(ppl_within_noise(r) is not None for r in rows):
+        headers, cells = [*headers, PPL_INTERVAL_HEADER], [[*c, ppl_interval_cell(r)] for c, r in zip(cells, rows)]
+    if any(r.get("kld") is not None for r in rows):
+        headers = [*headers, *DIVERGENCE_HEADERS]
+        cells = [[*c, format_number(r.get("kld"), 4), format_number(
+            r["top1_agreement"] * 100 if r.get("top1_agreement") is not None else None)] for c, r in zip(cells, rows)]
+    return headers, cells
 
 
 def task_section(rows: Sequence[dict]) -> list[str]:

@@ -33,7 +33,13 @@ COLUMNS = [
     "target",
     # --patch: the method whose fitted maps were merged into this row's model (pruning.compensation), or none
     "patch",
+    # the perplexity's 95% interval (block bootstrap over scored tokens, evaluation.intervals), the interval of
+    # its change against the baseline in percent (paired resampling; empty for the baseline), and the mean
+    # KL(original || pruned) and share of scored positions with the original's top-1 token (with --kl)
+    "ppl_low", "ppl_high", "ppl_change_low_pct", "ppl_change_high_pct", "kld", "top1_agreement",
 ]
+# The columns of files written before the pass columns: such a file is still resumed (csvfile.check_columns).
+EARLIER_COLUMNS = COLUMNS[: COLUMNS.index("ppl_low")]
 # The columns a file must have for --mode report to draw from it.
 REQUIRED_COLUMNS = ("removed_layers", "num_layers", "perplexity")
 CHANGE_COLUMNS = ("ppl_change_pct", "params_change_pct", "speed_change_pct")
@@ -91,12 +97,22 @@ def change_pct(value: float | None, reference: float | None) -> float | None:
     return (value - reference) / reference * 100.0
 
 
-def speed_within_noise(row: dict) -> bool | None:
-    """Whether the row's speed change is within the timing noise (its interval includes 0); None: no interval."""
-    low, high = row.get("speed_change_low_pct"), row.get("speed_change_high_pct")
-    if low is None or high is None or math.isnan(low) or math.isnan(high):
+def _contains_zero(row: dict, low: str, high: str) -> bool | None:
+    low, high = row.get(low), row.get(high)
+    if not isinstance(low, (int, float)) or not isinstance(high, (int, float)) or math.isnan(low) or math.isnan(high):
         return None
     return low <= 0.0 <= high
+
+
+def ppl_within_noise(row: dict) -> bool | None:
+    """Whether the row's perplexity change is within the text's sampling noise (its paired 95% interval
+    includes 0); None: no interval (the baseline, older files)."""
+    return _contains_zero(row, "ppl_change_low_pct", "ppl_change_high_pct")
+
+
+def speed_within_noise(row: dict) -> bool | None:
+    """Whether the row's speed change is within the timing noise (its interval includes 0); None: no interval."""
+    return _contains_zero(row, "speed_change_low_pct", "speed_change_high_pct")
 
 
 def with_changes(row: dict, base: dict | None) -> dict:
@@ -141,5 +157,11 @@ def to_row(measurement: Any, context: dict) -> dict:
         "timestamp": datetime.now().isoformat(timespec="seconds"),
         "removed_units": unit_names(m.removed),
         "kv_cache_bytes_per_token": m.kv_cache_bytes,
+        "ppl_low": m.ppl_interval[0] if m.ppl_interval else None,
+        "ppl_high": m.ppl_interval[1] if m.ppl_interval else None,
+        "ppl_change_low_pct": m.change_interval[0] if m.change_interval else None,
+        "ppl_change_high_pct": m.change_interval[1] if m.change_interval else None,
+        "kld": m.kld,
+        "top1_agreement": m.top1_agreement,
         **task_cells(m.tasks),
     }

@@ -6,7 +6,7 @@ import math
 from typing import Sequence
 
 from models.units import compact_label, is_whole_blocks, removed_label, row_removal
-from reporting.schema import change_pct, speed_within_noise, task_column, task_metrics
+from reporting.schema import change_pct, ppl_within_noise, speed_within_noise, task_column, task_metrics
 from utils.text import format_number, format_table
 
 # The final table must fit a standard terminal without wrapping.
@@ -16,6 +16,7 @@ CONSOLE_NUMBER_WIDTH = 10
 # Marks a speed change whose interval includes 0: the timings cannot tell it from no change.
 NOISE_MARK = "~"
 NOISE_NOTE = f"{NOISE_MARK} speed change within the timing noise (its 95% interval includes 0)"
+PPL_NOISE_NOTE = f"{NOISE_MARK} PPL change within the sampling noise (its paired 95% interval includes 0)"
 
 
 def speed_change_cell(row: dict, width: int | None = None) -> str:
@@ -23,14 +24,21 @@ def speed_change_cell(row: dict, width: int | None = None) -> str:
     return NOISE_MARK + cell if speed_within_noise(row) else cell
 
 
+def ppl_change_cell(row: dict, width: int | None = None) -> str:
+    cell = format_number(row.get("ppl_change_pct"), sign=True, width=width)
+    return NOISE_MARK + cell if ppl_within_noise(row) else cell
+
+
 # Why a speed change need not equal the ratio of the latency column's numbers.
 PAIRED_NOTE = "Speed chg %: against baseline runs timed alternately with each configuration's"
 
 
 def noise_note(rows: Sequence[dict]) -> list[str]:
-    """The legends of a speed change column: pairing, when any change was paired, and NOISE_MARK."""
+    """The legends of the change columns: NOISE_MARK in the PPL change, and the speed change's pairing,
+    when any change was paired, and NOISE_MARK."""
     paired = any(speed_within_noise(r) is not None for r in rows)
-    return [PAIRED_NOTE] * paired + [NOISE_NOTE] * any(speed_within_noise(r) for r in rows)
+    return ([PPL_NOISE_NOTE] * any(ppl_within_noise(r) for r in rows) + [PAIRED_NOTE] * paired
+            + [NOISE_NOTE] * any(speed_within_noise(r) for r in rows))
 
 
 def units_phrase(removal) -> str:
@@ -49,7 +57,7 @@ def sweep_cells(rows: Sequence[dict], width: int | None = None) -> list[list[str
     return [[
         label(row_removal(r)) + patched(r), str(r["num_layers"]), format_number(r["perplexity"], width=width),
         format_number(r.get("latency_ms"), width=width), format_number(r.get("params_m"), width=width),
-        format_number(r.get("ppl_change_pct"), sign=True, width=width), speed_change_cell(r, width),
+        ppl_change_cell(r, width), speed_change_cell(r, width),
     ] for r in rows]
 
 
@@ -124,6 +132,8 @@ def comparison_cells(original: dict, pruned: dict) -> list[list[str]]:
         digits = 0 if key == "num_layers" else 2
         paired = key == "latency_ms" and speed_within_noise(pruned) is not None
         change = speed_change_cell(pruned) if paired else format_number(change_pct(b, a), sign=True)
+        if key == "perplexity" and ppl_within_noise(pruned) is not None:
+            change = ppl_change_cell(pruned)
         body.append([label, format_number(a, digits), format_number(b, digits), change])
     return body
 
@@ -148,7 +158,7 @@ def observations(rows: Sequence[dict]) -> list[str]:
         notes.append(f"Most harmful: removing {label(worst)} (PPL {format_number(worst['perplexity'])}, "
                      f"{format_number(worst['ppl_change_pct'], sign=True)}%)")
     notes.append(f"Least harmful: removing {label(best)} (PPL {format_number(best['perplexity'])}, "
-                 f"{format_number(best['ppl_change_pct'], sign=True)}%)")
+                 f"{ppl_change_cell(best)}%{_ppl_noise_note(best)})")
     fastest = _fastest([r for r in pruned if r.get("latency_ms") is not None])
     if fastest:
         notes.append(f"Fastest: {fastest if isinstance(fastest, str) else _fast_note(fastest, label(fastest))}")
@@ -169,6 +179,19 @@ def _fastest(timed: Sequence[dict]) -> dict | str | None:
     if not faster:
         return "none measurably faster than the baseline (no speed-up beyond the timing noise)"
     return min(faster, key=lambda r: r["speed_change_pct"])
+
+
+def _ppl_noise_note(best: dict) -> str:
+    """Marks a least harmful row whose change is within the sampling noise (the tables' NOISE_MARK)."""
+    return ", within the noise" if ppl_within_noise(best) else ""
+
+
+def ppl_interval_cell(row: dict) -> str:
+    """The PPL change's paired 95% interval, e.g. '-0.20% to +0.35%'; '-' where there is none."""
+    if ppl_within_noise(row) is None:
+        return "-"
+    return (f"{format_number(row['ppl_change_low_pct'], sign=True)}% to "
+            f"{format_number(row['ppl_change_high_pct'], sign=True)}%")
 
 
 def interval_cell(row: dict) -> str:

@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -37,8 +37,8 @@ from models.units import Removal, canonical, config_key, removal_key, row_remova
 from pruning.calibration import Calibration, calibration_ids
 from pruning.choice import Choice
 from pruning.compensation import NONE, Fitter, configurations, measure_patched
+from reporting.csvfile import ResultsFile, pass_checkpoint_path, read_rows, results_path
 from runner.modes import MODES, saving_modes
-from reporting.csvfile import ResultsFile, read_rows, results_path
 from reporting.markdown import write_outputs
 from reporting.schema import COLUMNS, task_columns, to_row, with_changes
 from reporting.sidecar import write_sidecar
@@ -159,7 +159,7 @@ def load(config: RunConfig, procs: Processes) -> Loaded:
         raise KitError("--max-tokens must be at least 2")
     heal, train_ids = healing_inputs(config.heal, data.dataset, data.text_column, model, tokenizer, ids, context,
                                      cache_dir)
-    settings = EvalSettings(windows, config.speed, progress=progress, tasks=tasks)
+    settings = EvalSettings(windows, config.speed, progress=progress, tasks=tasks, divergence=windows.kl)
     return Loaded(model, tokenizer, device, planned, stream, ids, prompt_ids, settings, heal, train_ids, cache_dir)
 
 
@@ -344,6 +344,18 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
     return 0
 
 
+def pass_checkpoint(config: RunConfig, record: Record, procs: Processes) -> str | None:
+    """Where the perplexity passes save their state: beside the results file, for a single process (several
+    processes each hold a share, which a resumed run shares out anew). A new file's name was free, so a
+    checkpoint beside it is a leftover of a file removed since, and goes."""
+    if record.out is None or procs.count > 1:
+        return None
+    path = pass_checkpoint_path(record.out.path)
+    if not config.output.resume and os.path.exists(path):
+        os.remove(path)
+    return path
+
+
 def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, configs: list[tuple[Removal, str]],
                  resumed: list[dict], choice: Choice | None, record: Record, fitter: Fitter | None) -> list[dict]:
     """Every configuration's row, in plan order, each written as it arrives.
@@ -352,6 +364,7 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, configs: l
     (pruning.compensation.configurations); ``fitter`` fits the patched ones.
     """
     model, device, info = loaded.model, loaded.device, record.info
+    settings = replace(loaded.settings, checkpoint=pass_checkpoint(config, record, procs))
     context = {"mode": config.mode, "model": config.data.model, "dataset": config.data.dataset,
                "device": device.type, "dtype": dtype_name(model), "protocol": loaded.settings.windows.label}
     done = {config_key(row_removal(r), r.get("patch")): r for r in resumed}
@@ -371,7 +384,7 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, configs: l
     extras = choice.extras if choice else {}
     # the plain sets in the shared-prefix sweep, then each patched one on its own
     plain = ((m, NONE) for m in measure_all(model, loaded.ids, loaded.prompt_ids,
-                                            [r for r, method in mine if method == NONE], loaded.settings))
+                                            [r for r, method in mine if method == NONE], settings))
     patched = measure_patched(model, loaded.ids, loaded.prompt_ids, [c for c in mine if c[1] != NONE],
                               loaded.settings, fitter)
     measurements = counted(itertools.chain(plain, patched), work)

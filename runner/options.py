@@ -204,6 +204,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("--batch-size", "windows.batch_size", "windows per forward pass", WINDOWS, type=positive_int),
     Option("--protocol", "windows.protocol", "perplexity protocol: "
            + "; ".join(f"{name}: {p.help}" for name, p in PROTOCOLS.items()), WINDOWS, choices=tuple(PROTOCOLS)),
+    Option("--kl", "windows.kl", "also measure each configuration's KL divergence from the baseline and top-1 "
+           "agreement with it (about 18% more time for distilgpt2 on a CPU; keeps the baseline's probabilities of "
+           "one window batch: positions x vocabulary)", WINDOWS, flag_only=True),
     Option("--bos", "windows.bos", "feed the tokenizer's BOS token before every window (sliding, disjoint); Llama, "
            "Mistral and Qwen2 checkpoints were trained with it, GPT-2 was not", WINDOWS, flag_only=True),
 
