@@ -17,6 +17,7 @@ class Choice:
     extras: dict[Removal, dict] = field(default_factory=dict)  # extra CSV columns per removal set
     report: Callable[[list[dict]], str] | None = None  # printed after the runs, given all rows
     sweep_table: bool = True  # also print the usual table of every row
+    info: dict = field(default_factory=dict)  # what choosing cost and how it ranked, for the sidecar
 
 
 def scores_json(scores: dict[Removal, float]) -> str:
