@@ -129,6 +129,11 @@ class SelectSpec:
     target_params: str | None = None  # --target-params: "0.8" (a fraction of the original) or "60M"
     target_speedup: float | None = None  # --target-speedup: measured prefill speed-up over the baseline
     patch: str = "none"  # --patch: a map fitted per removed run of blocks and merged into the weights (PATCHES)
+    generations: int = 30  # --generations: evolve's generations at each k
+    offspring: int = 16  # --offspring: evolve's offspring per generation
+    race: bool = False  # --race: greedy and beam rank each step's candidates in a race (pruning.race)
+    calib_slices: int = 1  # --calib-slices: also choose on N disjoint slices and report how the picks hold
+    seed: int = 42  # --seed, for evolve's draws
 
 
 @dataclass(frozen=True)

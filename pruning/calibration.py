@@ -28,15 +28,19 @@ from torch import nn
 from utils.log import progress_bar
 
 from config import DataSpec
-from evaluation.engine import sweep_perplexities
-from evaluation.windows import DEFAULT_PROTOCOL, Window, window_batches
+from evaluation.engine import count_nodes, prefix_tree, sweep_perplexities
+from evaluation.windows import DEFAULT_PROTOCOL, Window, make_windows, window_batches
 from models.families import family_of, get_blocks, module_at
-from models.units import SUBLAYERS, Removal, Unit, candidate_units, canonical
+from models.units import SUBLAYERS, Removal, Unit, candidate_units, canonical, kept_nodes
+from pruning.rules import Cost
 from utils.cache import cached_token_ids
 from utils.data import is_local_dataset, load_text, tokenize
 from utils.errors import KitError
 
 log = logging.getLogger("gpt2-pruning-kit")
+
+# A view's share of the calibration tokens: [begin, end), or None for all of them.
+Span = tuple[int, int] | None
 
 def calibration_ids(data: DataSpec, calib_tokens: int, tokenizer, stream: torch.Tensor | None = None,
                     cache_dir: str | None = None) -> torch.Tensor:
@@ -195,16 +199,22 @@ def one_pass_scores(model: nn.Module, ids: torch.Tensor, max_length: int, batch_
 
 @dataclass
 class CalibrationCache:
-    """What every view of one calibration shares (Calibration.at): the tokens, the calibration perplexity
-    of each removal set scored, and the one-pass scores. The one-pass scores cover every unit boundary,
-    so blocks and sublayers read the same pass; ``passes`` and ``evaluations`` count the work done."""
+    """What every view of one calibration shares (Calibration.at, Calibration.tokens): the tokens, the
+    calibration perplexity of each removal set scored on each span of them, and the one-pass scores of
+    each span. The one-pass scores cover every unit boundary, so blocks and sublayers read the same pass;
+    ``passes``, ``evaluations``, ``tokens`` and ``block_evals`` count the work done (rules.Cost)."""
 
     load_ids: Callable[[], torch.Tensor]  # called once, when a rule first needs tokens
     ids: torch.Tensor | None = None
-    perplexity: dict[Removal, float] = field(default_factory=dict)
-    one_pass: OnePassScores | None = None
+    perplexity: dict[tuple[Span, Removal], float] = field(default_factory=dict)
+    one_pass: dict[Span, OnePassScores] = field(default_factory=dict)
     passes: int = 0
     evaluations: int = 0
+    tokens: int = 0
+    block_evals: int = 0
+
+    def work(self) -> Cost:
+        return Cost(self.passes, self.evaluations, self.tokens, self.block_evals)
 
 
 @dataclass(frozen=True)
@@ -213,7 +223,9 @@ class Calibration:
 
     Greedy, beam and the ppl rule evaluate many of the same sets, so their
     perplexities are cached by removal set in ``cache``, which views at other
-    units share.
+    units share. A view of a span of the tokens (``tokens``: the first
+    quarter for a race, pruning.race; a slice for the stability report,
+    pruning.stability) shares the cache too, its entries keyed by the span.
     """
 
     model: nn.Module
@@ -226,6 +238,7 @@ class Calibration:
     prefix_token: int | None = None
     unit: str = "block"  # --unit: what the rules and searches take as candidates
     cache: CalibrationCache | None = field(default=None, repr=False, compare=False)
+    span: Span = None  # [begin, end) of the calibration tokens this view sees; None: all of them
 
     def __post_init__(self) -> None:
         if self.cache is None:
@@ -234,6 +247,25 @@ class Calibration:
     def at(self, unit: str) -> "Calibration":
         """The same calibration with other candidates, sharing every cached result."""
         return replace(self, unit=unit)
+
+    def tokens(self, begin: int, end: int) -> "Calibration":
+        """The view of this view's tokens [begin, end), sharing the cache (its entries keyed by the span)."""
+        offset, total = (self.span or (0, 0))[0], len(self.all_ids)
+        begin, end = offset + begin, offset + min(end, len(self.ids))
+        if end - begin < 2:
+            raise KitError(f"a slice of {end - begin} calibration tokens scores nothing; raise --calib-tokens")
+        return replace(self, span=None if (begin, end) == (0, total) else (begin, end))
+
+    def head(self, fraction: float) -> "Calibration":
+        """The view of the first ``fraction`` of this view's tokens (at least 2)."""
+        return self.tokens(0, max(2, math.ceil(len(self.ids) * fraction)))
+
+    def slices(self, n: int) -> list["Calibration"]:
+        """``n`` disjoint views of consecutive, equal shares of the tokens."""
+        size = len(self.ids) // n
+        if size < 2:
+            raise KitError(f"--calib-slices {n} leaves {size} tokens a slice; raise --calib-tokens or use fewer")
+        return [self.tokens(i * size, (i + 1) * size) for i in range(n)]
 
     @property
     def n_blocks(self) -> int:
@@ -245,7 +277,7 @@ class Calibration:
         return candidate_units(self.unit, self.n_blocks)
 
     @property
-    def ids(self) -> torch.Tensor:
+    def all_ids(self) -> torch.Tensor:
         cache = self.cache
         if cache.ids is None:
             cache.ids = cache.load_ids()
@@ -253,29 +285,58 @@ class Calibration:
                 raise KitError("calibration needs at least 2 tokens; raise --calib-tokens")
         return cache.ids
 
+    @property
+    def ids(self) -> torch.Tensor:
+        """The tokens of this view."""
+        return self.all_ids if self.span is None else self.all_ids[self.span[0] : self.span[1]]
+
+    def windows(self) -> list[Window]:
+        return make_windows(len(self.ids), self.max_length, self.stride, self.protocol, self.prefix_token)
+
     def perplexities(self, removals: Sequence[Sequence[Unit]]) -> list[float]:
         """Calibration perplexity of each removal set.
 
         The sets not yet cached are evaluated together, in one shared-prefix
         pass: a search step's candidates share most of their blocks.
         """
-        keys = [canonical(r) for r in removals]
+        keys = [(self.span, canonical(r)) for r in removals]
         known = self.cache.perplexity
         todo = list(dict.fromkeys(k for k in keys if k not in known))
         if todo:
-            results, _ = sweep_perplexities(self.model, self.ids, todo, self.max_length, self.stride,
-                                            self.batch_size, progress=self.progress, desc="calibration",
-                                            protocol=self.protocol, prefix_token=self.prefix_token)
+            results, work = sweep_perplexities(self.model, self.ids, [r for _, r in todo], self.max_length,
+                                               self.stride, self.batch_size, progress=self.progress,
+                                               desc="calibration", protocol=self.protocol,
+                                               prefix_token=self.prefix_token)
             known.update((key, result.perplexity) for key, result in zip(todo, results))
             self.cache.evaluations += len(todo)
+            self.cache.tokens += work.tokens_scored
+            self.cache.block_evals += work.block_evals
         return [known[key] for key in keys]
 
+    def cost_of(self, removals: Sequence[Sequence[Unit]]) -> Cost:
+        """What scoring ``removals`` together on this view costs without a cache: each distinct set on
+        every scored token, and one block evaluation per window for each node of their prefix tree."""
+        sets = list(dict.fromkeys(canonical(r) for r in removals))
+        if not sets:
+            return Cost()
+        windows = self.windows()
+        nodes = count_nodes(prefix_tree([kept_nodes(self.n_blocks, s) for s in sets]))
+        return Cost(evaluations=len(sets), tokens=len(sets) * sum(w.scored for w in windows),
+                    block_evals=nodes * len(windows))
+
+    def pass_cost(self) -> Cost:
+        """What the one-pass scores cost: every block on every non-overlapping window of the tokens."""
+        tokens = len(self.ids)
+        return Cost(passes=1, tokens=tokens, block_evals=self.n_blocks * math.ceil(tokens / self.max_length))
+
     def one_pass(self) -> OnePassScores:
-        if self.cache.one_pass is None:
-            self.cache.one_pass = one_pass_scores(self.model, self.ids, self.max_length, self.batch_size,
-                                                  self.progress)
+        if self.span not in self.cache.one_pass:
+            self.cache.one_pass[self.span] = one_pass_scores(self.model, self.ids, self.max_length,
+                                                             self.batch_size, self.progress)
             self.cache.passes += 1
-        return self.cache.one_pass
+            self.cache.tokens += len(self.ids)
+            self.cache.block_evals += self.pass_cost().block_evals
+        return self.cache.one_pass[self.span]
 
     def single_removal(self) -> dict[Removal, float]:
         """Calibration perplexity with each candidate unit removed alone (the ppl criterion)."""

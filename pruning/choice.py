@@ -20,6 +20,7 @@ class Choice:
     # The sets that --patch evaluates patched as well as plain (compare: each rule's pick); None: every set,
     # patched only.
     patched: list[Removal] | None = None
+    info: dict = field(default_factory=dict)  # what choosing cost and how it ranked, for the sidecar
 
 
 def scores_json(scores: dict[Removal, float]) -> str:

@@ -1,11 +1,17 @@
 """How close each rule gets to the true optimum.
 
 For every k = 1..--max-remove each rule picks k units on calibration tokens
-(bi, angular, ppl, greedy, beam, random with --seed, the last k units); the
-run then measures every picked set on the evaluation tokens, along with
-every k-subset where C(n, k) <= --max-configs (the exhaustive optimum) and
-every single removal. Choosing and judging on different tokens keeps the
-table honest: a rule that overfits its calibration text shows a gap.
+(bi, angular, ppl, greedy, beam, evolve, random with --seed, the last k
+units); the run then measures every picked set on the evaluation tokens,
+along with every k-subset where C(n, k) <= --max-configs (the exhaustive
+optimum) and every single removal. Choosing and judging on different tokens
+keeps the table honest: a rule that overfits its calibration text shows a gap.
+
+Where C(n, k) exceeds --max-configs the optimum is out of reach, and the
+reference is the "best found": of the sets the searches (greedy, beam,
+evolve) chose, the one with the lowest evaluation perplexity, shown with what
+its search cost. It bounds the optimum from above and is never called one.
+Each row shows what choosing its set cost the rule alone (pruning.rules.Cost).
 
 Units are whole blocks, or with --unit attention and MLP sublayers (a block
 whose two sublayers are both removed counts as two units), so the same table
@@ -25,16 +31,18 @@ import logging
 import math
 from dataclasses import dataclass
 from itertools import combinations
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from config import RunConfig
 from models.units import Removal, Unit, canonical, config_key, removal_key, removed_label, row_removal, sublayers_in
 from pruning.choice import Choice
 from pruning.granularity import compare_granularity
 from pruning.plans import random_units, valid_sets
+from pruning.choosers import choosing_info
 from pruning.picks import names_for, picks
-from pruning.rules import RULES, rank_key
+from pruning.rules import RULES, Cost, rank_key
 from pruning.search import SEARCHES
+from pruning.stability import held, held_table
 from utils.errors import KitError
 from utils.text import format_table
 
@@ -59,6 +67,7 @@ class CompareSets:
     chosen: dict[int, dict[str, Removal]]  # k -> rule -> the set it removes
     exhaustive: dict[int, tuple[Removal, ...]]  # k -> every valid k-unit set, for the k with at most --max-configs
     unit_scores: dict[str, list[float]]  # scoring rule -> its score of each unit alone
+    costs: dict[int, dict[str, Cost]]  # k -> rule or search -> what choosing its set cost it alone
 
     def size(self, removal: Removal) -> int:
         return units_in(removal, self.kind)
@@ -90,6 +99,7 @@ def compare_sets(config: RunConfig, calib: "Calibration") -> CompareSets:
         raise KitError(f"--max-remove must be between 1 and {n - 1} for {what} (got {high})")
     names = names_for(select.unit)
     found = {name: picks(name, calib, select, high) for name in names}
+    costs = {k: {name: found[name][k].cost for name in names if k in found[name]} for k in range(1, high + 1)}
     rules = [name for name in names if name in RULES]
     chosen = {}
     for k in range(1, high + 1):
@@ -102,7 +112,7 @@ def compare_sets(config: RunConfig, calib: "Calibration") -> CompareSets:
                   for k in chosen if math.comb(n, k) <= select.max_configs}
     # every rule's score of each unit alone (a span of one unit, for angular)
     unit_scores = {name: [RULES[name].scores(calib, 1)[canonical([u])] for u in units] for name in rules}
-    return CompareSets(units, select.unit, chosen, exhaustive, unit_scores)
+    return CompareSets(units, select.unit, chosen, exhaustive, unit_scores, costs)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -124,50 +134,68 @@ def _cell(value: float | None, fmt: str) -> str:
     return format(value, fmt)
 
 
+def best_found(plan: CompareSets, k: int, ppl: Callable[[Removal], float]) -> tuple[str, Removal] | None:
+    """The search whose set at k has the lowest evaluation perplexity, and that set."""
+    found = [(name, s) for name, s in plan.chosen.get(k, {}).items() if name in SEARCHES]
+    return min(found, key=lambda f: rank_key(ppl(f[1]), f[1])) if found else None
+
+
 def compare_report(plan: CompareSets, rows: list[dict], beam_width: int) -> str:
-    """The rules-against-optimum table, each rule's summary, and the score correlations."""
+    """The rules-against-optimum table (or against the best set found), each rule's summary, and the score
+    correlations."""
     by_key = {config_key(row_removal(r), r.get("patch")): r for r in rows}
     ppl = lambda s: by_key[removal_key(s)]["perplexity"]
     base = by_key[removal_key(())]["perplexity"]
     # --patch: each rule's pick also evaluated with its fitted maps merged in
     method = next((r["patch"] for r in rows if r.get("patch") not in (None, "", "none")), None)
     patched = (lambda s: _cell(by_key[config_key(s, method)]["perplexity"], ",.2f")) if method else None
-    body, gaps = [], {rule: [] for rule in COMPARED}
+    body, gaps, found_gaps = [], {rule: [] for rule in COMPARED}, {rule: [] for rule in COMPARED}
     for k, by_rule in plan.chosen.items():
-        optimum = None
+        reference, into = None, gaps
         if plan.exhaustive.get(k):
-            optimum = min(plan.exhaustive[k], key=lambda s: rank_key(ppl(s), s))
-            body.append([str(k), "optimum", removed_label(optimum), _cell(ppl(optimum), ",.2f"), "0.00",
-                         *(["-"] if patched else [])])
+            reference = min(plan.exhaustive[k], key=lambda s: rank_key(ppl(s), s))
+            body.append([str(k), "optimum", removed_label(reference), _cell(ppl(reference), ",.2f"), "0.00",
+                         f"{len(plan.exhaustive[k]):,} sets on evaluation tokens", *(["-"] if patched else [])])
+        elif (best := best_found(plan, k, ppl)) is not None:
+            search, reference = best
+            into = found_gaps
+            body.append([str(k), "best found", removed_label(reference), _cell(ppl(reference), ",.2f"), "0.00",
+                         f"{search}: {plan.costs[k][search]}", *(["-"] if patched else [])])
         for rule, s in by_rule.items():
-            gap = (ppl(s) - ppl(optimum)) / ppl(optimum) * 100 if optimum is not None else None
+            gap = (ppl(s) - ppl(reference)) / ppl(reference) * 100 if reference is not None else None
             if gap is not None:
-                gaps[rule].append(gap)
+                into[rule].append(gap)
+            cost = plan.costs[k].get(rule)
             body.append([str(k), rule, removed_label(s), _cell(ppl(s), ",.2f"), _cell(gap, "+,.2f"),
-                         *([patched(s)] if patched else [])])
-    table = format_table(["k", "Rule", "Removed", "Perplexity", "Gap to optimum (%)",
+                         str(cost) if cost is not None else "-", *([patched(s)] if patched else [])])
+    table = format_table(["k", "Rule", "Removed", "Perplexity", "Gap (%)", "Choosing cost",
                           *([f"Patched ({method})"] if patched else [])], body)
 
-    k_opt = len(plan.exhaustive)
-    summary = format_table(
-        ["Rule", f"At optimum (of {k_opt} k)", "Mean gap (%)", "Max gap (%)"],
-        ([rule, str(sum(g <= 0 for g in gaps[rule])), _cell(sum(gaps[rule]) / len(gaps[rule]), "+,.2f"),
-          _cell(max(gaps[rule]), "+,.2f")] if gaps[rule] else [rule, "-", "-", "-"] for rule in COMPARED))
+    mean = lambda g: _cell(sum(g) / len(g), "+,.2f") if g else "-"
+    k_opt, k_found = len(plan.exhaustive), sum(1 for k in plan.chosen if k not in plan.exhaustive)
+    head = ["Rule", f"At optimum (of {k_opt} k)", "Mean gap (%)", "Max gap (%)"]
+    if k_found:
+        head += [f"Mean gap to best found (of {k_found} k, %)"]
+    summary = format_table(head, ([rule, str(sum(g <= 0 for g in gaps[rule])) if gaps[rule] else "-",
+                                   mean(gaps[rule]), _cell(max(gaps[rule]), "+,.2f") if gaps[rule] else "-",
+                                   *([mean(found_gaps[rule])] if k_found else [])] for rule in COMPARED))
 
     increase = [ppl(canonical([u])) - base for u in plan.units]
     corr = ", ".join(f"{m} {_cell(spearman(scores, increase), '+.3f')}" for m, scores in plan.unit_scores.items())
     skipped = [k for k in plan.chosen if k not in plan.exhaustive]
     what = "blocks" if plan.kind == "block" else f"{plan.kind} units"
     notes = [f"Rules chose on calibration tokens; every perplexity here is on the evaluation tokens "
-             f"(baseline {base:,.2f}). beam width {beam_width}."]
+             f"(baseline {base:,.2f}). beam width {beam_width}. The gap is to the optimum, or where there is none "
+             "to the best set found."]
     if plan.kind == "sublayer":
         notes.append("k counts sublayers: a whole block removed is two (its attention and its MLP).")
     if patched:
         notes.append(f"Patched: the rule's pick with a {method} map fitted on the calibration tokens for each removed "
                      "run and merged into the weights (--patch); the optimum and gaps are without it.")
     if skipped:
-        notes.append(f"No exhaustive optimum for k = {', '.join(map(str, skipped))} "
-                     f"(more than --max-configs subsets).")
+        notes.append(f"No exhaustive optimum for k = {', '.join(map(str, skipped))} (more than --max-configs "
+                     "subsets): the reference there is the best set found by a search (greedy, beam, evolve), "
+                     "an upper bound on the optimum.")
     notes.append(f"Spearman correlation of each one-pass score with the true single-removal perplexity increase "
                  f"over {len(plan.units)} {what}: {corr}")
     return "\n\n".join(["Rules against the exhaustive optimum", table, summary, *notes])
@@ -177,6 +205,13 @@ def compare(config: RunConfig, calib: "Calibration") -> Choice:
     if config.select.target_params is not None or config.select.target_speedup is not None:
         return compare_granularity(config, calib)  # whole blocks against sublayers at equal size or speed
     plan = compare_sets(config, calib)
+    names = names_for(config.select.unit)
+    info = choosing_info(config, calib, {n: {k: c[n] for k, c in plan.costs.items() if n in c} for n in names})
+    stability = ""
+    if config.select.calib_slices > 1:
+        rows = held(calib, config.select, names, max(plan.chosen))
+        info["stability"] = [h.as_dict() for h in rows]
+        stability = "\n\n" + held_table(rows, len(calib.ids))
     removals = plan.removals()
     extras = {}
     position = {canonical([u]): i for i, u in enumerate(plan.units)}
@@ -185,5 +220,5 @@ def compare(config: RunConfig, calib: "Calibration") -> Choice:
         if s in position:
             extras[s]["scores"] = json.dumps({m: scores[position[s]] for m, scores in plan.unit_scores.items()})
     picks = list(dict.fromkeys(s for by_rule in plan.chosen.values() for s in by_rule.values()))
-    return Choice(removals, extras, lambda rows: compare_report(plan, rows, config.select.beam_width),
-                  sweep_table=False, patched=picks)
+    return Choice(removals, extras, lambda rows: compare_report(plan, rows, config.select.beam_width) + stability,
+                  sweep_table=False, patched=picks, info=info)

@@ -11,7 +11,7 @@ remove every attention (possible with sublayers) is left out at its k.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from config import SelectSpec
 from models.units import Removal, is_valid
@@ -31,6 +31,7 @@ class Pick:
     scores: dict[Removal, float]  # a rule's candidate scores, or a search step's candidate sets
     cost: Cost
     step: Step | None = None  # a search's step
+    trail: tuple[Step, ...] = ()  # a search's steps at this size (evolve: each generation's best)
 
 
 def names_for(unit: str) -> list[str]:
@@ -39,16 +40,19 @@ def names_for(unit: str) -> list[str]:
 
 
 def picks(name: str, calib: "Calibration", select: SelectSpec, most: int,
-          stop: Callable[[Removal], bool] | None = None) -> dict[int, Pick]:
-    """k -> the pick of rule or search ``name`` for k = 1..most, or up to the first meeting ``stop``."""
+          stop: Callable[[Removal], bool] | None = None, only: Sequence[int] | None = None) -> dict[int, Pick]:
+    """k -> the pick of rule or search ``name`` for k = 1..most (or the k of ``only``), or up to the first
+    meeting ``stop``. A search that grows its sets reports every size it passes through."""
     if name in SEARCHES:
         search = SEARCHES[name]
-        steps = search.steps(calib, most, select, stop)
-        return {k: Pick(s.removed, s.candidates, search.cost(steps[:k]), s) for k, s in enumerate(steps, start=1)}
+        steps = search.steps(calib, most, select, stop, only)
+        sizes = sorted({s.size for s in steps})
+        return {k: Pick(trail[-1].removed, trail[-1].candidates, search.cost(steps, k), trail[-1], trail)
+                for k in sizes for trail in [tuple(s for s in steps if s.size == k)]}
     rule = RULES[name]
     out: dict[int, Pick] = {}
     singles = rule.scores(calib, 1) if rule.per_block else None
-    for k in range(1, most + 1):
+    for k in (range(1, most + 1) if stop is not None or only is None else only):
         scores = singles if singles is not None else rule.scores(calib, k)
         removal = rule.select(scores, k)
         if not is_valid(removal, calib.n_blocks):

@@ -35,7 +35,7 @@ which exist only when both kinds are candidates (--unit sublayer).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, astuple, dataclass
 from typing import TYPE_CHECKING
 
 from models.units import Removal, canonical, unit_order
@@ -47,18 +47,26 @@ if TYPE_CHECKING:  # the rules only call its methods; importing it would load to
 
 @dataclass(frozen=True)
 class Cost:
-    """What choosing needed on calibration tokens: one-pass forward passes, and sets evaluated for their
-    calibration perplexity (each a shared-prefix evaluation of one configuration)."""
+    """What choosing needed on calibration tokens: one-pass forward passes, sets evaluated for their
+    calibration perplexity (each a shared-prefix evaluation of one configuration), the tokens those
+    scored (a set scored on 1,000 tokens counts 1,000), and block evaluations (one block on one window;
+    sets scored together share their common prefixes, evaluation.engine)."""
 
     passes: int = 0
     evaluations: int = 0
+    tokens: int = 0
+    block_evals: int = 0
 
     def __add__(self, other: "Cost") -> "Cost":
-        return Cost(self.passes + other.passes, self.evaluations + other.evaluations)
+        return Cost(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
 
     def __str__(self) -> str:
         parts = [f"{self.passes} pass" + "es" * (self.passes != 1)] if self.passes else []
-        parts += [f"{self.evaluations:,} evaluations"] if self.evaluations or not parts else []
+        parts += [f"{self.evaluations:,} sets"] if self.evaluations or not parts else []
+        parts += [f"{self.tokens:,} tokens", f"{self.block_evals:,} block evals"] if self.tokens else []
         return ", ".join(parts)
 
 
@@ -77,6 +85,7 @@ class BlockRule:
     name = ""
     title = ""
     per_block = True  # its scores are one per block, whatever k is
+    one_pass = True  # it reads the one-pass scores (the rules that do share that pass)
     units = ("block", "attn", "mlp", "sublayer")  # the --unit kinds it can score
 
     def scores(self, calib: "Calibration", k: int) -> dict[Removal, float]:
@@ -84,7 +93,7 @@ class BlockRule:
 
     def cost(self, calib: "Calibration") -> Cost:
         """What the rule needs on its own, whatever k: one pass for the one-pass scores."""
-        return Cost(passes=1)
+        return calib.pass_cost()
 
     def select(self, scores: dict[Removal, float], k: int) -> Removal:
         return canonical([c[0] for c in ranked(scores)[:k]])
@@ -102,12 +111,13 @@ class BlockInfluence(BlockRule):
 
 class CalibrationPerplexity(BlockRule):
     name, title = "ppl", "Calibration PPL"
+    one_pass = False
 
     def scores(self, calib: "Calibration", k: int) -> dict[Removal, float]:
         return calib.single_removal()
 
     def cost(self, calib: "Calibration") -> Cost:
-        return Cost(evaluations=len(calib.units))
+        return calib.cost_of([(u,) for u in calib.units])
 
 
 class AngularDistance(BlockRule):

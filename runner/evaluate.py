@@ -314,6 +314,8 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
         record.info["tasks"] = loaded.settings.tasks.info
     record.save()  # before the first forward pass: a crashed run's CSV has its sidecar
     removals, choice = removal_sets(config, loaded, procs)
+    if choice is not None and choice.info:
+        record.info["choosing"] = choice.info  # what choosing cost, how it ranked, how its picks held
     shard = config.output.shard
     if shard:
         record.info["plan_size"] = len(removals)

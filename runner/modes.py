@@ -64,6 +64,8 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("greedy", "iterative elimination by calibration perplexity (SLEB)", choose=choosers.greedy_mode,
          saves=True, seeded=True),
     Mode("beam", "beam search by calibration perplexity", choose=choosers.beam_mode, saves=True, seeded=True),
+    Mode("evolve", "evolutionary search over sets of --num-remove blocks (EvoPress)", choose=choosers.evolve_mode,
+         saves=True, seeded=True),
     Mode("compare", "every rule's choice against the exhaustive optimum (with --target-params or "
          "--target-speedup: whole blocks against sublayers at equal size or speed)", choose=compare,
          seeded=True, budgets=True),

@@ -160,8 +160,9 @@ def field_default(path: str) -> Any:
     return found.default if found.default is not dataclasses.MISSING else found.default_factory()
 
 
-HOW_MANY = ("random", "importance", "greedy", "beam")
-CALIBRATING = ("importance", "greedy", "beam", "compare")
+HOW_MANY = ("random", "importance", "greedy", "beam", "evolve")
+CALIBRATING = ("importance", "greedy", "beam", "evolve", "compare")
+SEARCHING = ("greedy", "beam", "evolve", "compare")
 UNIT_MODES = ("sequential", "combinatorial", *HOW_MANY, "compare")
 SAVING = tuple(saving_modes())
 
@@ -182,7 +183,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--device", "device", "where the model runs", MODEL, choices=("auto", "cpu", "cuda", "mps")),
     Option("--dtype", "dtype", "auto: float32 on CPU, the checkpoint's dtype elsewhere", MODEL,
            choices=("auto", "float32", "float16", "bfloat16")),
-    Option("--seed", "seed", "random draws (--mode random, healing batches)", MODEL, type=int, also=("heal.seed",)),
+    Option("--seed", "seed", "random draws (--mode random, evolve, healing batches)", MODEL, type=int,
+           also=("heal.seed", "select.seed")),
     Option("--cache-dir", "data.cache_dir", "where tokenized datasets are cached (default: "
            "~/.cache/gpt2-pruning-kit)", MODEL),
     Option("--no-cache", "data.no_cache", "tokenize the dataset afresh and cache nothing", MODEL, flag_only=True),
@@ -234,6 +236,16 @@ OPTIONS: tuple[Option, ...] = (
            modes=("importance",)),
     Option("--beam-width", "select.beam_width", "sets kept per search step", CALIB, type=positive_int,
            modes=("beam", "compare")),
+    Option("--generations", "select.generations", "evolve's generations at each k (EvoPress)", CALIB,
+           type=positive_int, modes=("evolve", "compare")),
+    Option("--offspring", "select.offspring", "evolve's offspring per generation, raced on a quarter, a half and "
+           "all of the calibration tokens", CALIB, type=positive_int, modes=("evolve", "compare")),
+    Option("--race", "select.race", "greedy and beam score each step's candidates on a quarter of the calibration "
+           "tokens first, and only the best quarter on more (docs/search.md)", CALIB, flag_only=True,
+           modes=SEARCHING),
+    Option("--calib-slices", "select.calib_slices", "also choose on N disjoint slices of the calibration tokens and "
+           "report how much the picks agree (mean pairwise Jaccard) and their perplexity spread", CALIB,
+           type=positive_int, modes=CALIBRATING),
     Option("--calib-tokens", "select.calib_tokens", "calibration tokens from the train split", CALIB,
            type=positive_int, modes=CALIBRATING, outside="warn"),
     Option("--max-configs", "select.max_configs", "the most configurations combinatorial plans; compare's exhaustive "

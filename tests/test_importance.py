@@ -124,7 +124,8 @@ def test_spearman_uses_average_ranks_for_ties():
 
 def optimum_lines(out: str) -> dict[int, tuple[list[int], float]]:
     found = {}
-    for k, removed, ppl in re.findall(r"^(\d+)\s+optimum\s+([\d, ]+?)\s+([\d,.]+)\s+0\.00$", out, re.M):
+    for k, removed, ppl in re.findall(r"^(\d+)\s+optimum\s+([\d, ]+?)\s+([\d,.]+)\s+0\.00\s+[\d,]+ sets on evaluation tokens$",
+                                     out, re.M):
         found[int(k)] = ([int(i) for i in removed.split(",")], float(ppl.replace(",", "")))
     return found
 
@@ -148,15 +149,15 @@ def test_compare_optimum_is_the_best_row_of_the_combinatorial_sweep(trained_dir,
     ours = rows.set_index("removed_layers").perplexity
     assert ours.to_dict() == pytest.approx(sweep.set_index("removed_layers").perplexity.to_dict())
     k1 = rows[rows.removed_layers == f"[{IDENTITY_BLOCK}]"].iloc[0]
-    assert set(k1.metric.split(",")) >= {"bi", "angular", "ppl", "greedy", "beam", "exhaustive"}
+    assert set(k1.metric.split(",")) >= {"bi", "angular", "ppl", "greedy", "beam", "evolve", "exhaustive"}
     assert json.loads(k1.scores)["bi"] == pytest.approx(0.0, abs=1e-12)
     # removing the identity block costs nothing on any text, so the ppl rule finds the optimum for k = 1
-    assert re.search(rf"^1\s+ppl\s+{IDENTITY_BLOCK}\s+[\d,.]+\s+\+0\.00$", out, re.M)
+    assert re.search(rf"^1\s+ppl\s+{IDENTITY_BLOCK}\s+[\d,.]+\s+\+0\.00\s+4 sets, ", out, re.M)
     # every gap is the rule's evaluation perplexity against the optimum's, both from the CSV
     exact = {tuple(json.loads(r)): p for r, p in zip(rows.removed_layers, rows.perplexity)}
-    gaps = re.findall(r"^(\d+)\s+(bi|angular|ppl|greedy|beam|random|last)\s+([\d, ]+?)\s+[\d,.]+\s+([+-][\d,.]+)$",
-                      out, re.M)
-    assert len(gaps) == 2 * 7
+    gaps = re.findall(r"^(\d+)\s+(bi|angular|ppl|greedy|beam|evolve|random|last)\s+([\d, ]+?)\s+[\d,.]+\s+"
+                      r"([+-][\d,.]+)\s+\S.*$", out, re.M)
+    assert len(gaps) == 2 * 8
     for k, rule, removed, gap in gaps:
         chosen = tuple(int(i) for i in removed.split(","))
         best = exact[tuple(optimum[int(k)][0])]

@@ -365,12 +365,12 @@ def test_compare_judges_every_rule_against_the_exhaustive_optimum_over_sublayers
     pairs = {validate_removal(pair, 4) for pair in itertools.combinations(units, 2)}
     assert set(ppl) == {()} | {canonical([u]) for u in units} | pairs  # every set once, the rules' picks among them
     assert len(rows) == 1 + 8 + 28
-    optimum = dict(re.findall(r"^(\d)\s+optimum\s+(\S+(?:, \S+)*)\s+[\d,.]+\s+0\.00$", out, re.M))
+    optimum = dict(re.findall(r"^(\d)\s+optimum\s+(\S+(?:, \S+)*)\s+[\d,.]+\s+0\.00\s+[\d,]+ sets on", out, re.M))
     assert optimum == {"1": f"attn{IDENTITY_ATTN}", "2": f"attn{IDENTITY_ATTN}, mlp{IDENTITY_MLP}"}
     assert ppl[("attn1", "mlp3")] == base and min(ppl[p] for p in pairs) == base
-    gaps = re.findall(r"^(\d)\s+(bi|angular|ppl|greedy|beam|random|last)\s+(\S+(?:, \S+)*)\s+[\d,.]+\s+"
-                      r"([+-][\d,.]+)$", out, re.M)
-    assert {rule for _, rule, _, _ in gaps} == {"bi", "angular", "ppl", "greedy", "beam", "random", "last"}
+    gaps = re.findall(r"^(\d)\s+(bi|angular|ppl|greedy|beam|evolve|random|last)\s+(\S+(?:, \S+)*)\s+[\d,.]+\s+"
+                      r"([+-][\d,.]+)\s+\S.*$", out, re.M)
+    assert {rule for _, rule, _, _ in gaps} == {"bi", "angular", "ppl", "greedy", "beam", "evolve", "random", "last"}
     for k, rule, removed, gap in gaps:
         chosen = canonical([parse_unit(u) for u in removed.split(", ")])
         best = ppl[canonical([parse_unit(u) for u in optimum[k].split(", ")])]
@@ -388,7 +388,7 @@ def test_compare_up_to_one_unit_left_plans_only_sets_that_keep_an_attention(trai
     plan = compare_sets(RunConfig(mode="compare", select=SelectSpec(unit="sublayer", max_configs=8)), calib)
     assert sorted(plan.chosen) == list(range(1, 8)) and sorted(plan.exhaustive) == [1, 7]
     for k, by_rule in plan.chosen.items():
-        assert {"greedy", "beam"} <= set(by_rule)
+        assert {"greedy", "beam", "evolve"} <= set(by_rule)
         for removal in by_rule.values():
             assert validate_removal(removal, 4) == removal and plan.size(removal) == k
     assert plan.chosen[7]["last"] == ("mlp0", 1, 2, 3)  # the last 7 of attn0, mlp0, attn1, ...: attn0 stays
