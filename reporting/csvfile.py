@@ -211,8 +211,14 @@ def drop_partial_row(path: str) -> bool:
 def check_columns(path: str, columns: list[str] | None = None) -> None:
     """A file is resumed only if it has this run's columns (this version's, and the same --tasks' task
     columns), in order: rows are appended in that order. Without ``columns``, only the fixed ones are checked."""
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+            for _ in f:  # the whole file: a byte that is not UTF-8 anywhere stops here, not mid-run
+                pass
+    except UnicodeDecodeError as exc:
+        raise KitError(f"'{path}' is not a UTF-8 results file ({exc.reason} at byte {exc.start}); it was changed "
+                       "or damaged after the kit wrote it") from None
     if not header or header == columns or (columns is None and header[: len(COLUMNS)] == COLUMNS):
         return
     if columns is not None and header[: len(COLUMNS)] == COLUMNS:
