@@ -260,13 +260,11 @@ def estimate_cpu_time(config: RunConfig, loaded: Loaded, left: list[Removal]) ->
     hints = []
     fewer = quick_tokens(n_tokens, seconds, w.max_length)
     if fewer:
-        hints.append(f"--max-tokens {fewer} (about {minutes(seconds * fewer / n_tokens)} of passes) gives a quick "
-                     "estimate")
+        hints.append(f"--max-tokens {fewer} ({minutes(seconds * fewer / n_tokens)} of passes) gives a quick estimate")
     if speed:
         hints.append("--no-speed, or fewer --speed-runs, shortens the speed tests")
     log.info(f"On a CPU this is slow: {minutes(seconds)} of perplexity passes for {plural(len(left), 'configuration')} "
-             f"(from a window batch timed at {batch:.2f} s){tests}." + (f" {'; '.join(hints).capitalize()}." if hints
-                                                                        else ""))
+             f"(from a window batch timed at {batch:.2f} s){tests}." + (f" {'; '.join(hints)}." if hints else ""))
 
 
 def quick_tokens(n_tokens: int, seconds: float, max_length: int) -> int | None:
@@ -301,10 +299,6 @@ class Record:
 
 def run(config: RunConfig) -> int:
     procs = current_processes(config.device)
-    out = config.output
-    if out.quiet and not (out.writes_csv or out.save_model or out.save_gguf):
-        log.warning("--quiet without --save_results prints no results and keeps no file: this run's measurements "
-                    "would be lost; add --save_results (or drop --quiet)")
     if not procs.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     procs.from_main(lambda: check_outputs(config))
@@ -354,6 +348,10 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
     if loaded.settings.tasks:  # lm-eval's task versions, shots and examples, filled in as configurations are scored
         record.info["tasks"] = loaded.settings.tasks.info
     record.save()  # before the first forward pass: a crashed run's CSV has its sidecar
+    out = config.output
+    if out.quiet and procs.is_main and not (out.writes_csv or out.save_model or out.save_gguf):  # once the inputs are checked
+        log.warning("--quiet without --save_results prints no results and keeps no file: this run's measurements "
+                    "would be lost; add --save_results (or drop --quiet)")
     removals, choice = configurations(config, loaded, procs)
     shard = config.output.shard
     if shard:

@@ -79,7 +79,7 @@ def _speed(speed: dict) -> dict:
 LABELS = {"mode": "--mode", "window_prefix_token": "the windows' prefix token id", "device": "device",
           "dtype": "dtype", "speed.enabled": "the speed test"}
 FIELDS = {"model": "data.model", "dataset": "data.dataset", "split": "data.split", "text_column": "data.text_column",
-          "max_tokens": "data.max_tokens", "shard": "output.shard", "seed": "seed"}
+          "max_tokens": "data.max_tokens", "shard": "output.shard", "seed": "seed", "protocol": "windows.protocol"}
 # A path is only a name: where its content is known, the content is compared instead.
 CONTENT = {"model": "model_sha256", "dataset": "dataset_sha256"}
 
