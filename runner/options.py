@@ -436,7 +436,8 @@ def _shard(mode, set_, v):
 
 def _text_column(mode, set_, v):
     texts = [p for p in (v["data.dataset"], v["heal.train_dataset"]) if p]
-    if "data.text_column" in set_ and all(p.lower().endswith(".txt") for p in texts):
+    # the default column ("text", which model cards' commands spell out) is harmless
+    if v["data.text_column"] != field_default("data.text_column") and all(p.lower().endswith(".txt") for p in texts):
         return ("--text-column names a column of a .json/.jsonl/.csv/.parquet file or Hub dataset; "
                 f"'{v['data.dataset']}' is plain text, which has none")
 
