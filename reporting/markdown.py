@@ -4,6 +4,7 @@ results CSV and ready to paste into a README."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Callable, Sequence
 
@@ -48,6 +49,8 @@ def best_per_depth(rows: Sequence[dict]) -> list[dict]:
     best: dict[int, dict] = {}
     for r in rows:
         k = depth(row_removal(r))
+        if isinstance(r["perplexity"], float) and math.isnan(r["perplexity"]):  # neither better nor worse
+            continue
         if k and (k not in best or r["perplexity"] < best[k]["perplexity"]):
             best[k] = r
     return [best[k] for k in sorted(best)]

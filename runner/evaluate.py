@@ -337,7 +337,9 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
     if record.out:
         record.out.start(result_columns(loaded))
     w, device, dtype = loaded.settings.windows, loaded.device.type, dtype_name(loaded.model)
-    identity = run_identity(config, w, device, dtype, getattr(loaded.model.config, "_commit_hash", None))
+    # what the sidecar and --resume compare; without a CSV (or off the main process) there is nothing to compare
+    identity = (run_identity(config, w, device, dtype, getattr(loaded.model.config, "_commit_hash", None))
+                if record.out else {})
     if config.output.resume:
         record.info["baseline"] = procs.from_main(lambda: check_same_experiment(
             config.output.resume, resumed, identity, scored_tokens(loaded.ids, w), w.label))

@@ -263,6 +263,9 @@ def test_a_nan_row_is_named_neither_most_nor_least_harmful():
     notes = observations(rows)
     assert notes[0].startswith("Most harmful: removing block 1 ") and notes[1].startswith("Least harmful: removing block 2 ")
     assert not any("block 0" in n for n in notes)
+    from reporting.markdown import best_per_depth
+
+    assert [r["removed_layers"] for r in best_per_depth(rows)] == [[2]]
 
 
 def test_text_column_with_a_plain_text_file_is_refused(model_dir, text_file, capsys):
