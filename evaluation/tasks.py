@@ -34,9 +34,12 @@ from utils.errors import KitError
 
 log = logging.getLogger("gpt2-pruning-kit")
 
-# The metrics the kit records, where a task reports them: accuracy and length-normalised accuracy.
-METRICS = ("acc", "acc_norm")
-# lm-eval's results keys are "<metric>,<filter>"; multiple-choice tasks use the "none" filter.
+# The metrics the kit records, where a task reports them: fractions of examples right, so that the report's
+# percent and percentage-point columns mean what they say. acc and acc_norm are the log-likelihood
+# (multiple-choice) tasks'; exact_match is the generative (generate_until) tasks'.
+METRICS = ("acc", "acc_norm", "exact_match")
+# lm-eval's results keys are "<metric>,<filter>"; a task without a filter_list has the one filter "none". A
+# metric under another filter is recorded as "<metric>/<filter>" (gsm8k: exact_match/strict-match).
 FILTER = "none"
 LOCAL_HINT = ("to run offline or on private data, write an lm-eval task YAML over local files (dataset_path: json, "
               "dataset_kwargs: {data_files: {test: FILE.jsonl}}) in a folder and pass --include-path FOLDER")
@@ -73,8 +76,9 @@ class TaskScorer:
             samples = out.get("n-samples", {}).get(name, {})
             scores[name] = {"n": samples.get("effective", result.get("sample_len"))}
             for metric in metrics:
-                scores[name][metric] = _number(result.get(f"{metric},{FILTER}"))
-                scores[name][f"{metric}_stderr"] = _number(result.get(f"{metric}_stderr,{FILTER}"))
+                base, _, filter_ = metric.partition("/")
+                scores[name][metric] = _number(result.get(f"{base},{filter_ or FILTER}"))
+                scores[name][f"{metric}_stderr"] = _number(result.get(f"{base}_stderr,{filter_ or FILTER}"))
             self.info[name] = {"version": out.get("versions", {}).get(name), "num_fewshot": out.get("n-shot", {})
                                .get(name), "examples": scores[name]["n"]}
         return scores
@@ -126,27 +130,43 @@ def _manager(spec: TaskSpec):
     return TaskManager(include_path=spec.include_path)
 
 
+def _recorded(metric: str, filters) -> tuple[str, ...]:
+    """The kit's names for ``metric`` under each of ``filters`` (none for a metric it does not record)."""
+    if metric not in METRICS:
+        return ()
+    return tuple(metric if f == FILTER else f"{metric}/{f}" for f in (filters or [FILTER]))
+
+
 def _reported(name: str, loaded: dict) -> dict[str, tuple[str, ...]]:
     """The names the results carry for one requested name, with their metrics: a task itself, a
     group's aggregate, or each task of a tag."""
     if name in loaded["groups"]:
         group = loaded["groups"][name]
-        aggregated = tuple(m for m in METRICS if any(a.metric == m for a in group.aggregate_metric_list or ()))
+        aggregated = tuple(dict.fromkeys(
+            m for a in group.aggregate_metric_list or ()
+            for m in _recorded(a.metric, [a.filter_list] if isinstance(a.filter_list, str) else a.filter_list)))
         if aggregated:
             return {name: aggregated}
     reported = {}
     for task_name, task in loaded["tasks"].items():
-        listed = [m["metric"] for m in task.config.metric_list or ()]
-        reported[task_name] = tuple(m for m in METRICS if m in listed)
+        filters = [f["name"] for f in task.config.filter_list or ()] or [FILTER]
+        reported[task_name] = tuple(dict.fromkeys(n for m in task.config.metric_list or ()
+                                                  for n in _recorded(m["metric"], filters)))
     return reported
 
 
-def load_tasks(spec: TaskSpec, tokenizer, progress: bool = True) -> TaskScorer | None:
-    """The run's tasks, loaded and checked before any measurement; None without --tasks."""
+def load_tasks(spec: TaskSpec, tokenizer, progress: bool = True, trust_code: bool = False) -> TaskScorer | None:
+    """The run's tasks, loaded and checked before any measurement; None without --tasks.
+
+    A task YAML can name Python to run (``!function module.fn``, a module beside it): in an --include-path
+    folder that code runs only with ``trust_code`` (--trust-remote-code), as a model's own code does.
+    """
     if not spec.names:
         return None
     if spec.include_path and not os.path.isdir(spec.include_path):
         raise KitError(f"--include-path '{spec.include_path}' is not a folder")
+    if spec.include_path and not trust_code:
+        refuse_task_code(spec.include_path)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-configuration set-up messages bury the kit's own
     manager = _manager(spec)
     loaded_objects, metrics = [], {}
@@ -163,14 +183,33 @@ def load_tasks(spec: TaskSpec, tokenizer, progress: bool = True) -> TaskScorer |
         reported = _reported(name, loaded)
         without = [n for n, m in reported.items() if not m]
         if without:
-            raise KitError(f"--tasks: task '{without[0]}' reports neither acc nor acc_norm; the kit records those "
-                           "two (multiple-choice tasks such as piqa, hellaswag, arc_easy)")
+            raise KitError(f"--tasks: task '{without[0]}' reports none of {', '.join(METRICS)}; the kit records "
+                           "those (multiple-choice tasks such as piqa and arc_easy, generative ones scored by "
+                           "exact_match)")
         metrics.update(reported)
         loaded_objects += [loaded["groups"][name]] if name in loaded["groups"] else loaded["tasks"].values()
     log.info(f"Tasks: {', '.join(metrics)} ({_shots(spec)}, "
              f"{'all examples' if spec.limit is None else f'at most {spec.limit} examples each'}), "
              "scored for every configuration")
     return TaskScorer(spec, tokenizer, manager, loaded_objects, metrics, progress)
+
+
+def refuse_task_code(folder: str) -> None:
+    """Refuse a task folder whose YAML files run Python (``!function``) unless --trust-remote-code is given:
+    lm-eval imports the named module from the folder when it loads the task."""
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            if not name.endswith((".yaml", ".yml")):
+                continue
+            path = os.path.join(root, name)
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            if "!function" in text:
+                raise KitError(f"--include-path: '{path}' runs Python from the folder (!function); pass "
+                               "--trust-remote-code to allow it, or use a task without it")
 
 
 def _shots(spec: TaskSpec) -> str:

@@ -12,12 +12,16 @@ the kit command that measures it again from the directory.
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import logging
 import os
 import shutil
 import tempfile
 from typing import Sequence
+
+from safetensors import SafetensorError
 
 import torch
 from torch import nn
@@ -36,12 +40,14 @@ from models.removal import removed_blocks, zeroed_copy
 from models.units import is_whole_blocks, row_removal
 from pruning.compensation import describe as describe_patch
 from reporting.schema import change_pct
-from utils.errors import WriteError
+from utils.errors import KitError, WriteError, first_line
 from utils.text import format_table
 
 log = logging.getLogger("gpt2-pruning-kit")
 
 REPORT_FILE = "pruning_report.json"
+# Held (flock) by the run writing a staging folder; a folder whose lock nobody holds was left by a killed run.
+STAGING_LOCK = ".kit-writing"
 # Tokens of the evaluation text used to check that the written checkpoint reloads to the same model.
 CHECK_TOKENS = 64
 CHECK_GEN_TOKENS = 8
@@ -93,7 +99,9 @@ def export_model(model: nn.Module, tokenizer, path: str, report: dict, sample_id
     as it was (absent or empty) and no partial directory behind.
     """
     parent = os.path.dirname(os.path.abspath(path))
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.partial-", dir=parent)
+    staging = tempfile.mkdtemp(prefix=staging_prefix(path), dir=parent)
+    lock = os.open(os.path.join(staging, STAGING_LOCK), os.O_WRONLY | os.O_CREAT, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -103,17 +111,59 @@ def export_model(model: nn.Module, tokenizer, path: str, report: dict, sample_id
             json.dump(report, f, indent=2)
         if not verify_reload(staging, model, sample_ids):
             raise WriteError(f"the checkpoint written for '{path}' reloads to a different model; nothing was saved")
+        os.remove(os.path.join(staging, STAGING_LOCK))
         if os.path.isdir(path):
             os.rmdir(path)  # checked empty before the run
         os.rename(staging, path)
-    except OSError as exc:
-        raise WriteError(f"cannot write the pruned model to '{path}': {exc.strerror or exc}; nothing was saved "
-                         "there (the results files are intact)") from None
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+        raise WriteError(f"cannot write the pruned model to '{path}': {reason}; nothing was saved there (the "
+                         "results files are intact)") from None
     finally:
+        os.close(lock)
         if os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)
     log.warning(f"Pruned model written to {path}")
     log.info(f"Model card: {os.path.join(path, 'README.md')}")
+
+
+def staging_prefix(path: str) -> str:
+    return f".{os.path.basename(os.path.abspath(path))}.partial-"
+
+
+def check_save_target(path: str) -> None:
+    """Before any work: a --save-model path that is a link is refused (the final rename would replace the link,
+    not fill the folder it names), and staging folders that killed runs left beside it are removed (their lock
+    is free) or named (one without a lock, from an older kit)."""
+    if os.path.islink(path):
+        dangling = "" if os.path.exists(path) else ", which does not exist"
+        raise KitError(f"--save-model '{path}' is a symbolic link (to '{os.readlink(path)}'{dangling}); give the "
+                       "folder's own path")
+    parent = os.path.dirname(os.path.abspath(path))
+    for staging in sorted(glob.glob(os.path.join(glob.escape(parent), glob.escape(staging_prefix(path)) + "*"))):
+        if not os.path.isdir(staging) or os.path.islink(staging):
+            continue
+        if stale(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+            log.warning(f"Removed '{staging}', a partial --save-model folder left by a run that was killed")
+        elif not os.path.exists(os.path.join(staging, STAGING_LOCK)):
+            log.warning(f"'{staging}' is a partial --save-model folder of an interrupted run (or of one still "
+                        f"writing): remove it once no run is saving to '{path}'")
+
+
+def stale(staging: str) -> bool:
+    """Whether no process holds the staging folder's lock (its writer is gone)."""
+    try:
+        fd = os.open(os.path.join(staging, STAGING_LOCK), os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def healing_table(rows: Sequence[dict], healed_ppl: float) -> str:

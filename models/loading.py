@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -75,11 +76,17 @@ def load_model(name: str, device: torch.device, dtype: str = "auto", trust_remot
         raise KitError(f"'{name}' has no usable tokenizer (tokenizer.json, or vocab.json and merges.txt); "
                        "save the tokenizer beside the model with tokenizer.save_pretrained")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                                     **gguf_kwargs(source.file if source else None),
-                                                     **placement.load_kwargs())
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+            **gguf_kwargs(source.file if source else None), **placement.load_kwargs())
+    except pickle.UnpicklingError as exc:  # torch's message advises weights_only=False, which would run the code
+        raise KitError(f"cannot load model '{name}': its pickled weights hold more than tensors "
+                       f"({pickled_object(exc)}), and unpickling them could run code; the kit loads only plain "
+                       "tensors (convert a copy you trust to safetensors)") from None
     except Exception as exc:  # truncated weights (SafetensorError), unknown architectures, failed downloads
         raise KitError(f"cannot load model '{name}': {first_line(exc)}{where}") from None
+    check_loading_info(name, info)
+    check_finite_weights(name, model)
     if placement.device_map is None:
         model.to(device)
     model.eval()
@@ -88,6 +95,45 @@ def load_model(name: str, device: torch.device, dtype: str = "auto", trust_remot
     if placement.device_map:
         model.kit_placement = placement
     return model, tokenizer
+
+
+def pickled_object(exc: BaseException) -> str:
+    """What torch's weights-only unpickler refused, from its message ('unsupported GLOBAL posix.system')."""
+    line = next((x.strip() for x in str(exc).splitlines() if "GLOBAL" in x), "")
+    words = line.split()
+    return f"{words[words.index('GLOBAL') + 1]}" if "GLOBAL" in words[:-1] else "an object torch refuses"
+
+
+def check_loading_info(name: str, info: dict) -> None:
+    """Refuse a checkpoint whose weights do not match its config: transformers would fill missing weights
+    (a config.json with more blocks than the weights hold) with random values, and drop unexpected ones."""
+    for kind, meaning in (("missing_keys", "the config asks for weights the checkpoint lacks (they would be "
+                           "random)"), ("unexpected_keys", "the checkpoint holds weights the config has no place for"),
+                          ("mismatched_keys", "weights have other shapes than the config gives")):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
+        if keys:
+            more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+            raise KitError(f"model '{name}' does not match its config.json: {meaning}: {keys[0]}{more}")
+
+
+def check_finite_weights(name: str, model: torch.nn.Module) -> None:
+    """Refuse weights holding NaN or infinity: every perplexity would be nan and every comparison void.
+    Weights offloaded to disk (meta tensors here) are not read."""
+    for param_name, param in model.named_parameters():
+        if param.device.type != "meta" and not torch.isfinite(param).all():
+            raise KitError(f"model '{name}' has NaN or infinite values in its weight {param_name}; a damaged or "
+                           "diverged checkpoint cannot be measured")
+
+
+def check_token_ids(model: torch.nn.Module, ids: torch.Tensor, what: str) -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer larger than the model's vocabulary), which
+    would fail mid-run with an IndexError or, on a GPU, a device-side assert."""
+    size = model.get_input_embeddings().num_embeddings
+    top = int(ids.max()) if ids.numel() else -1
+    if top >= size:
+        raise KitError(f"the tokenizer gives token id {top} in {what}, but the model has embeddings for ids 0..{size - 1} "
+                       "only: the tokenizer belongs to another model, or tokens were added without resizing the "
+                       "embeddings")
 
 
 def gguf_kwargs(file: str | None) -> dict:

@@ -221,8 +221,14 @@ def check_columns(path: str, columns: list[str] | None = None) -> list[str]:
     columns), in order: rows are appended in that order. A file of the version before the pass columns
     (EARLIER_COLUMNS) is resumed too, its new rows without them. Without ``columns``, only the fixed ones
     are checked. The columns rows are to be written in: the file's header."""
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+            for _ in f:  # the whole file: a byte that is not UTF-8 anywhere stops here, not mid-run
+                pass
+    except UnicodeDecodeError as exc:
+        raise KitError(f"'{path}' is not a UTF-8 results file ({exc.reason} at byte {exc.start}); it was changed "
+                       "or damaged after the kit wrote it") from None
     fixed = COLUMNS if header[: len(COLUMNS)] == COLUMNS else EARLIER_COLUMNS
     if not header or header == columns or (columns is None and header[: len(fixed)] == fixed):
         return header or columns or COLUMNS

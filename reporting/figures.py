@@ -26,6 +26,7 @@ from models.units import SUBLAYERS, Unit, canonical, compact_label, is_whole_blo
 from pruning.rules import RULES
 from reporting.schema import speed_within_noise, task_column
 from reporting.tables import accuracy_headers
+from utils.files import replace_file
 
 
 log = logging.getLogger("gpt2-pruning-kit")
@@ -33,6 +34,8 @@ log = logging.getLogger("gpt2-pruning-kit")
 DPI = 120
 # Above this many blocks, heatmap cells are too small for numbers and bar labels turn sideways.
 ANNOTATE_MAX_BLOCKS = 12
+# The most index labels one axis shows; the others keep their tick without a label.
+MAX_TICK_LABELS = 12
 
 
 def _finite(value) -> bool:
@@ -60,6 +63,14 @@ def _log_ticks(axis, low: float, high: float, text=_value_text) -> None:
     the only ones, so they are labelled too."""
     axis.set_major_formatter(FuncFormatter(text))
     axis.set_minor_formatter(FuncFormatter(text) if high < 10 * low else NullFormatter())
+
+
+def _index_ticks(ax, values: Sequence[int]) -> None:
+    """A tick at every block index, labelled at every k-th so that at most MAX_TICK_LABELS labels share the
+    axis (30 labels in a row ran together into "272829")."""
+    step = math.ceil(len(values) / MAX_TICK_LABELS)
+    ax.set_xticks(values)
+    ax.set_xticklabels([str(v) if i % step == 0 else "" for i, v in enumerate(values)])
 
 
 def _label(removed: Sequence[int]) -> str:
@@ -117,14 +128,14 @@ def per_block_figure(rows: Sequence[dict]) -> Figure | None:
     for b in blocks:
         if b not in finite:
             ax.annotate("inf", (b, 1), xytext=(0, 4), textcoords="offset points", ha="center", color="#c0392b")
-    ax.set_xticks(blocks)
+    _index_ticks(ax, blocks)
     ax.set_xlabel("removed block")
     ax.set_ylabel("perplexity change (log scale of PPL / baseline)")
     ax.set_title("Perplexity change")
     if timed:
         ax2 = fig.add_subplot(1, 2, 2)
         _speed_bars(ax2, [singles[b] for b in timed], timed)
-        ax2.set_xticks(blocks)
+        _index_ticks(ax2, blocks)
         ax2.set_xlabel("removed block")
     fig.suptitle(f"{rows[0].get('model', '')}: removing one block at a time")
     return fig
@@ -227,7 +238,7 @@ def tradeoff_figure(rows: Sequence[dict]) -> Figure | None:
         ax.set_title(f"Perplexity against {xlabel} (labels: removed blocks)")
         ax.legend(loc="upper right", fontsize=8)
         if key == "num_layers":
-            ax.set_xticks(sorted({int(r[key]) for r in points}))
+            _index_ticks(ax, sorted({int(r[key]) for r in points}))
     hidden = len(rows) - len(shown)
     note = f" ({hidden} with infinite perplexity not shown)" if hidden else ""
     fig.suptitle(f"{rows[0].get('model', '')}: {len(rows)} configurations{note}")
@@ -388,19 +399,18 @@ def figure_path(csv_path: str, kind: str) -> str:
     return f"{os.path.splitext(csv_path)[0]}_{kind}.png"
 
 
-def write_figures(rows: Sequence[dict], csv_path: str) -> list[str]:
-    """Every figure the rows support, as PNG files beside ``csv_path``; their paths."""
-    paths = []
+def build_figures(rows: Sequence[dict]) -> list[tuple[str, Figure]]:
+    """Every figure the rows support, by kind, drawn but not written."""
     blocks_only = [r for r in rows if is_whole_blocks(row_removal(r))]
     figures = [(kind, build(blocks_only) if blocks_only else None) for kind, build in BLOCK_FIGURES.items()]
     figures += [(kind, build(rows) if rows else None) for kind, build in UNIT_FIGURES.items()]
-    for kind, fig in figures:
-        if fig is None:
-            continue
-        path = figure_path(csv_path, kind)
-        fig.savefig(path, dpi=DPI)
-        paths.append(path)
-    if not paths:
+    built = [(kind, fig) for kind, fig in figures if fig is not None]
+    if not built:
         log.info("No figure applies to these rows (figures need single-block removals, several removal depths, "
                  "pairs of removed blocks, per-block scores or task columns)")
-    return paths
+    return built
+
+
+def save_figure(fig: Figure, path: str) -> None:
+    """The figure as PNG at ``path``, replacing (not following) whatever is there (utils.files)."""
+    replace_file(path, lambda f: fig.savefig(f, format="png", dpi=DPI))

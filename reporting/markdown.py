@@ -4,15 +4,17 @@ results CSV and ready to paste into a README."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Callable, Sequence
 
 from models.units import is_whole_blocks, removed_label, row_removal, sublayers_in
-from reporting.figures import write_figures
+from reporting.figures import build_figures, figure_path, save_figure
 from reporting.schema import REQUIRED_COLUMNS, ppl_within_noise, speed_within_noise, task_column
 from reporting.tables import (COMPARISON_HEADERS, accuracy_cell, accuracy_headers, comparison_cells, interval_cell,
                               noise_note, observations, ppl_interval_cell, sweep_cells)
-from utils.errors import KitError
+from utils.errors import KitError, WriteError
+from utils.files import replace_text
 from utils.text import format_number
 
 log = logging.getLogger("gpt2-pruning-kit")
@@ -50,6 +52,8 @@ def best_per_depth(rows: Sequence[dict]) -> list[dict]:
     best: dict[int, dict] = {}
     for r in rows:
         k = depth(row_removal(r))
+        if isinstance(r["perplexity"], float) and math.isnan(r["perplexity"]):  # neither better nor worse
+            continue
         if k and (k not in best or r["perplexity"] < best[k]["perplexity"]):
             best[k] = r
     return [best[k] for k in sorted(best)]
@@ -157,16 +161,38 @@ def report_path(csv_path: str) -> str:
 
 def write_outputs(rows: Sequence[dict], csv_path: str, plot: bool, mode_report: str | None = None,
                   partial: bool = False, first_header: str | None = None) -> list[str]:
-    """report.md (and with ``plot`` the figures) beside ``csv_path``; the paths written."""
-    figures = write_figures(rows, csv_path) if plot else []
+    """report.md (and with ``plot`` the figures) beside ``csv_path``; the paths written.
+
+    The report is written first: a disk that fills while the figures are written leaves it, relinked to the
+    figures that were written, and one line. Every file replaces what has its name, a link included
+    (utils.files), so a planted link cannot redirect a write outside the folder.
+    """
+    built = build_figures(rows) if plot else []
+    figures = [figure_path(csv_path, kind) for kind, _ in built]
     path = report_path(csv_path)
-    text = report_markdown(rows, figures, csv_path, mode_report, partial, first_header)  # first: a failure leaves no empty report
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-    for figure in figures:
+    report = lambda linked: report_markdown(rows, linked, csv_path, mode_report, partial, first_header)
+    _write(path, report(figures), "the report")
+    for n, ((_, fig), figure) in enumerate(zip(built, figures)):
+        try:
+            save_figure(fig, figure)
+        except OSError as exc:
+            try:
+                replace_text(path, report(figures[:n]))
+            except OSError:
+                pass  # the report stays as written, linking a figure that is missing
+            raise WriteError(f"cannot write the figure '{figure}': {exc.strerror or exc}; {path} links the "
+                             f"{n} figure{'' if n == 1 else 's'} written before it (--mode report --input "
+                             f"{csv_path} draws them again once there is room)") from None
         log.warning(f"Figure written to {figure}")
     log.warning(f"Report written to {path}")
     return [*figures, path]
+
+
+def _write(path: str, text: str, what: str) -> None:
+    try:
+        replace_text(path, text)
+    except OSError as exc:
+        raise WriteError(f"cannot write {what} '{path}': {exc.strerror or exc}; the results file is intact") from None
 
 
 def check_rows(rows: Sequence[dict], path: str) -> None:

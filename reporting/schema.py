@@ -2,7 +2,8 @@
 only ever grow at the end) and how a measurement becomes a row.
 
 With --tasks, the fixed COLUMNS are followed by columns per downstream task,
-``task:<task>:<metric>``: ``n`` (examples scored), then for acc and acc_norm,
+``task:<task>:<metric>``: ``n`` (examples scored), then for acc, acc_norm and
+exact_match (``exact_match/<filter>`` where a task filters its answers),
 where the task has them, the value (a fraction, as lm-eval reports it), its
 standard error and ``<metric>_change_pts``, the change against the baseline
 in percentage points. Which tasks and metrics a run has is known once its
@@ -62,7 +63,7 @@ def columns_of(row: dict) -> list[str]:
 
 
 def task_metrics(row: dict) -> dict[str, list[str]]:
-    """Task -> metrics (acc, acc_norm) whose values a row's columns hold, in column order."""
+    """Task -> metrics (acc, acc_norm, exact_match) whose values a row's columns hold, in column order."""
     return {task: [m for m in values if m != "n" and not m.endswith("_stderr")]
             for task, values in row_task_scores(row).items()}
 

@@ -15,6 +15,7 @@ import platform
 from typing import Any
 
 from utils.errors import WriteError
+from utils.files import replace_text
 from utils.metadata import git_state, library_versions
 
 log = logging.getLogger("gpt2-pruning-kit")
@@ -67,17 +68,11 @@ def read_sidecar(csv_path: str) -> dict | None:
 
 
 def write_json_atomic(path: str, data: Any) -> None:
-    """Replace ``path`` with ``data`` as JSON in one step: a crash leaves the old file or the new one,
-    never a mix, and a failure (disk full) leaves no temporary file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    """Replace ``path`` with ``data`` as JSON in one step (utils.files): a crash leaves the old file or the new
+    one, never a mix, a failure (disk full) leaves no temporary file, and a link at ``path`` is replaced, not
+    followed."""
+    text = json.dumps(data, indent=2, default=str) + "\n"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_text(path, text)
     except OSError as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise WriteError(f"cannot write '{path}': {exc.strerror}; the results file beside it is intact") from None

@@ -148,13 +148,14 @@ def comparison_table(original: dict, pruned: dict) -> str:
 def observations(rows: Sequence[dict]) -> list[str]:
     """A few sentences a reader would otherwise work out from the table."""
     pruned = [r for r in rows if row_removal(r)]
-    if not pruned:
+    ranked = [r for r in pruned if isinstance(r["perplexity"], (int, float)) and not math.isnan(r["perplexity"])]
+    if not ranked:  # a nan perplexity is neither more nor less harmful than another
         return []
     label = lambda r: units_phrase(row_removal(r))
-    worst = max(pruned, key=lambda r: r["perplexity"])
-    best = min(pruned, key=lambda r: r["perplexity"])
+    worst = max(ranked, key=lambda r: r["perplexity"])
+    best = min(ranked, key=lambda r: r["perplexity"])
     notes = []
-    if len(pruned) > 1:
+    if len(ranked) > 1:
         notes.append(f"Most harmful: removing {label(worst)} (PPL {format_number(worst['perplexity'])}, "
                      f"{format_number(worst['ppl_change_pct'], sign=True)}%)")
     notes.append(f"Least harmful: removing {label(best)} (PPL {format_number(best['perplexity'])}, "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, replace
@@ -26,11 +27,11 @@ from evaluation.params import count_parameters
 from evaluation.sweep import EvalSettings, estimated_seconds, measure_all
 from evaluation.tasks import load_tasks
 from evaluation.windows import resolve_windows, spec_windows
-from export.checkpoint import deliver
+from export.checkpoint import check_save_target, deliver
 from export.gguf import check_gguf_output
 from export.heal import healing_inputs
 from models.families import check_prunable, num_blocks
-from models.loading import dtype_name, load_model, resolve_device
+from models.loading import check_token_ids, dtype_name, load_model, resolve_device
 from models.placement import Placement, input_device
 from models.removal import context_size
 from models.units import Removal, canonical, config_key, removal_key, row_removal
@@ -50,11 +51,16 @@ from utils.data import check_local_dataset, tokenize
 from utils.errors import Interrupted, KitError
 from utils.log import progress_bar
 from utils.metadata import device_name, now
+from utils.text import minutes, plural
 
 log = logging.getLogger("gpt2-pruning-kit")
 
 # A CPU run whose perplexity passes are estimated to take longer than this gets a hint.
 CPU_SLOW_SECONDS = 600
+# The default window: the model's context, but at most this. Papers report WikiText-2 perplexity of long-context
+# models at 2,048 or 4,096 tokens, and a window of 8,192 or 32,768 costs two to eight times as much per scored
+# token for a number no one compares with; GPT-2's 1,024 and every context up to this stay as they were.
+DEFAULT_MAX_LENGTH = 4096
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,7 @@ def check_outputs(config: RunConfig) -> None:
         return
     if not mode.saves:
         raise KitError(f"--save-model works with --mode {', '.join(saving_modes())}, not {config.mode}")
+    check_save_target(target)
     if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
         raise KitError(f"--save-model directory '{target}' exists and is not empty; choose a new one")
     parent = os.path.dirname(os.path.abspath(target))
@@ -146,10 +153,10 @@ def load(config: RunConfig, procs: Processes) -> Loaded:
     if mode.removes:
         check_prunable(model)
     context = context_size(model)
-    windows = resolve_windows(config.windows, context, tokenizer)
+    windows = resolve_windows(default_length(config.windows, context), context, tokenizer)
     prompt_ids = prompt_tokens(config, tokenizer, context)
     progress = not config.output.quiet and procs.is_main
-    tasks = load_tasks(config.tasks, tokenizer, progress)  # a task that cannot load stops the run before any work
+    tasks = load_tasks(config.tasks, tokenizer, progress, data.trust_remote_code)  # a task that cannot load stops the run before any work
     # Planning is cheap and may refuse (a plan too large): before the data is read.
     planned = mode.plan(config, num_blocks(model)) if mode.plan else None
     cache_dir = None if data.no_cache else (data.cache_dir or str(default_cache_dir()))
@@ -157,10 +164,26 @@ def load(config: RunConfig, procs: Processes) -> Loaded:
     ids = stream[: data.max_tokens] if data.max_tokens else stream
     if len(ids) < 2:
         raise KitError("--max-tokens must be at least 2")
+    check_token_ids(model, ids, f"the text of --dataset {data.dataset}")
+    if prompt_ids is not None:
+        check_token_ids(model, prompt_ids, "--prompt")
     heal, train_ids = healing_inputs(config.heal, data.dataset, data.text_column, model, tokenizer, ids, context,
                                      cache_dir)
     settings = EvalSettings(windows, config.speed, progress=progress, tasks=tasks, divergence=windows.kl)
     return Loaded(model, tokenizer, device, planned, stream, ids, prompt_ids, settings, heal, train_ids, cache_dir)
+
+
+def default_length(spec: WindowSpec, context: int) -> WindowSpec:
+    """``spec`` with the default window length where --max-length was not given: the context, capped at
+    DEFAULT_MAX_LENGTH."""
+    return spec if spec.max_length else replace(spec, max_length=min(context, DEFAULT_MAX_LENGTH))
+
+
+def length_source(config: RunConfig, context: int) -> str:
+    """Where the window length came from, for the sidecar."""
+    if config.windows.max_length:
+        return "--max-length"
+    return "the model's context" if context <= DEFAULT_MAX_LENGTH else f"the model's context capped at {DEFAULT_MAX_LENGTH}"
 
 
 def prompt_tokens(config: RunConfig, tokenizer, context: int) -> torch.Tensor | None:
@@ -211,25 +234,64 @@ def removal_sets(config: RunConfig, loaded: Loaded, procs: Processes) -> tuple[l
     return removals, (chosen[0] if chosen else Choice(removals, extras))
 
 
-def announce(config: RunConfig, loaded: Loaded, removals: list[Removal]) -> None:
-    w, model = loaded.settings.windows, loaded.model
-    n_windows = len(spec_windows(w, len(loaded.ids)))
+def announce(config: RunConfig, loaded: Loaded, removals: list[Removal], left: list[Removal]) -> None:
+    """The run's size before any work: model, tokens and windows, the window length where it was capped,
+    and on a CPU an estimate of what is ``left`` to evaluate (a resumed file's rows excluded)."""
+    w, model, n_tokens = loaded.settings.windows, loaded.model, len(loaded.ids)
+    n_windows = len(spec_windows(w, n_tokens))
     log.info(f"{config.data.model}: {num_blocks(model)} blocks, {count_parameters(model) / 1e6:.2f}M parameters, "
              f"{loaded.device.type}, {dtype_name(model)}")
     stride = f"stride {w.stride}, " if w.stride else ""
-    log.info(f"Evaluating {len(loaded.ids):,} tokens in {n_windows:,} windows (max length {w.max_length}, {stride}"
-             f"protocol {w.label}) for each of {len(removals) + 1} configurations (baseline included)")
+    log.info(f"Evaluating {plural(n_tokens, 'token')} in {plural(n_windows, 'window')} (max length {w.max_length}, "
+             f"{stride}protocol {w.label}) for each of {plural(len(removals) + 1, 'configuration')} (baseline "
+             "included)")
+    context = context_size(model)
+    if not config.windows.max_length and context > w.max_length:
+        log.info(f"Windows of {w.max_length:,} tokens: the model's context is {context:,}, and the default window "
+                 f"is at most {DEFAULT_MAX_LENGTH:,} (docs/measurement.md); --max-length {context} scores with the "
+                 f"whole context at about {context / w.max_length:.0f} times the cost per scored token")
+    if n_windows == 1 and n_tokens < w.max_length:
+        log.info(f"All {n_tokens:,} tokens fit in one window of up to {w.max_length:,}: every token is scored "
+                 "with all the text before it, and the stride plays no part")
+    if not left:
+        log.info(f"Nothing left to evaluate: {config.output.resume} holds every configuration")
+        return
     if loaded.device.type == "cpu" and log.isEnabledFor(logging.INFO):  # the estimates cost a forward and a generation
-        seconds, batch = estimated_seconds(model, loaded.ids, [(), *removals], w)
-        s = config.speed
-        speed = (estimated_speed_seconds(model, loaded.prompt_ids, s.gen_tokens, s.runs, s.warmup, len(removals))
-                 if s.enabled else 0.0)
-        if seconds + speed > CPU_SLOW_SECONDS:
-            tests = f" and {speed / 60:,.0f} minutes of speed tests (from one timed generation)" if speed else ""
-            fewer = "; --no-speed, or fewer --speed-runs, shortens the speed tests" if speed else ""
-            log.info(f"On a CPU this is slow: about {seconds / 60:,.0f} minutes of perplexity passes (from the first "
-                     f"window batch, {batch:.2f} s){tests}. Use --max-tokens (e.g. --max-tokens 20000) for a quick "
-                     f"estimate{fewer}.")
+        estimate_cpu_time(config, loaded, left)
+
+
+def estimate_cpu_time(config: RunConfig, loaded: Loaded, left: list[Removal]) -> None:
+    """A hint, where the passes over ``left`` will take more than CPU_SLOW_SECONDS, with a --max-tokens that
+    would take about half that."""
+    w, model, n_tokens = loaded.settings.windows, loaded.model, len(loaded.ids)
+    seconds, batch = estimated_seconds(model, loaded.ids, left, w)
+    s, pruned = config.speed, sum(1 for r in left if r)
+    speed = (estimated_speed_seconds(model, loaded.prompt_ids, s.gen_tokens, s.runs, s.warmup, pruned)
+             if s.enabled else 0.0)
+    if seconds + speed <= CPU_SLOW_SECONDS:
+        return
+    # a first forward can include one-time set-up (allocations, kernel choice): time a second and keep the faster
+    seconds, batch = min((seconds, batch), estimated_seconds(model, loaded.ids, left, w))
+    if seconds + speed <= CPU_SLOW_SECONDS:
+        return
+    tests = f" and {minutes(speed)} of speed tests (from one timed generation)" if speed else ""
+    hints = []
+    fewer = quick_tokens(n_tokens, seconds, w.max_length)
+    if fewer:
+        hints.append(f"--max-tokens {fewer} ({minutes(seconds * fewer / n_tokens)} of passes) gives a quick estimate")
+    if speed:
+        hints.append("--no-speed, or fewer --speed-runs, shortens the speed tests")
+    log.info(f"On a CPU this is slow: {minutes(seconds)} of perplexity passes for {plural(len(left), 'configuration')} "
+             f"(from a window batch timed at {batch:.2f} s){tests}." + (f" {'; '.join(hints)}." if hints else ""))
+
+
+def quick_tokens(n_tokens: int, seconds: float, max_length: int) -> int | None:
+    """A --max-tokens, fewer than this run's, whose passes take about half of CPU_SLOW_SECONDS (two significant
+    digits, at least one window); None where no such count is smaller than ``n_tokens``."""
+    target = n_tokens * CPU_SLOW_SECONDS / 2 / seconds
+    step = 10 ** max(0, int(math.log10(max(target, 1))) - 1)
+    tokens = max(int(target) // step * step, min(max_length, n_tokens // 2), 2)
+    return tokens if tokens <= n_tokens // 2 else None
 
 
 def counted(measurements: Iterator, work: Work) -> Iterator:
@@ -303,16 +365,23 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
     if record.out:
         record.out.start(result_columns(loaded))
     w, device, dtype = loaded.settings.windows, loaded.device.type, dtype_name(loaded.model)
-    identity = run_identity(config, w, device, dtype)
+    # what the sidecar and --resume compare; without a CSV (or off the main process) there is nothing to compare
+    identity = (run_identity(config, w, device, dtype, getattr(loaded.model.config, "_commit_hash", None))
+                if record.out else {})
     if config.output.resume:
         record.info["baseline"] = procs.from_main(lambda: check_same_experiment(
             config.output.resume, resumed, identity, scored_tokens(loaded.ids, w), w.label))
     record.info.update(identity=identity, device=device, device_name=device_name(loaded.device), dtype=dtype,
                        stream_tokens=len(loaded.ids), max_length=w.max_length, stride=w.stride,
-                       protocol=w.label, prefix_token=w.prefix_token, configurations_evaluated=0, tokens_evaluated=0)
+                       max_length_source=length_source(config, context_size(loaded.model)), protocol=w.label,
+                       prefix_token=w.prefix_token, configurations_evaluated=0, tokens_evaluated=0)
     if loaded.settings.tasks:  # lm-eval's task versions, shots and examples, filled in as configurations are scored
         record.info["tasks"] = loaded.settings.tasks.info
     record.save()  # before the first forward pass: a crashed run's CSV has its sidecar
+    out = config.output
+    if out.quiet and procs.is_main and not (out.writes_csv or out.save_model or out.save_gguf):  # once the inputs are checked
+        log.warning("--quiet without --save_results prints no results and keeps no file: this run's measurements "
+                    "would be lost; add --save_results (or drop --quiet)")
     removals, choice = removal_sets(config, loaded, procs)
     if choice is not None and choice.info:
         record.info["choosing"] = choice.info  # what choosing cost, how it ranked, how its picks held
@@ -326,7 +395,8 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
     fitter = patch_fitter(config, loaded)
     if fitter:
         record.info["patch"] = fitter.info  # filled in as maps are fitted
-    announce(config, loaded, removals)
+    done = {config_key(row_removal(r), r.get("patch")) for r in resumed}
+    announce(config, loaded, removals, [r for r, method in configs if config_key(r, method) not in done])
     rows = measure_rows(config, loaded, procs, configs, resumed, choice, record, fitter)
     if not procs.is_main:
         return 0
@@ -344,6 +414,14 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
         write_outputs(read_rows(record.out.path), record.out.path, plot=config.output.plot, mode_report=mode_report,
                       first_header=MODES[config.mode].first_header)
     return 0
+
+
+def check_baseline(row: dict) -> None:
+    """A baseline without a finite perplexity makes every change column meaningless: stop before writing it."""
+    if not math.isfinite(row["perplexity"]):
+        raise KitError(f"the unpruned model's perplexity is {row['perplexity']} on this text: its outputs are not "
+                       "finite (NaN or infinite weights, or an overflow in half precision: try --dtype float32), so "
+                       "no change against it can be measured")
 
 
 def pass_checkpoint(config: RunConfig, record: Record, procs: Processes) -> str | None:
@@ -402,11 +480,13 @@ def measure_rows(config: RunConfig, loaded: Loaded, procs: Processes, configs: l
             rows[config_key(row_removal(row), row["patch"])] = row
             info["configurations_evaluated"] += 1
             info["tokens_evaluated"] += row["eval_tokens"]
+            if not row_removal(row):
+                check_baseline(row)
             if record.out:
                 record.out.write(row)
                 if not row_removal(row):  # what --resume checks the file's baseline row against
                     info["baseline"] = {"perplexity": row["perplexity"], "params": row["params"]}
-                    record.save()
+                record.save()  # its counters match the file's rows even after a kill -9
             bar.update()
     bar.close()
     if work.configurations:

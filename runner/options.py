@@ -100,11 +100,26 @@ def speedup(text: str) -> float:
     return value
 
 
+# A count of parameters below this is a typo, not a model (no decoder LM is this small).
+MIN_PARAMS_COUNT = 1000
+
+
 @_typed
 def params_budgets(text: str) -> str:
-    """One budget (0.8, 60M), or for compare several (0.9,0.8); each checked here."""
+    """One budget (0.8, 60M), or for compare several (0.9,0.8); each checked here.
+
+    A budget with a decimal point and no K/M/B suffix is a fraction and must lie in (0, 1); a count is written
+    as a whole number (60000000) or with a suffix (60M) and is at least MIN_PARAMS_COUNT. So '2.0' and '2' are
+    refused rather than read as "keep two parameters"."""
     for budget in text.split(","):
-        parse_params_target(budget)
+        value = parse_params_target(budget)
+        plain = budget.strip()
+        if "." in plain and plain[-1:].isdigit() and not 0 < value < 1:
+            raise KitError(f"--target-params '{plain}' is neither a fraction in (0, 1) such as 0.8 nor a count such "
+                           "as 60M or 60000000")
+        if value >= 1 and value < MIN_PARAMS_COUNT:
+            raise KitError(f"--target-params '{plain}' asks for {value:,.0f} parameters; give a fraction of the "
+                           "original such as 0.8 or a count such as 60M")
     return text
 
 
@@ -188,8 +203,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--cache-dir", "data.cache_dir", "where tokenized datasets are cached (default: "
            "~/.cache/gpt2-pruning-kit)", MODEL),
     Option("--no-cache", "data.no_cache", "tokenize the dataset afresh and cache nothing", MODEL, flag_only=True),
-    Option("--trust-remote-code", "data.trust_remote_code", "allow a model directory's own code (auto_map) to run; "
-           "without it such a model is refused", MODEL, flag_only=True),
+    Option("--trust-remote-code", "data.trust_remote_code", "allow a model directory's own code (auto_map), and an "
+           "--include-path task's Python (!function), to run; without it such a model or task is refused", MODEL, flag_only=True),
     Option("--device-map", "data.device_map", "spread one model over GPUs, CPU memory and disk (accelerate); "
            "replaces --device", MODEL, choices=("auto", "balanced", "balanced_low_0", "sequential")),
     Option("--max-memory", "data.max_memory", "--device-map's limit per device, e.g. 0=20GiB,cpu=60GiB", MODEL,
@@ -276,7 +291,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--tasks-batch-size", "tasks.batch_size", "lm-eval batch size", TASKS, type=positive_int,
            requires="tasks.names"),
     Option("--include-path", "tasks.include_path", "folder of lm-eval task YAML files, e.g. over local jsonl data "
-           "(offline or private tasks)", TASKS, metavar="DIR", requires="tasks.names"),
+           "(offline or private tasks); a YAML naming Python (!function) runs it, so it needs --trust-remote-code", TASKS, metavar="DIR", requires="tasks.names"),
 
     Option("--save-results", "output.save_results", "write a CSV row per configuration to --output-dir", OUTPUT,
            flag_only=True, aliases=("--save_results",)),
@@ -438,6 +453,14 @@ def _shard(mode, set_, v):
                 "needs every row (run it in one job, or with accelerate launch)")
 
 
+def _text_column(mode, set_, v):
+    texts = [p for p in (v["data.dataset"], v["heal.train_dataset"]) if p]
+    # the default column ("text", which model cards' commands spell out) is harmless
+    if v["data.text_column"] != field_default("data.text_column") and all(p.lower().endswith(".txt") for p in texts):
+        return ("--text-column names a column of a .json/.jsonl/.csv/.parquet file or Hub dataset; "
+                f"'{v['data.dataset']}' is plain text, which has none")
+
+
 def _evaluates(mode, set_, v):
     if not mode.evaluates and (v["output.shard"] or v["output.resume"]):
         return f"--mode {mode.name} takes neither --shard nor --resume; it evaluates nothing and writes new files"
@@ -445,7 +468,7 @@ def _evaluates(mode, set_, v):
         return f"--mode {mode.name} evaluates nothing; --tasks scores the models an evaluating mode measures"
 
 
-CROSS_CHECKS = (_evaluates, _one_budget, _two_budgets, _budget_sets_unit, _count_and_budget, _windows,
+CROSS_CHECKS = (_evaluates, _text_column, _one_budget, _two_budgets, _budget_sets_unit, _count_and_budget, _windows,
                 _remove_range, _shard)
 
 

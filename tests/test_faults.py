@@ -171,7 +171,9 @@ def test_a_failed_sidecar_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(sidecar.json, "dump", full)
+    from utils import files
+
+    monkeypatch.setattr(files.os, "fsync", full)
     with pytest.raises(Exception, match="No space left"):
         sidecar.write_sidecar(str(tmp_path / "r.csv"), {}, {"started": "now"})
     assert list(tmp_path.iterdir()) == []
@@ -211,11 +213,10 @@ def started(model_dir, text_file, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (["--max-length", "32"], "window_max_length 64, this run has 32"),
-    (["--stride", "16"], "window_stride 32, this run has 16"),
-    (["--mode", "combinatorial"], "mode sequential, this run has combinatorial"),
-    (["--speed-runs", "3"], "was made with speed"),
-    ("edit the data", "was made with dataset_sha256"),
+    (["--max-length", "32"], "was made with --max-length 64, this run has 32;"),
+    (["--stride", "16"], "was made with --stride 32, this run has 16;"),
+    (["--mode", "combinatorial"], "was made with --mode sequential, this run has combinatorial;"),
+    ("edit the data", "was made with other --dataset text"),
 ])
 def test_resume_refuses_another_experiment_naming_the_field(change, message, started, model_dir, capsys):
     path, data = started
@@ -237,7 +238,7 @@ def test_resume_of_a_file_without_its_sidecar_refuses_another_window_convention(
     path.with_suffix(".json").unlink()
     before = path.read_bytes()
     assert kit(model_dir, data, "--mode", "sequential", *FAST, "--protocol", "disjoint", "--resume", str(path)) == 2
-    assert "protocol sliding, this run has disjoint" in one_error_line(capsys)
+    assert "--protocol sliding, this run has disjoint" in one_error_line(capsys)
     assert path.read_bytes() == before
 
 

@@ -57,6 +57,55 @@ def _file_hash(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
+# The files of a model folder that decide what the model computes on the evaluated text: its config, its
+# tokenizer and its weights (a model card, a pruning report or a generation config do not).
+MODEL_FILE_NAMES = {"config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+
+
+def model_fingerprint(path: str, cache_dir: str | Path | None = None) -> str:
+    """SHA-256 over the names and contents of a local model's config, tokenizer and weight files (or of a
+    single file, a .gguf), so that a model is known by what it is, not by the path it was given as.
+
+    The weights of a large model take a while to hash: with ``cache_dir`` each file's hash is kept on disk,
+    keyed by its path, size, inode and modification time, so later runs on the same files skip it.
+    """
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        files = sorted(os.path.join(path, n) for n in os.listdir(path)
+                       if (n in MODEL_FILE_NAMES or n.endswith(WEIGHT_SUFFIXES)) and os.path.isfile(os.path.join(path, n)))
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{os.path.basename(file)}\0{stored_file_hash(file, cache_dir)}\n".encode())
+    return digest.hexdigest()
+
+
+def stored_file_hash(path: str, cache_dir: str | Path | None) -> str:
+    """file_hash, kept in ``cache_dir`` (None: computed in this process only)."""
+    if cache_dir is None:
+        return file_hash(path)
+    stat = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_ino}\0{stat.st_mtime_ns}".encode())
+    entry = Path(cache_dir).expanduser() / "file-hashes" / key.hexdigest()
+    try:
+        known = entry.read_text(encoding="ascii").strip()
+        if len(known) == 64:
+            return known
+    except (OSError, UnicodeDecodeError):
+        pass
+    value = file_hash(path)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        partial = entry.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(value, encoding="ascii")
+        os.replace(partial, entry)
+    except OSError as exc:  # a read-only home should not stop a run
+        log.warning(f"could not keep the hash of {path} in {entry.parent}: {exc}")
+    return value
+
+
 def dataset_identity(dataset: str, split: str, text_column: str) -> dict:
     if is_local_dataset(dataset) and os.path.isfile(dataset):
         return {"file_sha256": file_hash(dataset), "suffix": Path(dataset).suffix.lower(), "column": text_column}

@@ -29,3 +29,14 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """'1 window', '1,308 windows': the count with its noun in the right number."""
+    return f"{count:,} {noun if count == 1 else (many or noun + 's')}"
+
+
+def minutes(seconds: float) -> str:
+    """A duration as a reader wants it in a hint: 'under a minute', 'about 1 minute', 'about 24 minutes'."""
+    whole = round(seconds / 60)
+    return "under a minute" if whole < 1 else f"about {plural(whole, 'minute')}"
