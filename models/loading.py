@@ -131,9 +131,9 @@ def check_token_ids(model: torch.nn.Module, ids: torch.Tensor, what: str) -> Non
     size = model.get_input_embeddings().num_embeddings
     top = int(ids.max()) if ids.numel() else -1
     if top >= size:
-        raise KitError(f"the tokenizer gives token id {top} in {what}, but the model has embeddings for ids 0..{size - 1} "
-                       "only: the tokenizer belongs to another model, or tokens were added without resizing the "
-                       "embeddings")
+        raise KitError(f"the tokenizer gives token id {top} in {what}, but the model has embeddings for ids "
+                       f"0..{size - 1} only: the tokenizer belongs to another model, or tokens were added without "
+                       "resizing the embeddings")
 
 
 def gguf_kwargs(file: str | None) -> dict:

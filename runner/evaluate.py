@@ -156,7 +156,8 @@ def load(config: RunConfig, procs: Processes) -> Loaded:
     windows = resolve_windows(default_length(config.windows, context), context, tokenizer)
     prompt_ids = prompt_tokens(config, tokenizer, context)
     progress = not config.output.quiet and procs.is_main
-    tasks = load_tasks(config.tasks, tokenizer, progress, data.trust_remote_code)  # a task that cannot load stops the run before any work
+    # a task that cannot load (or runs code without --trust-remote-code) stops the run before any work
+    tasks = load_tasks(config.tasks, tokenizer, progress, data.trust_remote_code)
     # Planning is cheap and may refuse (a plan too large): before the data is read.
     planned = mode.plan(config, num_blocks(model)) if mode.plan else None
     cache_dir = None if data.no_cache else (data.cache_dir or str(default_cache_dir()))
@@ -183,7 +184,9 @@ def length_source(config: RunConfig, context: int) -> str:
     """Where the window length came from, for the sidecar."""
     if config.windows.max_length:
         return "--max-length"
-    return "the model's context" if context <= DEFAULT_MAX_LENGTH else f"the model's context capped at {DEFAULT_MAX_LENGTH}"
+    if context <= DEFAULT_MAX_LENGTH:
+        return "the model's context"
+    return f"the model's context capped at {DEFAULT_MAX_LENGTH}"
 
 
 def prompt_tokens(config: RunConfig, tokenizer, context: int) -> torch.Tensor | None:
@@ -379,7 +382,7 @@ def run_stages(config: RunConfig, procs: Processes, resumed: list[dict], record:
         record.info["tasks"] = loaded.settings.tasks.info
     record.save()  # before the first forward pass: a crashed run's CSV has its sidecar
     out = config.output
-    if out.quiet and procs.is_main and not (out.writes_csv or out.save_model or out.save_gguf):  # once the inputs are checked
+    if out.quiet and procs.is_main and not (out.writes_csv or out.save_model or out.save_gguf):  # inputs checked
         log.warning("--quiet without --save_results prints no results and keeps no file: this run's measurements "
                     "would be lost; add --save_results (or drop --quiet)")
     removals, choice = removal_sets(config, loaded, procs)

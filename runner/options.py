@@ -115,8 +115,8 @@ def params_budgets(text: str) -> str:
         value = parse_params_target(budget)
         plain = budget.strip()
         if "." in plain and plain[-1:].isdigit() and not 0 < value < 1:
-            raise KitError(f"--target-params '{plain}' is neither a fraction in (0, 1) such as 0.8 nor a count such "
-                           "as 60M or 60000000")
+            raise KitError(f"--target-params '{plain}' is neither a fraction in (0, 1) such as 0.8 nor a "
+                           "count such as 60M or 60000000")
         if value >= 1 and value < MIN_PARAMS_COUNT:
             raise KitError(f"--target-params '{plain}' asks for {value:,.0f} parameters; give a fraction of the "
                            "original such as 0.8 or a count such as 60M")
@@ -204,7 +204,8 @@ OPTIONS: tuple[Option, ...] = (
            "~/.cache/gpt2-pruning-kit)", MODEL),
     Option("--no-cache", "data.no_cache", "tokenize the dataset afresh and cache nothing", MODEL, flag_only=True),
     Option("--trust-remote-code", "data.trust_remote_code", "allow a model directory's own code (auto_map), and an "
-           "--include-path task's Python (!function), to run; without it such a model or task is refused", MODEL, flag_only=True),
+           "--include-path task's Python (!function), to run; without it such a model or task is refused", MODEL,
+           flag_only=True),
     Option("--device-map", "data.device_map", "spread one model over GPUs, CPU memory and disk (accelerate); "
            "replaces --device", MODEL, choices=("auto", "balanced", "balanced_low_0", "sequential")),
     Option("--max-memory", "data.max_memory", "--device-map's limit per device, e.g. 0=20GiB,cpu=60GiB", MODEL,
@@ -291,7 +292,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--tasks-batch-size", "tasks.batch_size", "lm-eval batch size", TASKS, type=positive_int,
            requires="tasks.names"),
     Option("--include-path", "tasks.include_path", "folder of lm-eval task YAML files, e.g. over local jsonl data "
-           "(offline or private tasks); a YAML naming Python (!function) runs it, so it needs --trust-remote-code", TASKS, metavar="DIR", requires="tasks.names"),
+           "(offline or private tasks); a YAML naming Python (!function) runs it, so it needs --trust-remote-code",
+           TASKS, metavar="DIR", requires="tasks.names"),
 
     Option("--save-results", "output.save_results", "write a CSV row per configuration to --output-dir", OUTPUT,
            flag_only=True, aliases=("--save_results",)),
@@ -456,7 +458,8 @@ def _shard(mode, set_, v):
 def _text_column(mode, set_, v):
     texts = [p for p in (v["data.dataset"], v["heal.train_dataset"]) if p]
     # the default column ("text", which model cards' commands spell out) is harmless
-    if v["data.text_column"] != field_default("data.text_column") and all(p.lower().endswith(".txt") for p in texts):
+    plain = all(p.lower().endswith(".txt") for p in texts)
+    if v["data.text_column"] != field_default("data.text_column") and plain:
         return ("--text-column names a column of a .json/.jsonl/.csv/.parquet file or Hub dataset; "
                 f"'{v['data.dataset']}' is plain text, which has none")
 

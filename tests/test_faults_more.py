@@ -171,8 +171,8 @@ def test_a_full_disk_while_writing_a_figure_keeps_the_report(model_dir, text_fil
     monkeypatch.setattr(Figure, "savefig", full_at_the_second)
     out = tmp_path / "out"
     # single removals, two depths and pairs: three figures
-    assert kit(model_dir, text_file, "--mode", "combinatorial", "--min-remove", "1", "--max-remove", "2", *FAST, "--plot",
-               "--output-dir", str(out)) == 1
+    assert kit(model_dir, text_file, "--mode", "combinatorial", "--min-remove", "1", "--max-remove", "2", *FAST,
+               "--plot", "--output-dir", str(out)) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: cannot write the figure") and "No space left" in err
@@ -261,7 +261,8 @@ def test_a_nan_row_is_named_neither_most_nor_least_harmful():
 
     rows = [row([], 100.0), row([0], math.nan), row([1], 120.0), row([2], 101.0)]
     notes = observations(rows)
-    assert notes[0].startswith("Most harmful: removing block 1 ") and notes[1].startswith("Least harmful: removing block 2 ")
+    assert notes[0].startswith("Most harmful: removing block 1 ")
+    assert notes[1].startswith("Least harmful: removing block 2 ")
     assert not any("block 0" in n for n in notes)
     from reporting.markdown import best_per_depth
 
@@ -346,7 +347,8 @@ def test_a_task_yaml_that_runs_python_needs_trust_remote_code(model_dir, text_fi
     assert not (tmp_path / "ran").exists()
     from runner.options import BY_DEST, help_text
 
-    assert "!function" in help_text(BY_DEST["include_path"]) and "--trust-remote-code" in help_text(BY_DEST["include_path"])
+    help_line = help_text(BY_DEST["include_path"])
+    assert "!function" in help_line and "--trust-remote-code" in help_line
 
 
 def test_report_replaces_planted_links_instead_of_writing_through_them(started, tmp_path):

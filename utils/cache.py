@@ -74,8 +74,9 @@ def model_fingerprint(path: str, cache_dir: str | Path | None = None) -> str:
     if os.path.isfile(path):
         files = [path]
     else:
-        files = sorted(os.path.join(path, n) for n in os.listdir(path)
-                       if (n in MODEL_FILE_NAMES or n.endswith(WEIGHT_SUFFIXES)) and os.path.isfile(os.path.join(path, n)))
+        named = [os.path.join(path, n) for n in os.listdir(path)
+                 if n in MODEL_FILE_NAMES or n.endswith(WEIGHT_SUFFIXES)]
+        files = sorted(f for f in named if os.path.isfile(f))
     digest = hashlib.sha256()
     for file in files:
         digest.update(f"{os.path.basename(file)}\0{stored_file_hash(file, cache_dir)}\n".encode())
