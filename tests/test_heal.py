@@ -168,7 +168,7 @@ def test_healing_options_need_heal_steps_and_a_mode_with_one_chosen_configuratio
     assert "needs --heal-steps" in capsys.readouterr().err
     assert main.main(["--mode", "sequential", "--heal-steps", "2", "--train-dataset", str(files / "train.txt"),
                       *common]) == 2
-    assert "--heal-steps works with --mode random, custom, importance, greedy, beam, not sequential" in capsys.readouterr().err
+    assert "--heal-steps works with --mode random, custom, importance, greedy, beam, evolve, not sequential" in capsys.readouterr().err
 
 
 def test_training_text_defaults_to_the_train_split_of_a_hub_dataset(monkeypatch):
