@@ -59,6 +59,8 @@ def main() -> int:
     p.add_argument("--offspring", type=int, default=16)
     p.add_argument("--beam-width", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--searches", default="greedy,greedy-race,beam,evolve", help="which of greedy, greedy-race, "
+                   "beam, evolve")
     args = p.parse_args()
     if args.gguf and not os.path.exists(args.gguf):
         print(f"skipped: no GGUF file at {args.gguf}")
@@ -89,7 +91,9 @@ def main() -> int:
     eval_ids, calib_ids = ids[: args.eval_tokens], ids[args.eval_tokens : args.eval_tokens + args.calib_tokens]
     window = dict(max_length=args.max_length, stride=None, protocol=args.protocol)
     base = SelectSpec(generations=args.generations, offspring=args.offspring, beam_width=args.beam_width)
-    searches = [("greedy", base), ("greedy", replace(base, race=True)), ("beam", base), ("evolve", base)]
+    known = {"greedy": ("greedy", base), "greedy-race": ("greedy", replace(base, race=True)),
+             "beam": ("beam", base), "evolve": ("evolve", base)}
+    searches = [known[name] for name in args.searches.split(",")]
     print(f"{args.model}: {len(eval_ids):,} evaluation and {len(calib_ids):,} calibration tokens of {args.text}, "
           f"windows of {args.max_length} ({args.protocol}), {args.threads} threads")
     for k in (int(x) for x in args.k.split(",")):
