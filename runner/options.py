@@ -424,6 +424,12 @@ def _budget_sets_unit(mode, set_, v):
         return f"--mode {mode.name} with a budget sets whole blocks against sublayers itself; drop --unit"
 
 
+def _slices_and_budgets(mode, set_, v):
+    if mode.budgets and v["select.calib_slices"] > 1 and (v["select.target_params"] or v["select.target_speedup"]):
+        return (f"--calib-slices reports the stability of --mode {mode.name}'s rules at each k; with a budget it "
+                "sets whole blocks against sublayers instead; drop one")
+
+
 def _count_and_budget(mode, set_, v):
     if v["select.num_remove"] is not None and (v["select.target_params"] or v["select.target_speedup"]):
         return "--num-remove and a --target-* budget both say how much to remove; give one"
@@ -471,8 +477,8 @@ def _evaluates(mode, set_, v):
         return f"--mode {mode.name} evaluates nothing; --tasks scores the models an evaluating mode measures"
 
 
-CROSS_CHECKS = (_evaluates, _text_column, _one_budget, _two_budgets, _budget_sets_unit, _count_and_budget, _windows,
-                _remove_range, _shard)
+CROSS_CHECKS = (_evaluates, _text_column, _one_budget, _two_budgets, _budget_sets_unit, _slices_and_budgets,
+                _count_and_budget, _windows, _remove_range, _shard)
 
 
 def check(args: argparse.Namespace) -> list[str]:
