@@ -231,3 +231,9 @@ def test_too_many_slices_is_one_clear_error(model_dir, text_file, capsys):
     assert kit(model_dir, text_file, *quick(300, "--calib-tokens", "10"), "--mode", "greedy", "--num-remove", "1",
                "--calib-slices", "6") == 2
     assert "--calib-slices 6 leaves 1 tokens a slice" in capsys.readouterr().err
+
+
+def test_slices_with_compares_budgets_is_refused(model_dir, text_file, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        kit(model_dir, text_file, *quick(300), "--mode", "compare", "--target-params", "0.9", "--calib-slices", "2")
+    assert exit_info.value.code == 2 and "--calib-slices reports the stability" in capsys.readouterr().err
