@@ -13,7 +13,7 @@ import os
 import re
 from datetime import datetime
 
-from models.units import config_key, removal_key, row_removal
+from models.units import config_key, row_removal
 from reporting.schema import COLUMNS, EARLIER_COLUMNS, TASK_PREFIX
 from utils.errors import KitError, WriteError
 

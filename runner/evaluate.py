@@ -34,7 +34,7 @@ from models.families import check_prunable, num_blocks
 from models.loading import check_token_ids, dtype_name, load_model, resolve_device
 from models.placement import Placement, input_device
 from models.removal import context_size
-from models.units import Removal, canonical, config_key, removal_key, row_removal
+from models.units import Removal, canonical, config_key, row_removal
 from pruning.calibration import Calibration, calibration_ids
 from pruning.choice import Choice
 from pruning.compensation import NONE, Fitter, configurations, measure_patched

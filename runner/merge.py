@@ -8,7 +8,7 @@ import os
 from typing import Sequence
 
 from config import RunConfig
-from models.units import config_key, removal_key, removal_order, row_removal
+from models.units import config_key, removal_order, row_removal
 from reporting.csvfile import ResultsFile, read_rows, results_path
 from reporting.markdown import write_outputs
 from reporting.schema import columns_of, with_changes
