@@ -23,7 +23,7 @@ DEFAULT_HEAL_LR = {"lora": 2e-4, "full": 2e-5}
 DEFAULT_HEAL_SEQ_LEN = 256
 DEFAULT_STRIDE = 512
 # --patch: training-free compensation of removed blocks (pruning.compensation.METHODS, and none).
-PATCHES = ("none", "lstsq", "cosine")
+PATCHES = ("none", "lstsq", "cosine", "magnitude")
 
 
 @dataclass(frozen=True)

@@ -121,10 +121,11 @@ def main() -> int:
     out.write_text(json.dumps({"baseline": baseline, "choose_seconds": choose_s, "choose_tokens": args.choose_tokens,
                                "calib_tokens": CALIB_TOKENS, "eval_tokens": EVAL_TOKENS, "max_length": MAX_LENGTH,
                                "stride": STRIDE, "rows": results}, indent=2), encoding="utf-8")
-    print("| k | rule | removed | plain | lstsq (fit s) | cosine (fit s) |\n|---|---|---|---:|---:|---:|")
+    print("| k | rule | removed | plain | " + " | ".join(f"{m} (fit s)" for m in METHODS) + " |")
+    print("|---|---|---|---:|" + "---:|" * len(METHODS))
     for r in results:
         print(f"| {r['k']} | {r['rule']} | {', '.join(map(str, r['removed']))} | {r['none']:.2f} | "
-              f"{r['lstsq']:.2f} ({r['lstsq_fit_s']:.1f}) | {r['cosine']:.2f} ({r['cosine_fit_s']:.1f}) |")
+              + " | ".join(f"{r[m]:.2f} ({r[m + '_fit_s']:.1f})" for m in METHODS) + " |")
     print(f"written {out}")
     return 0
 

@@ -182,11 +182,10 @@ def _compensation_note(report: dict) -> list[str]:
     rows = [f"| {', '.join(map(str, m['removed_blocks']))} | {m['merged_into']} | {m['tokens']:,} | "
             f"{m['seconds']:.2f} |" for m in c["maps"]]
     lines = ["## Compensation (training-free)", "",
-             f"Each removed run of blocks was replaced by a linear map fitted on calibration text and merged into "
-             f"the weights that feed the residual stream before the run (`--patch {c['method']}`: {c['paper']}); "
+             f"Each removed run of blocks {c['merged']} (`--patch {c['method']}`: {c['paper']}); "
              "no module was added, the architecture is the family's own. The pruned numbers below are this "
              "patched model's.", "", f"Calibration text: {c.get('calibration') or 'not recorded'}", "",
-             "| Removed blocks | Map merged into | Calibration tokens | Fit (s) |", "|---|---|---:|---:|", *rows, ""]
+             "| Removed blocks | Merged into | Calibration tokens | Fit (s) |", "|---|---|---:|---:|", *rows, ""]
     if c.get("untied_embeddings"):
         lines += ["The run starting at block 0 has no block before it, so its map went into the token embeddings, "
                   "which the original model shares with its LM head: this checkpoint unties them "

@@ -205,7 +205,7 @@ def deliver(config: RunConfig, model: nn.Module, tokenizer, rows: Sequence[dict]
                   f"{result.losses[0]:.4f} -> {result.losses[-1]:.4f}; perplexity on the evaluation text)\n")
             print(healing_table(rows, healed_ppl))
     if config.output.save_gguf:
-        export_gguf(model, removed, config.output.save_gguf, ids[:CHECK_TOKENS])
+        export_gguf(model, removed, config.output.save_gguf, ids[:CHECK_TOKENS], patch)
     if not target:
         return
     checkpoint_ppl = healing["perplexity"] if healed is not None else rows[-1]["perplexity"]

@@ -11,6 +11,13 @@ written beside the target under a temporary name, reloaded through
 transformers' GGUF loader and compared with the kit's pruned model in memory
 (bit-equal logits), and only then renamed to the target.
 
+A patched model (``--patch``) changes a few tensors: each of those is written
+as F32 holding the kit's patched values exactly (a quantized type would round
+them; GGUF allows a type per tensor, so the rest stay as stored), found by
+gguf's own map from transformers' parameter names to GGUF tensor names. A map
+that untied the token embeddings from the LM head (a run from block 0) is
+refused: the file would need an output tensor the source does not have.
+
 Removed sublayers cannot be written this way (GGUF has no zero-output
 sublayer, and zeroing a quantized projection means requantizing), nor can a
 healed model (its weights are no longer the file's).
@@ -28,6 +35,7 @@ import torch
 from torch import nn
 
 from config import RunConfig
+from models.compensation import Patch, applied
 from models.families import num_blocks
 from models.gguf_source import gguf_source, source_of
 from models.loading import gguf_kwargs, looks_local
@@ -80,9 +88,37 @@ def _value(field, types) -> tuple:
     return field.contents(), kind, None
 
 
-def write_pruned_gguf(source: str, removed: Sequence[int], target: str) -> None:
-    """Write ``source`` less the blocks ``removed`` to ``target`` (see the module docstring)."""
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+def patched_tensors(model: nn.Module, patch: Patch | None, arch: str, n_blocks: int) -> dict[str, "np.ndarray"]:
+    """The GGUF name and float32 values of every tensor the patch changes (original block numbering)."""
+    if patch is None or not patch.replacements:
+        return {}
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    if patch.untied:
+        raise KitError("--save-gguf cannot write this patch: its map for the run from block 0 unties the token "
+                       "embeddings from the LM head, and the GGUF source has no separate output tensor; use "
+                       "--save-model, or keep block 0")
+    archs = {name: enum for enum, name in MODEL_ARCH_NAMES.items()}
+    if arch not in archs:
+        raise KitError(f"--save-gguf cannot name the patched tensors of a '{arch}' GGUF file; use --save-model")
+    names = get_tensor_name_map(archs[arch], n_blocks)
+    paths = {id(module): path for path, module in model.named_modules()}
+    out = {}
+    for r in patch.replacements:
+        hf_name = f"{paths[id(r.module)]}.{r.name}"
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise KitError(f"--save-gguf cannot find the GGUF tensor of '{hf_name}', which the patch changes; "
+                           "use --save-model")
+        out[name] = r.value.detach().float().cpu().numpy()
+    return out
+
+
+def write_pruned_gguf(source: str, removed: Sequence[int], target: str,
+                      changed: dict | None = None) -> None:
+    """Write ``source`` less the blocks ``removed`` to ``target``, the tensors named in ``changed`` (original
+    numbering) written as F32 with those values (see the module docstring)."""
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
     reader = GGUFReader(source)
     if reader.byte_order != "I":
@@ -105,6 +141,7 @@ def write_pruned_gguf(source: str, removed: Sequence[int], target: str) -> None:
         elif name == "general.alignment":
             writer.data_alignment = int(value)
         writer.add_key_value(name, value, kind, sub_type=sub)
+    changed = dict(changed or {})
     for tensor in reader.tensors:
         match = BLOCK_TENSOR.fullmatch(tensor.name)
         name = tensor.name
@@ -113,7 +150,13 @@ def write_pruned_gguf(source: str, removed: Sequence[int], target: str) -> None:
             if index not in renumber:
                 continue
             name = f"blk.{renumber[index]}.{match.group(2)}"
-        writer.add_tensor(name, tensor.data, raw_dtype=tensor.tensor_type)
+        if tensor.name in changed:
+            writer.add_tensor(name, changed.pop(tensor.name), raw_dtype=GGMLQuantizationType.F32)
+        else:
+            writer.add_tensor(name, tensor.data, raw_dtype=tensor.tensor_type)
+    if changed:
+        raise KitError(f"--save-gguf: the patch changes {', '.join(sorted(changed))}, which '{source}' does not "
+                       "hold; use --save-model")
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -135,15 +178,22 @@ def reloads_equal(path: str, pruned: nn.Module, sample_ids: torch.Tensor) -> flo
     return (reloaded(input_ids=inputs).logits.to(inputs.device) - pruned(input_ids=inputs).logits).abs().max().item()
 
 
-def export_gguf(model: nn.Module, removed: Sequence[int], target: str, sample_ids: torch.Tensor) -> None:
-    """Write the pruned GGUF atomically and check that it reloads to the model the kit measured."""
+def export_gguf(model: nn.Module, removed: Sequence[int], target: str, sample_ids: torch.Tensor,
+                patch: Patch | None = None) -> None:
+    """Write the pruned (and patched) GGUF atomically and check that it reloads to the model the kit measured."""
+    from gguf import GGUFReader
+
     source = source_of(model)
+    reader = GGUFReader(source.path)
+    arch = reader.get_field("general.architecture").contents()
+    changed = patched_tensors(model, patch, arch, int(reader.get_field(f"{arch}.block_count").contents()))
+    del reader
     parent = os.path.dirname(os.path.abspath(target))
     fd, staging = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.partial-", suffix=".gguf", dir=parent)
     os.close(fd)
     try:
-        write_pruned_gguf(source.path, removed, staging)
-        with removed_blocks(model, removed) as pruned:
+        write_pruned_gguf(source.path, removed, staging, changed)
+        with removed_blocks(model, removed) as pruned, applied(pruned, patch):
             diff = reloads_equal(staging, pruned, sample_ids)
         if diff != 0.0:
             raise WriteError(f"the GGUF written for '{target}' reloads to a different model (max logit difference "
@@ -160,5 +210,7 @@ def export_gguf(model: nn.Module, removed: Sequence[int], target: str, sample_id
         if os.path.exists(staging):
             os.remove(staging)
     kept = len(kept_blocks(num_blocks(model), removed))
-    log.warning(f"Pruned GGUF written to {target} ({kept} blocks; tensors copied unchanged: "
-                f"{', '.join(source.tensor_types)})")
+    patched = (f"; {len(changed)} tensors the --patch {patch.method} changed written as F32 "
+               f"({sum(v.nbytes for v in changed.values()) / 1e6:.1f} MB)") if changed else ""
+    log.warning(f"Pruned GGUF written to {target} ({kept} blocks; other tensors copied unchanged: "
+                f"{', '.join(source.tensor_types)}{patched})")

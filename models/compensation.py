@@ -21,9 +21,18 @@ the row's params) and writes ``tie_word_embeddings: false`` into an exported
 config. The fit checks the merged embeddings against X T on calibration
 tokens and refuses where they differ.
 
-Refused, with one line: removal sets with attention or MLP sublayers, and
-OPT with the layer norm after the residual add (do_layer_norm_before false),
-where the MLP output is not added to the stream as it is.
+A scale (``--patch magnitude``, Prune&Comp) is merged differently: the
+contributions every kept block after a run adds to the stream are multiplied
+by one factor c, which is c times the weight and bias of its attention and
+MLP output projections, or, where a norm follows them before the residual add
+(Gemma), the weight of that norm (``scaled_contributions``).
+
+Refused, with one line: removal sets with attention or MLP sublayers; OPT
+with the layer norm after the residual add (do_layer_norm_before false),
+where the MLP output is not added to the stream as it is; and a map into a
+family that normalizes the MLP output before the add (Gemma 2 and 3), where
+the merged map would pass through that norm and compute something else than
+what was fitted.
 """
 
 from __future__ import annotations
@@ -50,8 +59,9 @@ def removed_runs(removal: Sequence) -> list[tuple[int, int]]:
     return [(a, b) for a, b in runs]
 
 
-def check_patchable(model: nn.Module, removal: Sequence) -> list[tuple[int, int]]:
-    """Refuse a removal set or model that no map can compensate exactly; its runs otherwise."""
+def check_patchable(model: nn.Module, removal: Sequence, maps: bool = True) -> list[tuple[int, int]]:
+    """Refuse a removal set or model that no map (``maps``; else no scale) can compensate exactly; its runs
+    otherwise."""
     if not is_whole_blocks(removal):
         parts = ", ".join(u for u in unit_names(removal) if not u.startswith("block"))
         raise KitError(f"--patch fits maps for removed whole blocks; this configuration removes sublayers ({parts}): "
@@ -60,6 +70,10 @@ def check_patchable(model: nn.Module, removal: Sequence) -> list[tuple[int, int]
     if family.model_type == "opt" and getattr(model.config, "do_layer_norm_before", True) is False:
         raise KitError("--patch cannot merge a map into this OPT model: its layer norm follows the residual add "
                        "(do_layer_norm_before false), so the MLP output is not added to the stream as it is")
+    if maps and family.mlp_norm:
+        raise KitError(f"--patch lstsq and cosine merge a map into the MLP output projection, and this "
+                       f"{family.model_type} model normalizes that output ({family.mlp_norm}) before adding it, so "
+                       "the merged map would not compute what was fitted: use --patch magnitude, or none")
     return removed_runs(removal)
 
 
@@ -80,7 +94,7 @@ class Map:
 
     first: int
     last: int
-    matrix: torch.Tensor  # (d, d) float64: the stream leaving the last kept point times this
+    matrix: torch.Tensor | None  # (d, d) float64: the stream leaving the last kept point times this; None: a scale
     info: dict = field(default_factory=dict)
 
 
@@ -143,6 +157,28 @@ def merge_map(model: nn.Module, m: Map, method: str, removal: tuple) -> Patch:
             out.append(Replacement(module, "bias", _times(module.bias.view(1, -1), m.matrix, False).view(-1)))
     where = " + ".join(p for p, _ in targets)
     return Patch(method, removal, (m,), tuple(out), untied, (where,))
+
+
+def scaled_contributions(model: nn.Module, factors: dict[int, float]) -> tuple[Replacement, ...]:
+    """Replacements that multiply what block i adds to the stream by factors[i], for each block named.
+
+    The attention's and the MLP's outputs are linear in their output projections' weight and bias, so those
+    are scaled; where a norm follows them before the residual add (Gemma's post norms, which multiply by
+    ``norm_offset`` + weight), that norm's weight is set so that its output scales instead.
+    """
+    family, blocks = family_of(model), get_blocks(model)
+    out = []
+    for index, factor in factors.items():
+        for projection, norm in ((family.attention_out, family.attention_norm), (family.mlp_out, family.mlp_norm)):
+            module = module_at(blocks[index], norm or projection)
+            for name in ("weight", "bias") if norm is None else ("weight",):
+                value = getattr(module, name, None)
+                if value is None:
+                    continue
+                v = value.detach().double()
+                scaled = v * factor if norm is None else (v + family.norm_offset) * factor - family.norm_offset
+                out.append(Replacement(module, name, scaled.to(value.dtype)))
+    return tuple(out)
 
 
 @contextmanager

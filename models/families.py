@@ -68,6 +68,8 @@ class Family:
     # their width differs from the blocks'); --patch merges a map for a run from block 0 into them
     embeddings: tuple[tuple[str, ...], ...] = (("model.embed_tokens",),)
     attention_norm: str | None = None  # a norm of the attention's output before the residual add (Gemma)
+    mlp_norm: str | None = None  # a norm of the MLP's output before the residual add (Gemma)
+    norm_offset: float = 0.0  # these norms scale by (offset + weight): Gemma's RMSNorm multiplies by 1 + weight
     logit_cap: str | None = None  # config field of a soft cap on the logits, cap * tanh(logits / cap) (Gemma 2)
 
     @property
@@ -141,10 +143,12 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            saved=("max_window_layers",)),
     Family("phi3", "model.layers", ("model.norm",)),
     Family("gemma2", "model.layers", ("model.norm",), per_layer_fields=("layer_types",),
-           attention_norm="post_attention_layernorm", logit_cap="final_logit_softcapping"),
+           attention_norm="post_attention_layernorm", mlp_norm="post_feedforward_layernorm", norm_offset=1.0,
+           logit_cap="final_logit_softcapping"),
     Family("gemma3_text", "model.layers", ("model.norm",), per_layer_fields=("layer_types",),
            rewrite=_gemma3_rewrite, saved=("sliding_window_pattern", "_sliding_window_pattern"),
-           attention_norm="post_attention_layernorm", logit_cap="final_logit_softcapping"),
+           attention_norm="post_attention_layernorm", mlp_norm="post_feedforward_layernorm", norm_offset=1.0,
+           logit_cap="final_logit_softcapping"),
 )}
 
 

@@ -24,10 +24,24 @@ registry entry each:
   T (the paper's starting point and step count differ; the best iterate is
   kept, so the cosine distance is never worse than the lstsq map's). It holds
   M, S and Y of every calibration token in memory.
+- ``magnitude``: Prune&Comp's magnitude compensation (Chen et al., 2026,
+  "Prune&Comp: Free Lunch for Layer-Pruned LLMs via Iterative Pruning with
+  Magnitude Compensation", AAAI): removing a run leaves the stream after it
+  smaller (or larger) than the unpruned model's, and one scalar per run closes
+  that gap: A = mean ||Y|| / mean ||S|| over the calibration tokens. Every
+  kept block after the run adds its contributions divided by A
+  (models.compensation.scaled_contributions), which, since every later block
+  and the final norm see the stream through a scale-invariant norm, is the
+  model with the stream after the gap multiplied by A (up to the norms'
+  epsilon), without touching the embeddings or the LM head. A run at the end
+  of the model has nothing after it: its scale changes nothing.
 
-Several runs are fitted in order: each map is fitted on the activations of
-the model with the earlier runs already removed and patched, so it sees what
-the patched model will feed it; its target is always the unpruned model's.
+Several runs are fitted in order: each map (or scale) is fitted on the
+activations of the model with the earlier runs already removed and patched,
+so it sees what the patched model will feed it; its target is always the
+unpruned model's. A later run's scale is then the whole factor between the
+patched model's stream and the unpruned one's at that run, and it replaces
+the earlier factor for the blocks after it.
 
 A patched configuration is evaluated one at a time (evaluation.sweep.measure)
 on the model with the patch's tensors swapped in and restored afterwards
@@ -48,7 +62,7 @@ from torch import nn
 
 from evaluation.sweep import EvalSettings, Measurement, measure
 from evaluation.windows import Window, window_batches
-from models.compensation import Map, Patch, applied, check_patchable, merge_map
+from models.compensation import Map, Patch, applied, check_patchable, merge_map, scaled_contributions
 from models.families import block_output, family_of, get_blocks, module_at, record_block_calls
 from models.removal import removed_blocks
 from models.units import Removal, canonical, config_key
@@ -72,11 +86,24 @@ class Method:
     title: str
     paper: str
     keeps_tokens: bool  # needs every calibration token's activations (not only M^T M and M^T (Y - S))
+    scales: bool = False  # one scalar per run, folded into the blocks after it (not a d x d map before it)
+
+    @property
+    def merged(self) -> str:
+        """How the card says it went into the weights."""
+        if self.scales:
+            return ("was compensated by one scale, the ratio of the unpruned model's stream norm after the run to the "
+                    "pruned model's, divided out of what every later block adds to the stream (its output "
+                    "projections, or Gemma's post norms)")
+        return ("was replaced by a linear map fitted on calibration text and merged into the weights that feed "
+                "the residual stream before the run")
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("lstsq", "least squares", "Shopkhoev et al., 2025, ReplaceMe (least-squares form)", False),
     Method("cosine", "cosine distance", "Shopkhoev et al., 2025, ReplaceMe (cosine-distance variant)", True),
+    Method("magnitude", "magnitude scale", "Chen et al., 2026, Prune&Comp (magnitude compensation, AAAI)", False,
+           scales=True),
 )}
 
 
@@ -228,7 +255,9 @@ def fit_patch(model: nn.Module, removal: Sequence, method: str, ids: torch.Tenso
     if len(ids) < 2:
         raise KitError("--patch needs at least 2 calibration tokens; raise --calib-tokens")
     removal = canonical(removal)
-    runs = check_patchable(model, removal)
+    runs = check_patchable(model, removal, maps=not METHODS[method].scales)
+    if METHODS[method].scales:
+        return fit_scales(model, runs, ids, max_length, batch_size)
     patch = Patch(method, ())
     bar = progress_bar(total=len(runs), desc=f"fitting {method} maps", unit="map", leave=False,
                        disable=not progress or len(runs) < 2)
@@ -251,9 +280,58 @@ def fit_patch(model: nn.Module, removal: Sequence, method: str, ids: torch.Tenso
     return patch
 
 
+def fit_scales(model: nn.Module, runs: Sequence[tuple[int, int]], ids: torch.Tensor, max_length: int,
+               batch_size: int = 1) -> Patch:
+    """Prune&Comp's scale for each run, measured in order on the model with the earlier runs removed and
+    scaled; merged as the factor each kept block's contributions are divided by."""
+    n_blocks = len(get_blocks(model))
+    removed = {i for a, b in runs for i in range(a, b + 1)}
+    maps: list[Map] = []
+    patch = Patch(NONE, ())
+    for first, last in runs:
+        start = time.perf_counter()
+        gap = target = 0.0
+        tokens = 0
+        earlier = patch if patch.replacements else None
+        for _, s, y in run_activations(model, first, last, earlier, ids, max_length, batch_size):
+            gap += s.norm(dim=-1).sum().item()
+            target += y.norm(dim=-1).sum().item()
+            tokens += s.shape[0]
+        scale = target / gap if gap > 0 else 1.0
+        maps.append(Map(first, last, None, {"tokens": tokens, "system_bytes": 0, "scale": scale,
+                                            "seconds": time.perf_counter() - start}))
+        factors = _factors(maps, removed, n_blocks)
+        patch = Patch("magnitude", tuple(sorted(i for a, b in runs if b <= last for i in range(a, b + 1))),
+                      tuple(maps), scaled_contributions(model, {j: 1.0 / m.info["scale"] for j, m in factors.items()}),
+                      False,
+                      tuple(_scaled_where(m, factors) for m in maps))
+        log.info(f"Fitted a magnitude scale for removed blocks {first}..{last} on {tokens:,} calibration tokens in "
+                 f"{maps[-1].info['seconds']:.2f} s: the unpruned stream after the run is {scale:.4g} times the "
+                 f"pruned one" + ("" if last < n_blocks - 1 else "; no block follows the run, so it changes nothing"))
+    return patch
+
+
+def _factors(maps: Sequence[Map], removed: set[int], n_blocks: int) -> dict[int, Map]:
+    """The run whose scale divides each kept block's contributions: the latest one before it."""
+    factors = {}
+    for j in range(n_blocks):
+        before = [m for m in maps if m.last < j]
+        if j not in removed and before:
+            factors[j] = before[-1]
+    return factors
+
+
+def _scaled_where(m: Map, factors: dict[int, Map]) -> str:
+    """Which blocks a run's scale divides, in words (original numbering)."""
+    blocks = [j for j, owner in factors.items() if owner is m]
+    return (f"blocks {blocks[0]}..{blocks[-1]} (what they add divided by {m.info['scale']:.4g})" if blocks
+            else "nothing (no block follows the run)")
+
+
 def describe(patch: Patch) -> dict:
     """What was fitted, by which method, at what cost: for the sidecar and the model card."""
-    return {"method": patch.method, "paper": METHODS[patch.method].paper, "untied_embeddings": patch.untied,
+    return {"method": patch.method, "paper": METHODS[patch.method].paper, "merged": METHODS[patch.method].merged,
+            "untied_embeddings": patch.untied,
             "seconds": sum(m.info["seconds"] for m in patch.maps),
             "maps": [{"removed_blocks": list(range(m.first, m.last + 1)), "merged_into": where, **m.info}
                      for m, where in zip(patch.maps, patch.merged_into)]}
@@ -334,7 +412,7 @@ def configurations(method: str, removals: Sequence[Removal], patched: Sequence[R
         return plain
     targets = [canonical(r) for r in (removals if patched is None else patched) if r]
     for r in targets:
-        check_patchable(model, r)
+        check_patchable(model, r, maps=not METHODS[method].scales)
     rows = [((), NONE)] if patched is None else plain
     return list(dict.fromkeys(rows + [(r, method) for r in targets]))
 

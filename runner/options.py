@@ -268,9 +268,10 @@ OPTIONS: tuple[Option, ...] = (
            "optimum only where C(L, k) <= this", CALIB,
            type=positive_int, modes=("combinatorial", "compare"), outside="warn"),
 
-    Option("--patch", "select.patch", "compensate each removed run of blocks with a linear map fitted on "
-           "--calib-tokens calibration tokens and merged into the weights (ReplaceMe): lstsq (least squares), cosine "
-           "(cosine distance), none; compare: each rule's pick with and without it", CALIB, choices=PATCHES),
+    Option("--patch", "select.patch", "compensate each removed run of blocks, fitted on --calib-tokens calibration "
+           "tokens and merged into the weights: lstsq or cosine (a linear map, ReplaceMe), magnitude (a scale, "
+           "Prune&Comp), none; compare: each rule's pick with and without it (docs/compensation.md)", CALIB,
+           choices=PATCHES),
 
     Option("--no-speed", "speed.enabled", "skip the latency measurement", SPEED, flag_only=True,
            convert=lambda given: not given),

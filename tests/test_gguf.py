@@ -188,6 +188,33 @@ def test_main_saves_gguf_and_safetensors_from_a_gguf_source(gguf_file, text_file
         assert float(rows(tmp_path / name)[0]["perplexity"]) == pruned_ppl
 
 
+@pytest.mark.parametrize("method", ["lstsq", "magnitude"])
+def test_a_patched_gguf_holds_the_changed_tensors_as_f32_and_reloads_to_the_kits_model(method, gguf_file, text_file,
+                                                                                        tmp_path):
+    common = ["--dataset", str(text_file), "--max-tokens", "300", "--calib-tokens", "256", "--max-length", "64",
+              "--no-speed", "--no-cache", "--device", "cpu", "--quiet", "--save_results"]
+    out, folder = tmp_path / "patched.gguf", tmp_path / "checkpoint"
+    assert main.main(["--mode", "custom", "--remove", "1", "--patch", method, "--model", str(gguf_file), *common,
+                      "--output-dir", str(tmp_path / "r"), "--save-gguf", str(out), "--save-model", str(folder)]) == 0
+    patched_ppl = float(rows(tmp_path / "r")[-1]["perplexity"])
+    source = {t.name: t for t in GGUFReader(str(gguf_file)).tensors}
+    written = {t.name: t for t in GGUFReader(str(out)).tensors}
+    changed = {"lstsq": {"blk.0.ffn_down.weight"},
+               "magnitude": {f"blk.{i}.{s}" for i in (1, 2) for s in ("attn_output.weight", "ffn_down.weight")}}
+    for name, tensor in written.items():
+        old = source[name if not name.startswith("blk.") or name.startswith("blk.0.")
+                     else f"blk.{int(name.split('.')[1]) + 1}.{name.split('.', 2)[2]}"]
+        if name in changed[method]:
+            assert tensor.tensor_type == T.F32 and tensor.data.tobytes() != old.data.tobytes()
+        else:
+            assert tensor.tensor_type == old.tensor_type and tensor.data.tobytes() == old.data.tobytes()
+    ids = torch.arange(2, 50).view(1, -1)
+    plain = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    assert torch.equal(plain(input_ids=ids).logits, reload(out)(input_ids=ids).logits)
+    assert main.main(["--mode", "baseline", "--model", str(out), *common, "--output-dir", str(tmp_path / "b")]) == 0
+    assert float(rows(tmp_path / "b")[0]["perplexity"]) == patched_ppl
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--mode", "custom", "--remove", "1,attn2"], "whole blocks only"),
     (["--mode", "importance", "--unit", "mlp", "--num-remove", "1"], "whole blocks only"),

@@ -15,7 +15,7 @@ from config import HealSpec, PATCHES
 from evaluation.params import count_parameters
 from evaluation.perplexity import perplexity
 from export.heal import heal
-from models.compensation import Map, applied, check_patchable, merge_map, removed_runs
+from models.compensation import Map, Patch, applied, check_patchable, merge_map, removed_runs, scaled_contributions
 from models.families import FAMILIES as REGISTRY
 from models.families import get_blocks, module_at, record_block_calls
 from models.removal import removed_blocks
@@ -62,7 +62,10 @@ def test_removed_runs_are_the_maximal_runs_of_consecutive_blocks():
     assert removed_runs(()) == []
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+MAPS = [name for name, m in METHODS.items() if not m.scales]
+
+
+@pytest.mark.parametrize("method", MAPS)
 def test_an_identity_block_gives_the_identity_map(method, corpus):
     tokenizer, train_ids, _ = corpus
     model = make_model(n_layer=4, vocab_size=len(tokenizer), identity=(2,))
@@ -70,6 +73,79 @@ def test_an_identity_block_gives_the_identity_map(method, corpus):
     (m,) = patch.maps
     torch.testing.assert_close(m.matrix, torch.eye(32, dtype=torch.float64), rtol=0, atol=1e-12)
     assert m.info["tokens"] == 1024 and m.info["system_bytes"] == 2 * 32 * 32 * 8
+
+
+def test_an_identity_block_gives_the_scale_one(corpus):
+    tokenizer, train_ids, eval_ids = corpus
+    model = make_model(n_layer=4, vocab_size=len(tokenizer), identity=(2,))
+    patch = fit_patch(model, [2], "magnitude", train_ids[:1024], WINDOW, progress=False)
+    assert patch.maps[0].info["scale"] == 1.0 and patch.maps[0].info["tokens"] == 1024
+    with removed_blocks(model, [2]) as pruned:
+        plain = logits(pruned, eval_ids[:WINDOW])
+        with applied(pruned, patch):
+            assert torch.equal(logits(pruned, eval_ids[:WINDOW]), plain)
+
+
+def tiny_norm_eps(model: nn.Module) -> nn.Module:
+    """Every norm's epsilon made negligible, so that scaling a norm's input changes nothing measurable."""
+    for module in model.modules():
+        for name in ("eps", "variance_epsilon"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 1e-12)
+    return model
+
+
+@torch.no_grad()
+def test_a_removed_block_that_only_scales_the_stream_is_recovered_by_magnitude(corpus):
+    """Block 1 leaves 2.5 times the stream it receives: removing it and dividing every later block's
+    contributions by the measured scale gives the unpruned model's logits."""
+    tokenizer, train_ids, eval_ids = corpus
+    torch.manual_seed(0)
+    model = tiny_norm_eps(LlamaForCausalLM(LlamaConfig(
+        num_hidden_layers=4, hidden_size=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+        vocab_size=len(tokenizer), max_position_embeddings=128)).eval())
+    block = model.model.layers[1]
+    block.self_attn.o_proj.weight.zero_()
+    block.post_attention_layernorm = nn.Identity()
+    block.mlp = nn.Linear(16, 16, bias=False)
+    block.mlp.weight.copy_(1.5 * torch.eye(16))
+    patch = fit_patch(model, [1], "magnitude", train_ids[:1024], WINDOW, progress=False)
+    assert patch.maps[0].info["scale"] == pytest.approx(2.5, rel=1e-6)
+    assert patch.merged_into == ("blocks 2..3 (what they add divided by 2.5)",)
+    original = logits(model, eval_ids[:WINDOW])
+    with removed_blocks(model, [1]) as pruned:
+        plain = logits(pruned, eval_ids[:WINDOW])
+        with applied(pruned, patch):
+            patched = logits(pruned, eval_ids[:WINDOW])
+    assert not torch.allclose(plain, original, atol=1e-2)
+    torch.testing.assert_close(patched, original, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(REGISTRY))
+@torch.no_grad()
+def test_dividing_what_later_blocks_add_equals_scaling_the_stream_they_receive(family, corpus):
+    """What magnitude merges, in every family (Gemma scales its post norms): later blocks' contributions
+    divided by 3 give the logits of the model whose stream entering block 1 is multiplied by 3."""
+    tokenizer, train_ids, _ = corpus
+    model = tiny_norm_eps(build(family, len(tokenizer)))
+    blocks, ids = get_blocks(model), train_ids[:24].view(1, -1)
+
+    def times_three(module, args, kwargs):
+        if args:
+            return (args[0] * 3, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * 3}
+
+    handle = blocks[1].register_forward_pre_hook(times_three, with_kwargs=True)
+    try:
+        expected = model(input_ids=ids).logits
+    finally:
+        handle.remove()
+    plain = model(input_ids=ids).logits
+    with applied(model, Patch("magnitude", (), replacements=scaled_contributions(
+            model, {j: 1 / 3 for j in range(1, len(blocks))}))):
+        got = model(input_ids=ids).logits
+    assert not torch.allclose(plain, expected, atol=1e-3)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()
@@ -172,11 +248,12 @@ def test_a_merged_map_multiplies_exactly_what_it_is_merged_into(family, corpus):
 
 
 def test_patched_perplexity_is_below_plain_on_a_trained_model(trained, corpus):
+    """The maps; magnitude's single scale is not always better (on this toy it makes block 1 worse)."""
     _, train_ids, eval_ids = corpus
     for removed in ([1], [1, 2], [0, 2]):
         with removed_blocks(trained, removed) as pruned:
             plain = ppl(pruned, eval_ids)
-        for method in METHODS:
+        for method in MAPS:
             patch = fit_patch(trained, removed, method, train_ids[:4096], WINDOW, progress=False)
             assert len(patch.maps) == len(removed_runs(removed))
             with removed_blocks(trained, removed) as pruned, applied(pruned, patch):
@@ -204,6 +281,10 @@ def test_sublayers_and_a_post_norm_opt_are_refused(corpus):
                                    do_layer_norm_before=False)).eval()
     with pytest.raises(KitError, match="do_layer_norm_before"):
         check_patchable(opt, (1,))
+    gemma = build("gemma2", len(tokenizer))
+    with pytest.raises(KitError, match=r"normalizes that output \(post_feedforward_layernorm\).*magnitude"):
+        check_patchable(gemma, (1,))
+    assert check_patchable(gemma, (1,), maps=False) == [(1, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +350,22 @@ def test_a_patched_export_from_block_0_reloads_untied(files):
     assert reloaded.lm_head.weight.data_ptr() != reloaded.transformer.wte.weight.data_ptr()
     torch.testing.assert_close(logits(reloaded, ids[:WINDOW]), expected, rtol=0, atol=1e-5)
     assert "unties them" in (files / "s0" / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_magnitude_patched_export_reloads_to_the_kits_model_and_its_card_names_the_scale(files):
+    rows = kit(files, "magnitude", "--mode", "custom", "--remove", "1", "--patch", "magnitude",
+               "--save-model", str(files / "s1"))
+    model, patch, ids = kit_patched(files, (1,), "magnitude")
+    with removed_blocks(model, [1]) as pruned, applied(pruned, patch):
+        assert rows[1]["perplexity"] == pytest.approx(
+            perplexity(pruned, ids[:2048], max_length=WINDOW, stride=32, progress=False).perplexity, rel=1e-6)
+        expected = logits(pruned, ids[:WINDOW])
+    reloaded = AutoModelForCausalLM.from_pretrained(files / "s1").eval()
+    assert reloaded.config.n_layer == 3 and reloaded.config.tie_word_embeddings is True
+    torch.testing.assert_close(logits(reloaded, ids[:WINDOW]), expected, rtol=0, atol=1e-5)
+    card = (files / "s1" / "README.md").read_text(encoding="utf-8")
+    scale = patch.maps[0].info["scale"]
+    assert "Prune&Comp" in card and f"blocks 2..3 (what they add divided by {scale:.4g})" in card
 
 
 def test_healing_starts_from_the_patched_model_and_the_teacher_stays_the_original(trained, corpus):
