@@ -39,6 +39,16 @@ which a PassCheckpoint saves as the pass goes, so an interrupted pass
 continues where it stopped. The progress bar counts model FLOPs, block by
 block, so a long window batch moves too.
 
+A patched configuration (--patch, pruning.compensation) carries replacement
+tensors for some of its kept blocks. Each such block is a node of its own
+(block, part, variant): the block run with that configuration's tensors
+swapped in (models.compensation.applied). Its blocks before the first patched
+one are ordinary nodes, so it shares them with every other configuration: a
+map merged before a run shares the blocks up to the one it is merged into, a
+magnitude scale every block before the run. A patch of the embeddings (a map
+for a run from block 0) changes the stream entering block 0 and is not
+shared: run_pass refuses it, and callers measure it on its own.
+
 Peak memory beyond the model: (depth of the tree + 1) hidden states of one
 window batch (at most L + 1 tensors of batch x window x width), the attention
 temporaries of one block, and one LOGIT_ROWS x VOCAB_SLICE slice of logits;
@@ -66,14 +76,16 @@ from evaluation.intervals import block_counts, block_tokens, perplexity_interval
 from evaluation.passfile import PassCheckpoint, PassState, pass_identity
 from evaluation.perplexity import LOGIT_ROWS, PerplexityResult, batch_inputs, to_perplexity, token_nll
 from evaluation.windows import DEFAULT_PROTOCOL, Window, make_windows, window_batches
+from models.compensation import Patch, applied
 from models.families import (block_output, family_of, final_modules, get_blocks, lm_head, module_at,
                              record_block_calls)
 from models.placement import input_device
 from models.removal import check_units, skipped_sublayer
-from models.units import FULL, kept_nodes, removal_key
+from models.units import FULL, config_key, kept_nodes
 
-# A node of the prefix tree: a kept block and what of it runs ('block', or only its 'attn' or 'mlp').
-Node = tuple[int, str]
+# A node of the prefix tree: a kept block and what of it runs ('block', or only its 'attn' or 'mlp'), and for
+# a block with a configuration's patched tensors, a third entry: the index of those tensors in the pass's variants.
+Node = tuple
 
 
 @dataclass
@@ -183,14 +195,16 @@ class _BatchRunner:
         hidden, self.calls = record_block_calls(self.model, inputs.to(self.device))
         return hidden
 
-    def block(self, node: Node, hidden: torch.Tensor) -> torch.Tensor:
-        """The node's block on ``hidden``; a partial node runs the block with its other sublayer skipped."""
-        index, part = node
+    def block(self, node: Node, hidden: torch.Tensor, variants: Sequence[Patch] = ()) -> torch.Tensor:
+        """The node's block on ``hidden``; a partial node runs the block with its other sublayer skipped, a
+        patched one with its configuration's tensors in place (``variants``)."""
+        index, part = node[0], node[1]
         block = self.blocks[index]
-        if part == FULL:
-            return block_output(self.model, self.calls[index](block, hidden))
-        with skipped_sublayer(self.model, block, "mlp" if part == "attn" else "attn"):
-            return block_output(self.model, self.calls[index](block, hidden))
+        with applied(self.model, variants[node[2]] if len(node) > 2 else None):
+            if part == FULL:
+                return block_output(self.model, self.calls[index](block, hidden))
+            with skipped_sublayer(self.model, block, "mlp" if part == "attn" else "attn"):
+                return block_output(self.model, self.calls[index](block, hidden))
 
 
 def _walk(node: _Node, hidden: torch.Tensor, step: Callable[[Node, torch.Tensor], torch.Tensor],
@@ -229,20 +243,50 @@ class _Plan:
     offsets: list[int]  # scored tokens before each window
     block: int  # scored tokens per interval block
     reference: int | None  # the baseline's index, when the pass compares against it
+    keys: list[str]  # each configuration's key (models.units.config_key), the pass's identity
+    variants: list[Patch]  # the patched blocks' tensors, by the index their nodes carry
 
 
-def _plan(model: nn.Module, removals: Sequence[Sequence], windows: list[Window], compare: bool) -> _Plan:
+def patched_nodes(model: nn.Module, kept: Sequence[Node], patch: Patch | None,
+                  variants: list[Patch]) -> tuple[Node, ...]:
+    """``kept`` with each block whose tensors ``patch`` replaces made a node of its own (appended to
+    ``variants``); refuses a patch of anything outside the blocks."""
+    if patch is None or not patch.replacements:
+        return tuple(kept)
+    blocks = get_blocks(model)
+    owner = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
+    by_block: dict[int, list] = {}
+    for r in patch.replacements:
+        if id(r.module) not in owner:
+            raise ValueError("a patch of the embeddings changes the stream entering block 0; measure it on its own")
+        by_block.setdefault(owner[id(r.module)], []).append(r)
+    out = []
+    for node in kept:
+        if node[0] in by_block:
+            variants.append(Patch(patch.method, patch.removal, replacements=tuple(by_block[node[0]])))
+            node = (node[0], node[1], len(variants) - 1)
+        out.append(node)
+    return tuple(out)
+
+
+def _plan(model: nn.Module, removals: Sequence[Sequence], windows: list[Window], compare: bool,
+          patches: Sequence[Patch | None] | None) -> _Plan:
     configs = [check_units(model, removed) for removed in removals]
-    if compare and () not in configs:
+    patches = list(patches or [None] * len(configs))
+    if compare and () not in [c for c, p in zip(configs, patches) if p is None]:
         configs.append(())
-    reference = configs.index(()) if compare else None
-    n_blocks = len(get_blocks(model))
-    kept_lists = [kept_nodes(n_blocks, removed) for removed in configs]
+        patches.append(None)
+    reference = next((i for i, (c, p) in enumerate(zip(configs, patches)) if c == () and p is None), None) \
+        if compare else None
+    n_blocks, variants = len(get_blocks(model)), []
+    kept_lists = [patched_nodes(model, kept_nodes(n_blocks, removed), patch, variants)
+                  for removed, patch in zip(configs, patches)]
+    keys = [config_key(c, p.method if p is not None else None) for c, p in zip(configs, patches)]
     offsets = [0]
     for w in windows:
         offsets.append(offsets[-1] + w.scored)
     return _Plan(configs, kept_lists, prefix_tree(kept_lists, first=reference), windows, offsets,
-                 block_tokens(offsets[-1]), reference)
+                 block_tokens(offsets[-1]), reference, keys, variants)
 
 
 class _Scorer:
@@ -311,18 +355,20 @@ def _progress(model: nn.Module, plan: _Plan, batches: list[list[Window]], desc: 
 def run_pass(model: nn.Module, ids: torch.Tensor, removals: Sequence[Sequence], max_length: int, stride: int | None,
              batch_size: int = 1, progress: bool = True, desc: str = "windows", protocol: str = DEFAULT_PROTOCOL,
              prefix_token: int | None = None, compare: bool = False, divergence: bool = False,
-             checkpoint: PassCheckpoint | None = None) -> tuple[list[PassResult], Work]:
+             checkpoint: PassCheckpoint | None = None,
+             patches: Sequence[Patch | None] | None = None) -> tuple[list[PassResult], Work]:
     """Every removal set (of blocks and sublayers, models.units) on ``ids``, in one pass over the windows of
-    ``protocol`` (evaluation.windows.make_windows); results in the order of ``removals``.
+    ``protocol`` (evaluation.windows.make_windows); results in the order of ``removals``. ``patches``, one
+    per removal set (None: plain), carry the patched configurations' tensors (see the module docstring).
 
     ``compare``: the baseline runs too (if it is not among ``removals``) and the results hold intervals;
     ``divergence`` (with ``compare``): KL and top-1 agreement against it. ``checkpoint``: the pass continues
     from the state saved there, if any, and saves its own (evaluation.passfile).
     """
     windows = make_windows(len(ids), max_length, stride, protocol, prefix_token)
-    plan = _plan(model, removals, windows, compare)
+    plan = _plan(model, removals, windows, compare, patches)
     divergence = divergence and compare
-    identity = pass_identity(model, ids, windows, [removal_key(c) for c in plan.configs], batch_size,
+    identity = pass_identity(model, ids, windows, plan.keys, batch_size,
                              {"interval_block": plan.block, "divergence": divergence})
     state = (checkpoint.load(identity) if checkpoint else None) or PassState.fresh(
         identity, len(windows), len(plan.configs), len(block_counts(plan.offsets[-1], plan.block)))
@@ -359,7 +405,7 @@ def _run_batch(runner: _BatchRunner, plan: _Plan, state: PassState, ids: torch.T
     finish_flops = head_flops(runner.model, len(targets))
 
     def step(node: Node, hidden: torch.Tensor) -> torch.Tensor:
-        out = runner.block(node, hidden)
+        out = runner.block(node, hidden, plan.variants)
         bar.update(part_flops[node[1]])
         return out
 
@@ -384,11 +430,11 @@ def _results(plan: _Plan, state: PassState, compare: bool, divergence: bool) -> 
 
 def sweep_perplexities(model: nn.Module, ids: torch.Tensor, removals: Sequence[Sequence[int]], max_length: int,
                        stride: int | None, batch_size: int = 1, progress: bool = True, desc: str = "windows",
-                       protocol: str = DEFAULT_PROTOCOL,
-                       prefix_token: int | None = None) -> tuple[list[PerplexityResult], Work]:
+                       protocol: str = DEFAULT_PROTOCOL, prefix_token: int | None = None,
+                       patches: Sequence[Patch | None] | None = None) -> tuple[list[PerplexityResult], Work]:
     """Perplexity of every removal set on ``ids`` in one pass (run_pass without comparisons or checkpoint)."""
     results, work = run_pass(model, ids, removals, max_length, stride, batch_size, progress, desc, protocol,
-                             prefix_token)
+                             prefix_token, patches=patches)
     return [r.ppl for r in results], work
 
 
@@ -398,8 +444,8 @@ def tree_nodes(node: _Node) -> list[Node]:
 
 
 def nodes_flops(model: nn.Module, nodes: Sequence[Node], window: int) -> float:
-    per_part = {part: block_flops(model, window, part) for part in {p for _, p in nodes}}
-    return sum(per_part[part] for _, part in nodes)
+    per_part = {part: block_flops(model, window, part) for part in {n[1] for n in nodes}}
+    return sum(per_part[n[1]] for n in nodes)
 
 
 def _account(work: Work, model: nn.Module, batch: Sequence[Window], tree: _Node,

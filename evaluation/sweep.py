@@ -108,7 +108,7 @@ def _speed(model: nn.Module, prompt_ids: torch.Tensor, removed: Sequence[int],
     return latency, change
 
 
-def _finish(model: nn.Module, prompt_ids: torch.Tensor | None, removed: Sequence[int], result: PassResult,
+def finish(model: nn.Module, prompt_ids: torch.Tensor | None, removed: Sequence[int], result: PassResult,
             settings: EvalSettings, work: Work | None) -> Measurement:
     """The measurements that need the pruned model itself: size, speed and downstream tasks."""
     latency, change = _speed(model, prompt_ids, removed, settings.speed) if settings.speed.enabled else (None, None)
@@ -129,7 +129,7 @@ def measure(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None
         ppl = perplexity(pruned, ids, w.max_length, w.stride, w.batch_size, progress=settings.progress,
                          protocol=w.protocol, prefix_token=w.prefix_token)
     work = one_model_work(model, spec_windows(w, len(ids)), removed, time.perf_counter() - start)
-    return _finish(model, prompt_ids, removed, PassResult(ppl), settings, work)
+    return finish(model, prompt_ids, removed, PassResult(ppl), settings, work)
 
 
 def _groups(removals: Sequence) -> Iterator[tuple[int, Sequence]]:
@@ -182,7 +182,7 @@ def measure_all(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | 
                                  divergence=settings.divergence, checkpoint=checkpoint)
         for removed, result in zip(group, results):
             if removed in wanted:
-                yield _finish(model, prompt_ids, removed, result, settings, work)
+                yield finish(model, prompt_ids, removed, result, settings, work)
                 work = None  # a pass's cost is carried by its first measurement
         if checkpoint:
             checkpoint.remove()  # every row of the pass is written: the consumer asked for the next one

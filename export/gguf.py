@@ -110,7 +110,7 @@ def patched_tensors(model: nn.Module, patch: Patch | None, arch: str, n_blocks: 
         if name is None:
             raise KitError(f"--save-gguf cannot find the GGUF tensor of '{hf_name}', which the patch changes; "
                            "use --save-model")
-        out[name] = r.value.detach().float().cpu().numpy()
+        out[name] = r.tensor().detach().float().cpu().numpy()
     return out
 
 

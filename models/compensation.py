@@ -100,11 +100,21 @@ class Map:
 
 @dataclass(frozen=True)
 class Replacement:
-    """A parameter of the model and the tensor that stands in for it while the patch is applied."""
+    """A parameter of the model and the tensor that stands in for it while the patch is applied: ``value``,
+    or, for a scale, the parameter's own values (plus ``offset``) times ``factor`` (minus ``offset``), made
+    when the patch is applied, so that a patch scaling every later block holds no copy of their weights."""
 
     module: nn.Module
     name: str  # "weight" or "bias"
-    value: torch.Tensor
+    value: torch.Tensor | None = None
+    factor: float | None = None
+    offset: float = 0.0
+
+    def tensor(self) -> torch.Tensor:
+        if self.value is not None:
+            return self.value
+        v = getattr(self.module, self.name).detach()
+        return ((v.double() + self.offset) * self.factor - self.offset).to(v.dtype)
 
 
 @dataclass(frozen=True)
@@ -172,12 +182,9 @@ def scaled_contributions(model: nn.Module, factors: dict[int, float]) -> tuple[R
         for projection, norm in ((family.attention_out, family.attention_norm), (family.mlp_out, family.mlp_norm)):
             module = module_at(blocks[index], norm or projection)
             for name in ("weight", "bias") if norm is None else ("weight",):
-                value = getattr(module, name, None)
-                if value is None:
-                    continue
-                v = value.detach().double()
-                scaled = v * factor if norm is None else (v + family.norm_offset) * factor - family.norm_offset
-                out.append(Replacement(module, name, scaled.to(value.dtype)))
+                if getattr(module, name, None) is not None:
+                    out.append(Replacement(module, name, factor=factor,
+                                           offset=family.norm_offset if norm is not None else 0.0))
     return tuple(out)
 
 
@@ -195,8 +202,9 @@ def applied(model: nn.Module, patch: Patch | None) -> Iterator[nn.Module]:
     originals = [(r.module, r.name, getattr(r.module, r.name)) for r in patch.replacements]
     tied = getattr(model.config, "tie_word_embeddings", None)
     try:
-        for r, (_, _, old) in zip(patch.replacements, originals):
-            setattr(r.module, r.name, nn.Parameter(r.value, requires_grad=old.requires_grad))
+        values = [r.tensor() for r in patch.replacements]  # all from the parameters as they were
+        for r, value, (_, _, old) in zip(patch.replacements, values, originals):
+            setattr(r.module, r.name, nn.Parameter(value, requires_grad=old.requires_grad))
         if patch.untied:
             model.config.tie_word_embeddings = False
         yield model

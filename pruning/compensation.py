@@ -43,10 +43,11 @@ unpruned model's. A later run's scale is then the whole factor between the
 patched model's stream and the unpruned one's at that run, and it replaces
 the earlier factor for the blocks after it.
 
-A patched configuration is evaluated one at a time (evaluation.sweep.measure)
-on the model with the patch's tensors swapped in and restored afterwards
-(models.compensation.applied): exact, without the shared-prefix engine's
-sharing.
+Patched configurations are evaluated together in the shared-prefix engine,
+each patched block a node of its own (evaluation.engine), so they share the
+blocks before their first patched one; a map merged into the embeddings is
+evaluated one model at a time (evaluation.sweep.measure) with its tensors
+swapped in and restored afterwards (models.compensation.applied).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from evaluation.sweep import EvalSettings, Measurement, measure
+from evaluation.engine import run_pass
+from evaluation.sweep import GROUP_SIZE, EvalSettings, Measurement, finish, measure
 from evaluation.windows import Window, window_batches
 from models.compensation import Map, Patch, applied, check_patchable, merge_map, scaled_contributions
 from models.families import block_output, family_of, get_blocks, module_at, record_block_calls
@@ -417,13 +419,32 @@ def configurations(method: str, removals: Sequence[Removal], patched: Sequence[R
     return list(dict.fromkeys(rows + [(r, method) for r in targets]))
 
 
+def touches_embeddings(model: nn.Module, patch: Patch) -> bool:
+    """Whether the patch replaces a tensor outside the blocks (a map for a run from block 0)."""
+    inside = {id(m) for block in get_blocks(model) for m in block.modules()}
+    return any(id(r.module) not in inside for r in patch.replacements)
+
+
 def measure_patched(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None,
                     configs: Sequence[tuple[Removal, str]], settings: EvalSettings,
                     fit: Callable[[Removal, str], Patch]) -> Iterator[tuple[Measurement, str]]:
-    """Measurements of patched (removal set, method) pairs, each on its own with its patch applied
-    (the plain ones go through the shared-prefix sweep, evaluation.sweep.measure_all)."""
-    for removal, method in configs:
-        patch = fit(removal, method)
-        with applied(model, patch):
-            m = measure(model, ids, prompt_ids, removal, settings)
-        yield m, method
+    """Measurements of patched (removal set, method) pairs, GROUP_SIZE at a time in one shared-prefix pass
+    with the baseline (intervals and, with --kl, divergence, as the plain sweep has them); a patch of the
+    embeddings one model at a time. Size, speed and tasks are measured with each patch applied."""
+    w = settings.windows
+    for start in range(0, len(configs), GROUP_SIZE):
+        fitted = [(removal, method, fit(removal, method)) for removal, method in configs[start : start + GROUP_SIZE]]
+        shared = [f for f in fitted if not touches_embeddings(model, f[2])]
+        if shared:
+            results, work = run_pass(model, ids, [r for r, _, _ in shared], w.max_length, w.stride, w.batch_size,
+                                     progress=settings.progress, desc="patched pass", protocol=w.protocol,
+                                     prefix_token=w.prefix_token, compare=True, divergence=settings.divergence,
+                                     patches=[p for _, _, p in shared])
+            for (removal, method, patch), result in zip(shared, results):
+                with applied(model, patch):
+                    yield finish(model, prompt_ids, removal, result, settings, work), method
+                work = None  # a pass's cost is carried by its first measurement
+        for removal, method, patch in fitted:
+            if touches_embeddings(model, patch):
+                with applied(model, patch):
+                    yield measure(model, ids, prompt_ids, removal, settings), method

@@ -291,7 +291,7 @@ def test_an_interrupt_during_the_speed_tests_keeps_the_finished_pass(model_dir, 
     args = ["--mode", "sequential", "--save_results"]
     assert run_kit(model_dir, text_file, *args, "--output-dir", str(tmp_path / "whole")) == 0
     [whole] = (tmp_path / "whole").glob("*.csv")
-    real, calls = sweep._finish, []
+    real, calls = sweep.finish, []
 
     def interrupted(*a, **k):
         calls.append(1)
@@ -299,7 +299,7 @@ def test_an_interrupt_during_the_speed_tests_keeps_the_finished_pass(model_dir, 
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(sweep, "_finish", interrupted)
+    monkeypatch.setattr(sweep, "finish", interrupted)
     assert run_kit(model_dir, text_file, *args, "--output-dir", str(tmp_path / "cut")) == 130
     [cut] = (tmp_path / "cut").glob("*.csv")
     assert len(csvfile.read_rows(str(cut))) == 2 and os.path.exists(csvfile.pass_checkpoint_path(str(cut)))

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OP
 
 import main
 from config import HealSpec, PATCHES
+from evaluation.engine import run_pass
 from evaluation.params import count_parameters
 from evaluation.perplexity import perplexity
 from export.heal import heal
@@ -258,6 +259,33 @@ def test_patched_perplexity_is_below_plain_on_a_trained_model(trained, corpus):
             assert len(patch.maps) == len(removed_runs(removed))
             with removed_blocks(trained, removed) as pruned, applied(pruned, patch):
                 assert ppl(pruned, eval_ids) < plain, (removed, method)
+
+
+@pytest.mark.parametrize("method", ["lstsq", "magnitude"])
+def test_the_engine_shares_the_blocks_before_a_patch_and_matches_one_model_at_a_time(method, trained, corpus):
+    _, train_ids, eval_ids = corpus
+    sets = [(2,), (1, 2), (3,), (1,)]
+    patches = [fit_patch(trained, s, method, train_ids[:1024], WINDOW, progress=False) for s in sets[:3]] + [None]
+    results, work = run_pass(trained, eval_ids, sets, WINDOW, 32, patches=patches, compare=True)
+    for removed, patch, result in zip(sets, patches, results):
+        with removed_blocks(trained, removed) as pruned, applied(pruned, patch):
+            assert result.ppl.perplexity == ppl(pruned, eval_ids), (removed, method)
+        assert result.ppl_interval is not None
+    # Per window: the baseline's chain of 4 blocks, then each configuration's blocks past what it shares.
+    # lstsq patches the block before the run: (2,) shares block 0 and adds its patched 1 and 3; (1, 2) patches
+    # block 0 itself and adds 2 nodes; (3,) shares 0 and 1 and adds its patched 2; (1,) shares 0 and adds 2.
+    # magnitude patches the blocks after the run: (2,) shares 0 and 1 and adds its scaled 3; (1, 2) shares 0
+    # and adds 1; (3,) has no block after the run to scale and ends on the baseline's chain; (1,) adds 2.
+    nodes = {"lstsq": 4 + 2 + 2 + 1 + 2, "magnitude": 4 + 1 + 1 + 0 + 2}[method]
+    assert work.block_evals == nodes * work.windows
+    assert work.naive_block_evals == (4 + 3 + 2 + 3 + 3) * work.windows
+
+
+def test_the_engine_refuses_a_patch_of_the_embeddings(trained, corpus):
+    _, train_ids, eval_ids = corpus
+    patch = fit_patch(trained, (0,), "lstsq", train_ids[:1024], WINDOW, progress=False)
+    with pytest.raises(ValueError, match="embeddings"):
+        run_pass(trained, eval_ids, [(0,)], WINDOW, 32, patches=[patch])
 
 
 def test_cosine_beats_least_squares_on_its_own_objective():
