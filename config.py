@@ -131,6 +131,7 @@ class SelectSpec:
     patch: str = "none"  # --patch: a map fitted per removed run of blocks and merged into the weights (PATCHES)
     generations: int = 30  # --generations: evolve's generations at each k
     offspring: int = 16  # --offspring: evolve's offspring per generation
+    choose_patched: bool = False  # --choose-patched: candidates are scored with their own --patch fitted
     race: bool = False  # --race: greedy and beam rank each step's candidates in a race (pruning.race)
     calib_slices: int = 1  # --calib-slices: also choose on N disjoint slices and report how the picks hold
     seed: int = 42  # --seed, for evolve's draws

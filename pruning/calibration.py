@@ -237,6 +237,8 @@ class Calibration:
     protocol: str = DEFAULT_PROTOCOL  # the evaluation's windows (evaluation.windows)
     prefix_token: int | None = None
     unit: str = "block"  # --unit: what the rules and searches take as candidates
+    # --choose-patched: every set is scored with its own --patch fitted on this view's tokens (none: plain)
+    patch: str = "none"
     cache: CalibrationCache | None = field(default=None, repr=False, compare=False)
     span: Span = None  # [begin, end) of the calibration tokens this view sees; None: all of them
 
@@ -294,35 +296,65 @@ class Calibration:
         return make_windows(len(self.ids), self.max_length, self.stride, self.protocol, self.prefix_token)
 
     def perplexities(self, removals: Sequence[Sequence[Unit]]) -> list[float]:
-        """Calibration perplexity of each removal set.
+        """Calibration perplexity of each removal set (with ``patch``, of each set patched).
 
         The sets not yet cached are evaluated together, in one shared-prefix
         pass: a search step's candidates share most of their blocks.
         """
-        keys = [(self.span, canonical(r)) for r in removals]
+        keys = [(self.span, canonical(r)) if self.patch == "none" else (self.span, canonical(r), self.patch)
+                for r in removals]
         known = self.cache.perplexity
         todo = list(dict.fromkeys(k for k in keys if k not in known))
         if todo:
-            results, work = sweep_perplexities(self.model, self.ids, [r for _, r in todo], self.max_length,
-                                               self.stride, self.batch_size, progress=self.progress,
-                                               desc="calibration", protocol=self.protocol,
-                                               prefix_token=self.prefix_token)
+            sets = [k[1] for k in todo]
+            patches = self._fit(sets) if self.patch != "none" else None
+            results, work = sweep_perplexities(self.model, self.ids, sets, self.max_length, self.stride,
+                                               self.batch_size, progress=self.progress, desc="calibration",
+                                               protocol=self.protocol, prefix_token=self.prefix_token,
+                                               patches=patches)
             known.update((key, result.perplexity) for key, result in zip(todo, results))
             self.cache.evaluations += len(todo)
             self.cache.tokens += work.tokens_scored
             self.cache.block_evals += work.block_evals
         return [known[key] for key in keys]
 
+    def _fit(self, sets: Sequence[Removal]) -> list:
+        """Each set's patch fitted on this view's tokens, its cost counted in the cache; a set whose map
+        would go into the embeddings (a run from block 0, which the engine cannot share) is refused."""
+        from pruning.compensation import fit_cost, fit_patch, touches_embeddings
+
+        patches = []
+        for s in sets:
+            patch = fit_patch(self.model, s, self.patch, self.ids, self.max_length, self.batch_size, progress=False)
+            if touches_embeddings(self.model, patch):
+                raise KitError(f"--choose-patched scores candidates in the shared-prefix engine, and --patch "
+                               f"{self.patch} for a run from block 0 goes into the embeddings; use --patch "
+                               "magnitude, or choose plain")
+            cost = fit_cost(self.n_blocks, s, self.patch, len(self.ids), self.max_length)
+            self.cache.tokens += cost.tokens
+            self.cache.block_evals += cost.block_evals
+            patches.append(patch)
+        return patches
+
     def cost_of(self, removals: Sequence[Sequence[Unit]]) -> Cost:
         """What scoring ``removals`` together on this view costs without a cache: each distinct set on
-        every scored token, and one block evaluation per window for each node of their prefix tree."""
+        every scored token, and one block evaluation per window for each node of their prefix tree (with
+        ``patch``, each set's patched nodes its own, and its fit)."""
         sets = list(dict.fromkeys(canonical(r) for r in removals))
         if not sets:
             return Cost()
         windows = self.windows()
-        nodes = count_nodes(prefix_tree([kept_nodes(self.n_blocks, s) for s in sets]))
-        return Cost(evaluations=len(sets), tokens=len(sets) * sum(w.scored for w in windows),
-                    block_evals=nodes * len(windows))
+        if self.patch == "none":
+            kept = [kept_nodes(self.n_blocks, s) for s in sets]
+            fits = Cost()
+        else:
+            from pruning.compensation import fit_cost, patched_kept
+
+            kept = [patched_kept(self.n_blocks, s, self.patch, i) for i, s in enumerate(sets)]
+            fits = sum((fit_cost(self.n_blocks, s, self.patch, len(self.ids), self.max_length) for s in sets), Cost())
+        nodes = count_nodes(prefix_tree(kept))
+        return Cost(evaluations=len(sets), tokens=len(sets) * sum(w.scored for w in windows) + fits.tokens,
+                    block_evals=nodes * len(windows) + fits.block_evals)
 
     def pass_cost(self) -> Cost:
         """What the one-pass scores cost: every block on every non-overlapping window of the tokens."""

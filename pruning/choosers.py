@@ -47,10 +47,12 @@ def extras(config: RunConfig, metric: str, scores: dict) -> dict:
 
 def ranking_rule(name: str, config: RunConfig) -> str:
     """How a search ranked each step's candidates (pruning.race); a rule scores on all tokens."""
+    patched = (f"; every candidate scored with its own --patch {config.select.patch} fitted on the calibration "
+               "tokens" if config.select.choose_patched else "")
     if name == "evolve":
         return f"offspring by {RACE_RULE}; seeds and greedy's steps by " + (RACE_RULE if config.select.race
-                                                                           else PLAIN_RULE)
-    return RACE_RULE if name in SEARCHES and config.select.race else PLAIN_RULE
+                                                                           else PLAIN_RULE) + patched
+    return (RACE_RULE if name in SEARCHES and config.select.race else PLAIN_RULE) + patched
 
 
 def choosing_info(config: RunConfig, calib: "Calibration", costs: dict[str, dict[int, Cost]]) -> dict:

@@ -53,6 +53,7 @@ swapped in and restored afterwards (models.compensation.applied).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -64,10 +65,12 @@ from torch import nn
 from evaluation.engine import run_pass
 from evaluation.sweep import GROUP_SIZE, EvalSettings, Measurement, finish, measure
 from evaluation.windows import Window, window_batches
-from models.compensation import Map, Patch, applied, check_patchable, merge_map, scaled_contributions
+from models.compensation import (Map, Patch, applied, check_patchable, merge_map, removed_runs,
+                                 scaled_contributions)
 from models.families import block_output, family_of, get_blocks, module_at, record_block_calls
 from models.removal import removed_blocks
-from models.units import Removal, canonical, config_key
+from models.units import Removal, canonical, config_key, kept_blocks, kept_nodes
+from pruning.rules import Cost
 from utils.errors import KitError
 from utils.log import progress_bar
 
@@ -150,15 +153,17 @@ def _windows(n_tokens: int, max_length: int) -> list[Window]:
 
 @torch.no_grad()
 def run_activations(model: nn.Module, first: int, last: int, before: Patch | None, ids: torch.Tensor,
-                    max_length: int, batch_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                    max_length: int, batch_size: int = 1,
+                    mlp: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(M, S, Y) of each calibration batch for the run first..last, as float64 (tokens, d) rows.
 
     M and S come from the model with the runs of ``before`` removed and
-    patched; Y from the unpruned model.
+    patched; Y from the unpruned model. Without ``mlp`` M is S (a scale needs
+    only the stream).
     """
     blocks, family = get_blocks(model), family_of(model)
-    if first == 0:
-        source = [(blocks[0], "in")]
+    if first == 0 or not mlp:
+        source = [(blocks[first - 1], "out")] if first else [(blocks[0], "in")]
     else:
         source = [(module_at(blocks[first - 1], family.mlp_out), "out"), (blocks[first - 1], "out")]
     target = [(blocks[last], "out")]
@@ -173,7 +178,7 @@ def run_activations(model: nn.Module, first: int, last: int, before: Patch | Non
                 got = _tap_pass(model, inputs, source)
             got += _tap_pass(model, inputs, target)
         got = [t.double() for t in got]
-        m, s, y = (got[0], got[0], got[1]) if first == 0 else got
+        m, s, y = (got[0], got[0], got[1]) if len(got) == 2 else got
         yield m, s, y
 
 
@@ -295,7 +300,7 @@ def fit_scales(model: nn.Module, runs: Sequence[tuple[int, int]], ids: torch.Ten
         gap = target = 0.0
         tokens = 0
         earlier = patch if patch.replacements else None
-        for _, s, y in run_activations(model, first, last, earlier, ids, max_length, batch_size):
+        for _, s, y in run_activations(model, first, last, earlier, ids, max_length, batch_size, mlp=False):
             gap += s.norm(dim=-1).sum().item()
             target += y.norm(dim=-1).sum().item()
             tokens += s.shape[0]
@@ -417,6 +422,32 @@ def configurations(method: str, removals: Sequence[Removal], patched: Sequence[R
         check_patchable(model, r, maps=not METHODS[method].scales)
     rows = [((), NONE)] if patched is None else plain
     return list(dict.fromkeys(rows + [(r, method) for r in targets]))
+
+
+def patched_kept(n_blocks: int, removal: Removal, method: str, tag: object) -> tuple:
+    """The engine's kept list of ``removal`` patched by ``method``, without fitting it: every node from the
+    first one the patch replaces (a map: the block before the first run, or everything for a run from
+    block 0; a scale: the first block after the first run) made unique by ``tag``, since the patched
+    configuration shares nothing from there on."""
+    kept = kept_nodes(n_blocks, removal)
+    runs = removed_runs(removal)
+    if not runs:
+        return kept
+    first = runs[0][1] + 1 if METHODS[method].scales else runs[0][0] - 1
+    return tuple(node if node[0] < first else (node[0], node[1], tag) for node in kept)
+
+
+def fit_cost(n_blocks: int, removal: Removal, method: str, tokens: int, max_length: int) -> Cost:
+    """What fitting ``method``'s patch for ``removal`` on ``tokens`` calibration tokens costs: per run, the
+    pass up to the run's last block on the unpruned model, and after an earlier run a second pass, up to
+    the block before the run, on the pruned and patched model; each over non-overlapping windows."""
+    windows = math.ceil(tokens / max_length)
+    block_evals = passes = 0
+    kept = set(kept_blocks(n_blocks, removal))
+    for r, (first, last) in enumerate(removed_runs(removal)):
+        block_evals += last + 1 + (sum(1 for i in kept if i < first) if r else 0)
+        passes += 2 if r else 1
+    return Cost(passes=passes, tokens=passes * tokens, block_evals=block_evals * windows)
 
 
 def touches_embeddings(model: nn.Module, patch: Patch) -> bool:

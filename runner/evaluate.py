@@ -226,7 +226,8 @@ def removal_sets(config: RunConfig, loaded: Loaded, procs: Processes) -> tuple[l
     calib = Calibration(loaded.model, lambda: calibration_ids(config.data, config.select.calib_tokens,
                                                               loaded.tokenizer, loaded.stream, loaded.cache_dir),
                         w.max_length, w.stride, w.batch_size, progress=loaded.settings.progress,
-                        protocol=w.protocol, prefix_token=w.prefix_token, unit=config.select.unit)
+                        protocol=w.protocol, prefix_token=w.prefix_token, unit=config.select.unit,
+                        patch=config.select.patch if config.select.choose_patched else "none")
     chosen: list[Choice] = []
 
     def choose() -> tuple[list[Removal], dict]:

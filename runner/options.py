@@ -272,6 +272,10 @@ OPTIONS: tuple[Option, ...] = (
            "tokens and merged into the weights: lstsq or cosine (a linear map, ReplaceMe), magnitude (a scale, "
            "Prune&Comp), none; compare: each rule's pick with and without it (docs/compensation.md)", CALIB,
            choices=PATCHES),
+    Option("--choose-patched", "select.choose_patched", "score every candidate set with its own --patch fitted on "
+           "the calibration tokens, so the choice is what is best once compensated (with --patch magnitude and "
+           "greedy, Prune&Comp's iterative prune-and-compensate loop); costs a fit per candidate", CALIB,
+           flag_only=True, modes=("importance", "greedy", "beam", "evolve")),
 
     Option("--no-speed", "speed.enabled", "skip the latency measurement", SPEED, flag_only=True,
            convert=lambda given: not given),
@@ -409,6 +413,11 @@ def mode_checks(mode: Mode, set_: dict[str, Any], v: dict[str, Any]) -> tuple[li
 
 # Rules that relate several options: each takes the mode, the fields set on the command line and every
 # field's value, and says what is wrong (or None).
+def _choose_patched(mode, set_, v):
+    if v["select.choose_patched"] and v["select.patch"] == "none":
+        return "--choose-patched needs --patch METHOD (lstsq, cosine, magnitude)"
+
+
 def _one_budget(mode, set_, v):
     if "," in (v["select.target_params"] or "") and not mode.budgets:
         return "several --target-params budgets (0.9,0.8) are for --mode compare; give one"
@@ -478,8 +487,8 @@ def _evaluates(mode, set_, v):
         return f"--mode {mode.name} evaluates nothing; --tasks scores the models an evaluating mode measures"
 
 
-CROSS_CHECKS = (_evaluates, _text_column, _one_budget, _two_budgets, _budget_sets_unit, _slices_and_budgets,
-                _count_and_budget, _windows, _remove_range, _shard)
+CROSS_CHECKS = (_evaluates, _text_column, _choose_patched, _one_budget, _two_budgets, _budget_sets_unit,
+                _slices_and_budgets, _count_and_budget, _windows, _remove_range, _shard)
 
 
 def check(args: argparse.Namespace) -> list[str]:

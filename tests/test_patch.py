@@ -428,3 +428,64 @@ def test_patch_refusals_are_one_line_errors(files, capsys, extra, message):
     assert main.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@torch.no_grad()
+def with_a_scaling_block(trained: nn.Module, factor: float) -> nn.Module:
+    """A copy of the trained GPT-2 with a block inserted after block 0 that only multiplies the stream by
+    ``factor``, and what every later block adds multiplied by it too: the same model through the
+    scale-invariant norms. Removing the inserted block plain costs a lot; magnitude undoes it exactly."""
+    import copy
+
+    model = tiny_norm_eps(copy.deepcopy(trained))
+    scaler = copy.deepcopy(model.transformer.h[0])
+    scaler.attn.c_proj.weight.zero_()
+    scaler.attn.c_proj.bias.zero_()
+    scaler.ln_2 = nn.Identity()
+    scaler.mlp = nn.Linear(32, 32, bias=False)
+    scaler.mlp.weight.copy_((factor - 1) * torch.eye(32))
+    model.transformer.h.insert(1, scaler)
+    for i, block in enumerate(model.transformer.h):
+        block.attn.layer_idx = i
+        if i > 1:
+            for projection in (block.attn.c_proj, block.mlp.c_proj):
+                projection.weight.mul_(factor)
+                projection.bias.mul_(factor)
+    model.config.n_layer = len(model.transformer.h)
+    return model
+
+
+def test_choosing_patched_picks_what_is_best_once_compensated(trained, corpus):
+    """Removing the scaling block costs the most plain and nothing once its scale is divided out."""
+    from pruning.calibration import Calibration
+    from pruning.search import greedy
+
+    _, train_ids, _ = corpus
+    model = with_a_scaling_block(trained, 20.0)
+    plain = Calibration(model, lambda: train_ids[:512], WINDOW, WINDOW, progress=False)
+    patched = Calibration(model, lambda: train_ids[:512], WINDOW, WINDOW, progress=False, patch="magnitude")
+    singles = [(i,) for i in range(5)]
+    plain_ppl, patched_ppl = plain.perplexities(singles), patched.perplexities(singles)
+    assert plain.perplexities([()])[0] == pytest.approx(Calibration(trained, lambda: train_ids[:512], WINDOW, WINDOW,
+                                                                     progress=False).perplexities([()])[0], rel=1e-4)
+    assert max(plain_ppl) == plain_ppl[1]
+    assert patched_ppl[1] == pytest.approx(plain.perplexities([()])[0], rel=1e-4)
+    assert greedy(plain.perplexities, 5, 1, progress=False)[0].removed != (1,)
+    assert greedy(patched.perplexities, 5, 1, progress=False)[0].removed == (1,)
+    # what the patched scoring cost, fits included, is what Calibration.cost_of says it costs
+    assert (patched.cache.tokens, patched.cache.block_evals) == (patched.cost_of(singles).tokens,
+                                                                 patched.cost_of(singles).block_evals)
+
+
+def test_greedy_chooses_patched_through_the_command_line(files, capsys):
+    rows = kit(files, "chosen", "--mode", "greedy", "--num-remove", "2", "--patch", "magnitude", "--choose-patched")
+    assert [r["patch"] for r in rows] == ["none", "magnitude", "magnitude"]
+    assert "every candidate scored with its own --patch magnitude" in json.dumps(
+        json.loads(next((files / "chosen").glob("*.json")).read_text(encoding="utf-8"))["choosing"])
+    argv = ["--model", str(files / "model"), "--dataset", str(files / "text.txt"), "--mode", "greedy",
+            "--num-remove", "1", "--choose-patched"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        main.main(argv)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --choose-patched needs --patch METHOD (lstsq, cosine, magnitude)"
