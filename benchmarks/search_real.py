@@ -1,12 +1,18 @@
-"""The searches at the depth users prune, on a real checkpoint: greedy, raced greedy, beam and evolve.
+"""The rules and searches at the depth users prune, on a real checkpoint: bi, angular, ppl, greedy,
+raced greedy, beam and evolve.
 
-For each k, every search chooses k blocks on calibration tokens, each with a
-fresh calibration cache (so its wall time and cost are its own); then every
-chosen set is evaluated on held-out tokens in one shared-prefix pass. Prints
-a markdown table: calibration and evaluation perplexity, what choosing cost
-(sets, tokens, block evaluations) and wall time.
+For each k, every rule and search chooses k blocks on calibration tokens,
+each with a fresh calibration cache (so its wall time and cost are its own);
+then every chosen set is evaluated on held-out tokens in one shared-prefix
+pass, plain and, with --patch, patched by each method (fitted on the
+calibration tokens). Prints a markdown table: calibration and evaluation
+perplexity, what choosing cost (sets, tokens, block evaluations) and wall
+time. --exhaustive also scores every k-subset on the calibration tokens and
+reports each pick's rank among them and the calibration optimum; --slices N
+chooses again on N disjoint slices of the calibration tokens and reports how
+the picks overlap (pruning.stability).
 
-    python benchmarks/search_real.py --model /tmp/smollm2 --k 3,7
+    python benchmarks/search_real.py --model /tmp/smollm2 --k 3 --exhaustive --patch --slices 2
 
 The model is a plain folder (config + weights + tokenizer); --gguf DIR/FILE
 loads a GGUF checkpoint (SmolLM2-135M-Instruct.Q4_1.gguf) and saves it as
@@ -59,8 +65,11 @@ def main() -> int:
     p.add_argument("--offspring", type=int, default=16)
     p.add_argument("--beam-width", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--searches", default="greedy,greedy-race,beam,evolve", help="which of greedy, greedy-race, "
-                   "beam, evolve")
+    p.add_argument("--searches", default="bi,angular,ppl,greedy,greedy-race,beam,evolve",
+                   help="which of bi, angular, ppl, greedy, greedy-race, beam, evolve")
+    p.add_argument("--exhaustive", action="store_true", help="score every k-subset on the calibration tokens")
+    p.add_argument("--patch", action="store_true", help="evaluate each pick patched by every --patch method too")
+    p.add_argument("--slices", type=int, default=1, help="choose again on N disjoint calibration slices")
     args = p.parse_args()
     if args.gguf and not os.path.exists(args.gguf):
         print(f"skipped: no GGUF file at {args.gguf}")
@@ -76,12 +85,20 @@ def main() -> int:
 
     import torch
 
+    from itertools import combinations
+    from math import comb
+
     from config import SelectSpec
     from evaluation.engine import sweep_perplexities
     from models.loading import load_model
     from models.units import removed_label
     from pruning.calibration import Calibration
+    from evaluation.perplexity import perplexity
+    from models.compensation import applied
+    from models.removal import removed_blocks
+    from pruning.compensation import METHODS, fit_patch, touches_embeddings
     from pruning.picks import picks
+    from pruning.stability import held
     from utils.data import tokenize
 
     torch.set_num_threads(args.threads)
@@ -91,7 +108,8 @@ def main() -> int:
     eval_ids, calib_ids = ids[: args.eval_tokens], ids[args.eval_tokens : args.eval_tokens + args.calib_tokens]
     window = dict(max_length=args.max_length, stride=None, protocol=args.protocol)
     base = SelectSpec(generations=args.generations, offspring=args.offspring, beam_width=args.beam_width)
-    known = {"greedy": ("greedy", base), "greedy-race": ("greedy", replace(base, race=True)),
+    known = {"bi": ("bi", base), "angular": ("angular", base), "ppl": ("ppl", base),
+             "greedy": ("greedy", base), "greedy-race": ("greedy", replace(base, race=True)),
              "beam": ("beam", base), "evolve": ("evolve", base)}
     searches = [known[name] for name in args.searches.split(",")]
     print(f"{args.model}: {len(eval_ids):,} evaluation and {len(calib_ids):,} calibration tokens of {args.text}, "
@@ -107,16 +125,61 @@ def main() -> int:
                                                                     if name == "beam" else "")
             found.append((label, pick, seconds))
             print(f"  k={k} {label}: {removed_label(pick.removal)} in {seconds:.0f} s", flush=True)
-        results, _ = sweep_perplexities(model, eval_ids, [(), *(p.removal for _, p, _ in found)], progress=False,
-                                        **window)
+        calib = Calibration(model, lambda: calib_ids, progress=False, **window)
+        on_calib = calib.perplexities([p.removal for _, p, _ in found])
+        removals = [(), *(p.removal for _, p, _ in found)]
+        results, _ = sweep_perplexities(model, eval_ids, removals, progress=False, **window)
+        patched = {}
+        if args.patch:
+            for method in METHODS:
+                fits = [fit_patch(model, r, method, calib_ids, args.max_length, progress=False) for r in removals[1:]]
+                shared = [i for i, f in enumerate(fits) if not touches_embeddings(model, f)]
+                got, _ = sweep_perplexities(model, eval_ids, [removals[1 + i] for i in shared], progress=False,
+                                            patches=[fits[i] for i in shared], **window)
+                patched[method] = {shared[j]: g.perplexity for j, g in enumerate(got)}
+                for i in set(range(len(fits))) - set(shared):  # a map into the embeddings: on its own
+                    with removed_blocks(model, removals[1 + i]) as pruned, applied(pruned, fits[i]):
+                        patched[method][i] = perplexity(pruned, eval_ids, args.max_length, None, progress=False,
+                                                        protocol=args.protocol).perplexity
+                patched[method + "_s"] = sum(m.info["seconds"] for f in fits for m in f.maps)
         print(f"\nk = {k} (baseline evaluation PPL {results[0].perplexity:.2f})\n")
-        print("| Search | Removed | Calibration PPL | Evaluation PPL | Sets | Tokens | Block evals | Wall (s) |")
-        print("|---|---|---|---|---|---|---|---|")
-        for (label, pick, seconds), r in zip(found, results[1:]):
+        heads = ["Rule / search", "Removed", "Calibration PPL", "Evaluation PPL",
+                 *(f"+{m}" for m in METHODS if args.patch), "Sets", "Tokens", "Block evals", "Wall (s)"]
+        print("| " + " | ".join(heads) + " |\n|" + "---|" * len(heads))
+        for i, ((label, pick, seconds), r, c_ppl) in enumerate(zip(found, results[1:], on_calib)):
             c = pick.cost
-            print(f"| {label} | {removed_label(pick.removal)} | {pick.step.score:.2f} | {r.perplexity:.2f} | "
-                  f"{c.evaluations:,} | {c.tokens:,} | {c.block_evals:,} | {seconds:.0f} |")
-        print()
+            cells = [label, removed_label(pick.removal), f"{c_ppl:.2f}", f"{r.perplexity:.2f}",
+                     *(f"{patched[m][i]:.2f}" for m in METHODS if args.patch),
+                     f"{c.evaluations:,}", f"{c.tokens:,}", f"{c.block_evals:,}", f"{seconds:.0f}"]
+            print("| " + " | ".join(cells) + " |")
+        if args.patch:
+            print("\nfit seconds (all picks): " + ", ".join(f"{m} {patched[m + '_s']:.1f}" for m in METHODS))
+        if args.exhaustive:
+            every = list(combinations(range(calib.n_blocks), k))
+            start = time.perf_counter()
+            scores = []
+            for g in range(0, len(every), 512):
+                scores += calib.perplexities(every[g : g + 512])
+                print(f"  exhaustive: {len(scores):,} of {comb(calib.n_blocks, k):,} sets "
+                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+            order = sorted(range(len(every)), key=lambda i: (scores[i], every[i]))
+            best = every[order[0]]
+            rank = {every[i]: n + 1 for n, i in enumerate(order)}
+            best_eval, _ = sweep_perplexities(model, eval_ids, [best], progress=False, **window)
+            print(f"\nexhaustive: {len(every):,} sets on the calibration tokens in {time.perf_counter() - start:.0f} s; "
+                  f"optimum {removed_label(best)} at calibration PPL {scores[order[0]]:.2f}, evaluation PPL "
+                  f"{best_eval[0].perplexity:.2f}")
+            for label, pick, _ in found:
+                print(f"  {label}: rank {rank[tuple(pick.removal)]:,} of {len(every):,}")
+        if args.slices > 1:
+            rows = held(calib, replace(base, calib_slices=args.slices),
+                        list(dict.fromkeys(n for n, _ in searches)), k, only=[k])
+            print(f"\nslices: {args.slices} disjoint slices of {len(calib_ids) // args.slices:,} tokens\n")
+            print("| Rule / search | Picks per slice | Mean Jaccard | Calibration PPL spread (%) |\n|---|---|---|---|")
+            for h in rows:
+                print(f"| {h.name} | {'; '.join(removed_label(p) for p in h.picks)} | {h.jaccard:.2f} | "
+                      f"{h.spread:.2f} |")
+        print(flush=True)
     return 0
 
 
