@@ -146,19 +146,27 @@ def comparison_table(original: dict, pruned: dict) -> str:
 
 
 def observations(rows: Sequence[dict]) -> list[str]:
-    """A few sentences a reader would otherwise work out from the table."""
+    """A few sentences a reader would otherwise work out from the table. Rows are ranked only against rows
+    removing as many units (a greedy run's steps are not each other's rivals), at the largest such size."""
     pruned = [r for r in rows if row_removal(r)]
     ranked = [r for r in pruned if isinstance(r["perplexity"], (int, float)) and not math.isnan(r["perplexity"])]
     if not ranked:  # a nan perplexity is neither more nor less harmful than another
         return []
     label = lambda r: units_phrase(row_removal(r))
+    size = lambda r: len(row_removal(r))
+    mixed = len({size(r) for r in ranked}) > 1
+    ranked = [r for r in ranked if size(r) == max(map(size, ranked))]
+    at = f" of the sets of {size(ranked[0])} units" if mixed else ""
     worst = max(ranked, key=lambda r: r["perplexity"])
     best = min(ranked, key=lambda r: r["perplexity"])
     notes = []
     if len(ranked) > 1:
-        notes.append(f"Most harmful: removing {label(worst)} (PPL {format_number(worst['perplexity'])}, "
+        word = "Most harmful" if (worst.get("ppl_change_pct") or 0) > 0 else "Highest perplexity (every one lowered it)"
+        notes.append(f"{word}{at}: removing {label(worst)} (PPL {format_number(worst['perplexity'])}, "
                      f"{format_number(worst['ppl_change_pct'], sign=True)}%)")
-    notes.append(f"Least harmful: removing {label(best)} (PPL {format_number(best['perplexity'])}, "
+    word = ("Least harmful" if len(ranked) > 1 or (best.get("ppl_change_pct") or 0) > 0
+            else "Below the baseline's perplexity")
+    notes.append(f"{word}{at}: removing {label(best)} (PPL {format_number(best['perplexity'])}, "
                  f"{ppl_change_cell(best)}%{_ppl_noise_note(best)})")
     fastest = _fastest([r for r in pruned if r.get("latency_ms") is not None])
     if fastest:

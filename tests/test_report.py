@@ -475,3 +475,20 @@ def test_random_table_marks_a_speed_change_within_the_noise(tmp_path):
     _, body = table_after(report_markdown(rows), "## Random Layer Removal")
     assert body[1] == ["Inference Speed (ms)", "459.66", "281.38", "~" + money(pct(281.38, 290.0), True)]
     assert "Speed change 95% interval: -9.00% to +4.00%." in report_markdown(rows)
+
+
+def test_observations_rank_only_sets_of_one_size_and_do_not_call_an_improvement_harmful():
+    from reporting.tables import observations
+
+    def row(removed, ppl, change):
+        return {"removed_layers": removed, "perplexity": ppl, "ppl_change_pct": change}
+
+    base = row([], 10.0, 0.0)
+    greedy = [base, row([5], 9.9, -1.0), row([5, 2], 9.95, -0.5)]  # a greedy run's steps, both below baseline
+    (note,) = observations(greedy)
+    assert note.startswith("Below the baseline's perplexity of the sets of 2 units: removing blocks 2, 5 (PPL 9.95")
+    sweep = [base, row([1], 9.9, -1.0), row([2], 9.8, -2.0)]
+    assert observations(sweep)[0].startswith("Highest perplexity (every one lowered it): removing block 1")
+    assert observations(sweep)[1].startswith("Least harmful: removing block 2")
+    harmful = [base, row([1], 12.0, 20.0), row([2], 11.0, 10.0)]
+    assert observations(harmful)[0].startswith("Most harmful: removing block 1")
