@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from evaluation.engine import run_pass
-from evaluation.sweep import GROUP_SIZE, EvalSettings, Measurement, finish, measure
+from evaluation.sweep import EvalSettings, Measurement, finish, measure
 from evaluation.windows import Window, window_batches
 from models.compensation import (Map, Patch, applied, check_patchable, merge_map, removed_runs,
                                  scaled_contributions)
@@ -80,6 +80,9 @@ NONE = "none"
 # Ridge of the normal equations, relative to the mean eigenvalue of M^T M.
 RIDGE = 1e-9
 COSINE_STEPS = 100
+# Patched configurations evaluated together: each holds its fitted map (d x d, float64) and the weight it was
+# merged into until its row is written, so a group is kept small (a 7B model's lstsq patch is about 0.2 GB).
+PATCHED_GROUP = 8
 COSINE_LR = 1e-4
 # How far the merged embeddings may be from (embedding sum) T on calibration tokens, relative to its largest entry.
 EMBEDDING_TOLERANCE = 1e-4
@@ -459,12 +462,13 @@ def touches_embeddings(model: nn.Module, patch: Patch) -> bool:
 def measure_patched(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None,
                     configs: Sequence[tuple[Removal, str]], settings: EvalSettings,
                     fit: Callable[[Removal, str], Patch]) -> Iterator[tuple[Measurement, str]]:
-    """Measurements of patched (removal set, method) pairs, GROUP_SIZE at a time in one shared-prefix pass
+    """Measurements of patched (removal set, method) pairs, PATCHED_GROUP at a time in one shared-prefix pass
     with the baseline (intervals and, with --kl, divergence, as the plain sweep has them); a patch of the
     embeddings one model at a time. Size, speed and tasks are measured with each patch applied."""
     w = settings.windows
-    for start in range(0, len(configs), GROUP_SIZE):
-        fitted = [(removal, method, fit(removal, method)) for removal, method in configs[start : start + GROUP_SIZE]]
+    for start in range(0, len(configs), PATCHED_GROUP):
+        fitted = [(removal, method, fit(removal, method))
+                  for removal, method in configs[start : start + PATCHED_GROUP]]
         shared = [f for f in fitted if not touches_embeddings(model, f[2])]
         if shared:
             results, work = run_pass(model, ids, [r for r, _, _ in shared], w.max_length, w.stride, w.batch_size,
