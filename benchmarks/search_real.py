@@ -66,7 +66,8 @@ def main() -> int:
     p.add_argument("--beam-width", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--searches", default="bi,angular,ppl,greedy,greedy-race,beam,evolve",
-                   help="which of bi, angular, ppl, greedy, greedy-race, beam, evolve")
+                   help="which of bi, angular, ppl, greedy, greedy-race, beam, evolve, and greedy+METHOD (greedy "
+                   "with every candidate patched by --patch METHOD, as --choose-patched)")
     p.add_argument("--exhaustive", action="store_true", help="score every k-subset on the calibration tokens")
     p.add_argument("--patch", action="store_true", help="evaluate each pick patched by every --patch method too")
     p.add_argument("--slices", type=int, default=1, help="choose again on N disjoint calibration slices")
@@ -111,18 +112,20 @@ def main() -> int:
     known = {"bi": ("bi", base), "angular": ("angular", base), "ppl": ("ppl", base),
              "greedy": ("greedy", base), "greedy-race": ("greedy", replace(base, race=True)),
              "beam": ("beam", base), "evolve": ("evolve", base)}
-    searches = [known[name] for name in args.searches.split(",")]
+    known.update({f"greedy+{m}": ("greedy", base) for m in ("lstsq", "cosine", "magnitude")})
+    searches = [(*known[name], name.partition("+")[2] or "none") for name in args.searches.split(",")]
     print(f"{args.model}: {len(eval_ids):,} evaluation and {len(calib_ids):,} calibration tokens of {args.text}, "
           f"windows of {args.max_length} ({args.protocol}), {args.threads} threads")
     for k in (int(x) for x in args.k.split(",")):
         found = []
-        for name, select in searches:
-            calib = Calibration(model, lambda: calib_ids, progress=False, **window)
+        for name, select, patch in searches:
+            calib = Calibration(model, lambda: calib_ids, progress=False, patch=patch, **window)
             start = time.perf_counter()
             pick = picks(name, calib, select, k, only=[k])[k]
             seconds = time.perf_counter() - start
             label = f"{name}{' --race' if select.race else ''}" + (f" (width {select.beam_width})"
-                                                                    if name == "beam" else "")
+                                                                    if name == "beam" else "") + (
+                f" --choose-patched ({patch})" if patch != "none" else "")
             found.append((label, pick, seconds))
             print(f"  k={k} {label}: {removed_label(pick.removal)} in {seconds:.0f} s", flush=True)
         calib = Calibration(model, lambda: calib_ids, progress=False, **window)
@@ -173,7 +176,7 @@ def main() -> int:
                 print(f"  {label}: rank {rank[tuple(pick.removal)]:,} of {len(every):,}")
         if args.slices > 1:
             rows = held(calib, replace(base, calib_slices=args.slices),
-                        list(dict.fromkeys(n for n, _ in searches)), k, only=[k])
+                        list(dict.fromkeys(n for n, _, p in searches if p == "none")), k, only=[k])
             print(f"\nslices: {args.slices} disjoint slices of {len(calib_ids) // args.slices:,} tokens\n")
             print("| Rule / search | Picks per slice | Mean Jaccard | Calibration PPL spread (%) |\n|---|---|---|---|")
             for h in rows:

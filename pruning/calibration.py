@@ -29,9 +29,13 @@ from utils.log import progress_bar
 
 from config import DataSpec
 from evaluation.engine import count_nodes, prefix_tree, sweep_perplexities
+from evaluation.perplexity import perplexity
+from models.compensation import applied
+from models.removal import removed_units
 from evaluation.windows import DEFAULT_PROTOCOL, Window, make_windows, window_batches
 from models.families import family_of, get_blocks, module_at
 from models.units import SUBLAYERS, Removal, Unit, candidate_units, canonical, kept_nodes
+from pruning.compensation import fit_cost, fit_patch, patched_kept, touches_embeddings
 from pruning.rules import Cost
 from utils.cache import cached_token_ids
 from utils.data import is_local_dataset, load_text, tokenize
@@ -307,33 +311,38 @@ class Calibration:
         todo = list(dict.fromkeys(k for k in keys if k not in known))
         if todo:
             sets = [k[1] for k in todo]
-            patches = self._fit(sets) if self.patch != "none" else None
-            results, work = sweep_perplexities(self.model, self.ids, sets, self.max_length, self.stride,
-                                               self.batch_size, progress=self.progress, desc="calibration",
-                                               protocol=self.protocol, prefix_token=self.prefix_token,
-                                               patches=patches)
-            known.update((key, result.perplexity) for key, result in zip(todo, results))
+            patches = self._fit(sets) if self.patch != "none" else [None] * len(sets)
+            alone = [i for i, p in enumerate(patches) if p is not None and touches_embeddings(self.model, p)]
+            shared = [i for i in range(len(sets)) if i not in set(alone)]
+            if shared:
+                results, work = sweep_perplexities(self.model, self.ids, [sets[i] for i in shared], self.max_length,
+                                                   self.stride, self.batch_size, progress=self.progress,
+                                                   desc="calibration", protocol=self.protocol,
+                                                   prefix_token=self.prefix_token,
+                                                   patches=[patches[i] for i in shared])
+                known.update((todo[i], r.perplexity) for i, r in zip(shared, results))
+                self.cache.tokens += work.tokens_scored
+                self.cache.block_evals += work.block_evals
+            for i in alone:  # a map merged into the embeddings: one model at a time
+                with removed_units(self.model, sets[i]) as pruned, applied(pruned, patches[i]):
+                    known[todo[i]] = perplexity(pruned, self.ids, self.max_length, self.stride, self.batch_size,
+                                                progress=False, protocol=self.protocol,
+                                                prefix_token=self.prefix_token).perplexity
+                windows = self.windows()
+                self.cache.tokens += sum(w.scored for w in windows)
+                self.cache.block_evals += len(kept_nodes(self.n_blocks, sets[i])) * len(windows)
             self.cache.evaluations += len(todo)
-            self.cache.tokens += work.tokens_scored
-            self.cache.block_evals += work.block_evals
         return [known[key] for key in keys]
 
     def _fit(self, sets: Sequence[Removal]) -> list:
-        """Each set's patch fitted on this view's tokens, its cost counted in the cache; a set whose map
-        would go into the embeddings (a run from block 0, which the engine cannot share) is refused."""
-        from pruning.compensation import fit_cost, fit_patch, touches_embeddings
-
+        """Each set's patch fitted on this view's tokens, its cost counted in the cache."""
         patches = []
         for s in sets:
-            patch = fit_patch(self.model, s, self.patch, self.ids, self.max_length, self.batch_size, progress=False)
-            if touches_embeddings(self.model, patch):
-                raise KitError(f"--choose-patched scores candidates in the shared-prefix engine, and --patch "
-                               f"{self.patch} for a run from block 0 goes into the embeddings; use --patch "
-                               "magnitude, or choose plain")
+            patches.append(fit_patch(self.model, s, self.patch, self.ids, self.max_length, self.batch_size,
+                                     progress=False))
             cost = fit_cost(self.n_blocks, s, self.patch, len(self.ids), self.max_length)
             self.cache.tokens += cost.tokens
             self.cache.block_evals += cost.block_evals
-            patches.append(patch)
         return patches
 
     def cost_of(self, removals: Sequence[Sequence[Unit]]) -> Cost:
@@ -348,8 +357,6 @@ class Calibration:
             kept = [kept_nodes(self.n_blocks, s) for s in sets]
             fits = Cost()
         else:
-            from pruning.compensation import fit_cost, patched_kept
-
             kept = [patched_kept(self.n_blocks, s, self.patch, i) for i, s in enumerate(sets)]
             fits = sum((fit_cost(self.n_blocks, s, self.patch, len(self.ids), self.max_length) for s in sets), Cost())
         nodes = count_nodes(prefix_tree(kept))

@@ -477,6 +477,23 @@ def test_choosing_patched_picks_what_is_best_once_compensated(trained, corpus):
                                                                  patched.cost_of(singles).block_evals)
 
 
+def test_choosing_with_maps_scores_a_run_from_block_0_on_its_own(trained, corpus):
+    """lstsq's map for block 0 goes into the embeddings: scored one model at a time, as the runner does."""
+    from pruning.calibration import Calibration
+
+    _, train_ids, _ = corpus
+    calib = Calibration(trained, lambda: train_ids[:512], WINDOW, WINDOW, progress=False, patch="lstsq")
+    sets = [(0,), (1,), (0, 1), (2, 3)]
+    got = calib.perplexities(sets)
+    for removed, value in zip(sets, got):
+        patch = fit_patch(trained, removed, "lstsq", train_ids[:512], WINDOW, progress=False)
+        with removed_blocks(trained, removed) as pruned, applied(pruned, patch):
+            assert value == perplexity(pruned, train_ids[:512], max_length=WINDOW, stride=WINDOW,
+                                       progress=False).perplexity
+    assert (calib.cache.tokens, calib.cache.block_evals) == (calib.cost_of(sets).tokens,
+                                                             calib.cost_of(sets).block_evals)
+
+
 def test_greedy_chooses_patched_through_the_command_line(files, capsys):
     rows = kit(files, "chosen", "--mode", "greedy", "--num-remove", "2", "--patch", "magnitude", "--choose-patched")
     assert [r["patch"] for r in rows] == ["none", "magnitude", "magnitude"]
