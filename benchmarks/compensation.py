@@ -71,6 +71,7 @@ def main() -> int:
     from models.compensation import applied
     from models.loading import load_model
     from models.removal import removed_blocks
+    from models.units import removal_key
     from pruning.calibration import Calibration, calibration_ids
     from pruning.compensation import METHODS, fit_patch
     from pruning.rules import RULES, choose
@@ -102,7 +103,7 @@ def main() -> int:
 
     results, seen = [], {}
     for (k, rule), pick in picks.items():
-        row = {"k": k, "rule": rule, "removed": list(pick)}
+        row = {"k": k, "rule": rule, "removed": json.loads(removal_key(pick))}
         if pick in seen:
             row.update(seen[pick])
         else:
