@@ -80,10 +80,10 @@ NONE = "none"
 # Ridge of the normal equations, relative to the mean eigenvalue of M^T M.
 RIDGE = 1e-9
 COSINE_STEPS = 100
+COSINE_LR = 1e-4
 # Patched configurations evaluated together: each holds its fitted map (d x d, float64) and the weight it was
 # merged into until its row is written, so a group is kept small (a 7B model's lstsq patch is about 0.2 GB).
 PATCHED_GROUP = 8
-COSINE_LR = 1e-4
 # How far the merged embeddings may be from (embedding sum) T on calibration tokens, relative to its largest entry.
 EMBEDDING_TOLERANCE = 1e-4
 
