@@ -123,8 +123,12 @@ def params_budgets(text: str) -> str:
     return text
 
 
+@_typed
 def learning_rate(text: str) -> float:
-    return float(text)
+    value = _number(text, "1e-4")
+    if not 0 < value < float("inf"):
+        raise KitError(f"must be a positive, finite number, got {text}")
+    return value
 
 
 @dataclass(frozen=True)

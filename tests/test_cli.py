@@ -139,6 +139,8 @@ BAD_INPUTS = [
     (["--mode", "baseline", "--stride", "200", "--max-length", "100"], "larger than --max-length"),
     (["--mode", "baseline", "--stride", "0"], "must be positive"),
     (["--mode", "baseline", "--max-length", "4096"], "exceeds the model's context size"),
+    (["--mode", "custom", "--remove", "1", "--heal-steps", "1", "--heal-lr=-1e-4"], "positive, finite"),
+    (["--mode", "custom", "--remove", "1", "--heal-steps", "1", "--heal-lr", "nan"], "positive, finite"),
 ]
 
 
