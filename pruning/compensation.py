@@ -81,6 +81,9 @@ NONE = "none"
 RIDGE = 1e-9
 COSINE_STEPS = 100
 COSINE_LR = 1e-4
+# Below this many calibration tokens per dimension of the stream a d x d map is warned about (on SmolLM2, 256
+# tokens for width 576 made lstsq's picks several times worse on held-out text).
+MIN_TOKENS_PER_DIMENSION = 8
 # Patched configurations evaluated together: each holds its fitted map (d x d, float64) and the weight it was
 # merged into until its row is written, so a group is kept small (a 7B model's lstsq patch is about 0.2 GB).
 PATCHED_GROUP = 8
@@ -268,6 +271,7 @@ def fit_patch(model: nn.Module, removal: Sequence, method: str, ids: torch.Tenso
     runs = check_patchable(model, removal, maps=not METHODS[method].scales)
     if METHODS[method].scales:
         return fit_scales(model, runs, ids, max_length, batch_size)
+    warn_few_tokens(len(ids), model.config.hidden_size, method)
     patch = Patch(method, ())
     bar = progress_bar(total=len(runs), desc=f"fitting {method} maps", unit="map", leave=False,
                        disable=not progress or len(runs) < 2)
@@ -288,6 +292,19 @@ def fit_patch(model: nn.Module, removal: Sequence, method: str, ids: torch.Tenso
         bar.update()
     bar.close()
     return patch
+
+
+_warned: set[tuple[int, int, str]] = set()
+
+
+def warn_few_tokens(tokens: int, width: int, method: str) -> None:
+    """Once per run: a d x d map fitted on few tokens per dimension fits the calibration text, not the rest."""
+    if tokens < MIN_TOKENS_PER_DIMENSION * width and (tokens, width, method) not in _warned:
+        _warned.add((tokens, width, method))
+        log.warning(f"--patch {method} fits a {width} x {width} map on {tokens:,} calibration tokens, fewer than "
+                    f"{MIN_TOKENS_PER_DIMENSION} per dimension: it can fit the calibration text and not other text "
+                    f"(docs/compensation.md); give --calib-tokens {MIN_TOKENS_PER_DIMENSION * width:,} or more, or "
+                    "use --patch magnitude")
 
 
 def fit_scales(model: nn.Module, runs: Sequence[tuple[int, int]], ids: torch.Tensor, max_length: int,
