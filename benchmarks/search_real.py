@@ -71,6 +71,9 @@ def main() -> int:
     p.add_argument("--exhaustive", action="store_true", help="score every k-subset on the calibration tokens")
     p.add_argument("--patch", action="store_true", help="evaluate each pick patched by every --patch method too")
     p.add_argument("--slices", type=int, default=1, help="choose again on N disjoint calibration slices")
+    p.add_argument("--evaluate", help="only evaluate these sets ('5,16,17;14,17,25'), plain and patched by each of "
+                   "--methods fitted on the --calib-tokens after the evaluated ones; no choosing")
+    p.add_argument("--methods", default="lstsq,cosine,magnitude")
     args = p.parse_args()
     if args.gguf and not os.path.exists(args.gguf):
         print(f"skipped: no GGUF file at {args.gguf}")
@@ -108,6 +111,22 @@ def main() -> int:
     ids = tokenize(tokenizer, text[: (args.eval_tokens + args.calib_tokens) * 8])
     eval_ids, calib_ids = ids[: args.eval_tokens], ids[args.eval_tokens : args.eval_tokens + args.calib_tokens]
     window = dict(max_length=args.max_length, stride=None, protocol=args.protocol)
+    if args.evaluate:
+        sets = [tuple(int(b) for b in part.split(",")) for part in args.evaluate.split(";")]
+        methods = args.methods.split(",")
+        base_ppl = sweep_perplexities(model, eval_ids, [()], progress=False, **window)[0][0].perplexity
+        print(f"baseline evaluation PPL {base_ppl:.2f}; fits on {len(calib_ids):,} tokens\n")
+        print("| Removed | Plain | " + " | ".join(f"+{m} (fit s)" for m in methods) + " |\n|" + "---|" * (2 + len(methods)))
+        for removed in sets:
+            cells = [f"{sweep_perplexities(model, eval_ids, [removed], progress=False, **window)[0][0].perplexity:.2f}"]
+            for method in methods:
+                fit = fit_patch(model, removed, method, calib_ids, args.max_length, progress=False)
+                with removed_blocks(model, removed) as pruned, applied(pruned, fit):
+                    value = perplexity(pruned, eval_ids, args.max_length, None, progress=False,
+                                       protocol=args.protocol).perplexity
+                cells.append(f"{value:.2f} ({sum(m.info['seconds'] for m in fit.maps):.1f})")
+            print(f"| {removed_label(removed)} | " + " | ".join(cells) + " |", flush=True)
+        return 0
     base = SelectSpec(generations=args.generations, offspring=args.offspring, beam_width=args.beam_width)
     known = {"bi": ("bi", base), "angular": ("angular", base), "ppl": ("ppl", base),
              "greedy": ("greedy", base), "greedy-race": ("greedy", replace(base, race=True)),
