@@ -512,10 +512,10 @@ def test_a_map_fitted_on_few_tokens_per_dimension_is_warned_about_once(trained, 
     _, train_ids, _ = corpus
     with caplog.at_level("WARNING", logger="gpt2-pruning-kit"):
         for _ in range(2):
-            fit_patch(trained, (1,), "lstsq", train_ids[:200], WINDOW, progress=False)
-        fit_patch(trained, (1,), "lstsq", train_ids[:256], WINDOW, progress=False)  # 8 per dimension: enough
-        fit_patch(trained, (1,), "magnitude", train_ids[:200], WINDOW, progress=False)  # a scale is one number
+            fit_patch(trained, (1,), "lstsq", train_ids[:100], WINDOW, progress=False)
+        fit_patch(trained, (1,), "lstsq", train_ids[:128], WINDOW, progress=False)  # 4 per dimension: enough
+        fit_patch(trained, (1,), "magnitude", train_ids[:100], WINDOW, progress=False)  # a scale is one number
     warned = [r.getMessage() for r in caplog.records if "per dimension" in r.getMessage()]
-    assert warned == ["--patch lstsq fits a 32 x 32 map on 200 calibration tokens, fewer than 8 per dimension: it "
+    assert warned == ["--patch lstsq fits a 32 x 32 map on 100 calibration tokens, fewer than 4 per dimension: it "
                       "can fit the calibration text and not other text (docs/compensation.md); give --calib-tokens "
-                      "256 or more, or use --patch magnitude"]
+                      "128 or more, or use --patch magnitude"]
