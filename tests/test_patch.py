@@ -50,6 +50,15 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids.view(1, -1)).logits
 
 
+def three_logits(model, removed, patch, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits of the unpruned model, of the pruned one, and of the pruned one patched."""
+    original = logits(model, ids)
+    with removed_blocks(model, removed) as pruned:
+        plain = logits(pruned, ids)
+        with applied(pruned, patch):
+            return original, plain, logits(pruned, ids)
+
+
 def ppl(model, ids) -> float:
     return perplexity(model, ids, max_length=WINDOW, stride=32, progress=False).perplexity
 
@@ -113,11 +122,7 @@ def test_a_removed_block_that_only_scales_the_stream_is_recovered_by_magnitude(c
     patch = fit_patch(model, [1], "magnitude", train_ids[:1024], WINDOW, progress=False)
     assert patch.maps[0].info["scale"] == pytest.approx(2.5, rel=1e-6)
     assert patch.merged_into == ("blocks 2..3 (what they add divided by 2.5)",)
-    original = logits(model, eval_ids[:WINDOW])
-    with removed_blocks(model, [1]) as pruned:
-        plain = logits(pruned, eval_ids[:WINDOW])
-        with applied(pruned, patch):
-            patched = logits(pruned, eval_ids[:WINDOW])
+    original, plain, patched = three_logits(model, [1], patch, eval_ids[:WINDOW])
     assert not torch.allclose(plain, original, atol=1e-2)
     torch.testing.assert_close(patched, original, rtol=0, atol=1e-4)
 
@@ -183,11 +188,7 @@ def test_a_removed_block_that_is_linear_in_what_the_map_sees_is_recovered_exactl
     torch.testing.assert_close(patch.maps[0].matrix, torch.eye(16, dtype=torch.float64) + w.double(),
                                rtol=0, atol=1e-5)
     assert patch.merged_into == ("block 0's mlp.down_proj (block 0 of the pruned model)",)
-    original = logits(model, eval_ids[:WINDOW])
-    with removed_blocks(model, [1]) as pruned:
-        plain = logits(pruned, eval_ids[:WINDOW])
-        with applied(pruned, patch):
-            patched = logits(pruned, eval_ids[:WINDOW])
+    original, plain, patched = three_logits(model, [1], patch, eval_ids[:WINDOW])
     assert not torch.allclose(plain, original, atol=1e-3)
     torch.testing.assert_close(patched, original, rtol=0, atol=1e-4)
     assert torch.equal(logits(model, eval_ids[:WINDOW]), original), "the patch was not restored"
