@@ -146,7 +146,7 @@ def main() -> int:
                                                                     if name == "beam" else "") + (
                 f" --choose-patched ({patch})" if patch != "none" else "")
             found.append((label, pick, seconds))
-            print(f"  k={k} {label}: {removed_label(pick.removal)} in {seconds:.0f} s", flush=True)
+            print(f"  k={k} {label}: {removed_label(pick.removal)} in {seconds:.0f} s ({pick.cost})", flush=True)
         calib = Calibration(model, lambda: calib_ids, progress=False, **window)
         on_calib = calib.perplexities([p.removal for _, p, _ in found])
         removals = [(), *(p.removal for _, p, _ in found)]
