@@ -27,7 +27,7 @@ from evaluation.perplexity import perplexity
 from models.families import FAMILIES as REGISTRY
 from models.families import get_blocks, num_blocks
 from models.removal import removed_blocks
-from config import RunConfig
+from config import RunConfig, SelectSpec
 from pruning.calibration import Calibration
 from pruning.compare import compare_sets
 from pruning.search import beam, greedy
@@ -276,6 +276,6 @@ def test_searches_and_compare_choose_the_same_through_the_engine_and_one_model_a
     alone = OneAtATime(model, lambda: long_ids, 32, 16, progress=False)
     assert greedy(engine.perplexities, N_LAYER, 3, False) == greedy(alone.perplexities, N_LAYER, 3, False)
     assert beam(engine.perplexities, N_LAYER, 2, 2, False) == beam(alone.perplexities, N_LAYER, 2, 2, False)
-    # compare: every rule's pick for k = 1..3, greedy and beam included, and the ppl rule's scores
-    config = RunConfig(mode="compare")
+    # compare: every rule's pick for k = 1..3, greedy, beam and a short evolve included, and the ppl rule's scores
+    config = RunConfig(mode="compare", select=SelectSpec(generations=3, offspring=4))
     assert compare_sets(config, engine).chosen == compare_sets(config, alone).chosen
