@@ -76,7 +76,7 @@ from evaluation.intervals import block_counts, block_tokens, perplexity_interval
 from evaluation.passfile import PassCheckpoint, PassState, pass_identity
 from evaluation.perplexity import LOGIT_ROWS, PerplexityResult, batch_inputs, to_perplexity, token_nll
 from evaluation.windows import DEFAULT_PROTOCOL, Window, make_windows, window_batches
-from models.compensation import Patch, applied
+from models.compensation import Patch, applied, by_block
 from models.families import (block_output, family_of, final_modules, get_blocks, lm_head, module_at,
                              record_block_calls)
 from models.placement import input_device
@@ -253,17 +253,13 @@ def patched_nodes(model: nn.Module, kept: Sequence[Node], patch: Patch | None,
     ``variants``); refuses a patch of anything outside the blocks."""
     if patch is None or not patch.replacements:
         return tuple(kept)
-    blocks = get_blocks(model)
-    owner = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
-    by_block: dict[int, list] = {}
-    for r in patch.replacements:
-        if id(r.module) not in owner:
-            raise ValueError("a patch of the embeddings changes the stream entering block 0; measure it on its own")
-        by_block.setdefault(owner[id(r.module)], []).append(r)
+    owned = by_block(model, patch)
+    if None in owned:
+        raise ValueError("a patch of the embeddings changes the stream entering block 0; measure it on its own")
     out = []
     for node in kept:
-        if node[0] in by_block:
-            variants.append(Patch(patch.method, patch.removal, replacements=tuple(by_block[node[0]])))
+        if node[0] in owned:
+            variants.append(Patch(patch.method, patch.removal, replacements=tuple(owned[node[0]])))
             node = (node[0], node[1], len(variants) - 1)
         out.append(node)
     return tuple(out)

@@ -169,6 +169,16 @@ def merge_map(model: nn.Module, m: Map, method: str, removal: tuple) -> Patch:
     return Patch(method, removal, (m,), tuple(out), untied, (where,))
 
 
+def by_block(model: nn.Module, patch: Patch) -> dict[int | None, list[Replacement]]:
+    """The patch's replacements by the index of the block they live in (None: outside the blocks, the
+    embeddings of a map for a run from block 0)."""
+    owner = {id(m): i for i, block in enumerate(get_blocks(model)) for m in block.modules()}
+    out: dict[int | None, list[Replacement]] = {}
+    for r in patch.replacements:
+        out.setdefault(owner.get(id(r.module)), []).append(r)
+    return out
+
+
 def scaled_contributions(model: nn.Module, factors: dict[int, float]) -> tuple[Replacement, ...]:
     """Replacements that multiply what block i adds to the stream by factors[i], for each block named.
 

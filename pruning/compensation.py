@@ -65,7 +65,7 @@ from torch import nn
 from evaluation.engine import run_pass
 from evaluation.sweep import EvalSettings, Measurement, finish, measure
 from evaluation.windows import Window, window_batches
-from models.compensation import (Map, Patch, applied, check_patchable, merge_map, removed_runs,
+from models.compensation import (Map, Patch, applied, by_block, check_patchable, merge_map, removed_runs,
                                  scaled_contributions)
 from models.families import block_output, family_of, get_blocks, module_at, record_block_calls
 from models.removal import removed_blocks
@@ -473,8 +473,7 @@ def fit_cost(n_blocks: int, removal: Removal, method: str, tokens: int, max_leng
 
 def touches_embeddings(model: nn.Module, patch: Patch) -> bool:
     """Whether the patch replaces a tensor outside the blocks (a map for a run from block 0)."""
-    inside = {id(m) for block in get_blocks(model) for m in block.modules()}
-    return any(id(r.module) not in inside for r in patch.replacements)
+    return None in by_block(model, patch)
 
 
 def measure_patched(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tensor | None,
@@ -487,7 +486,8 @@ def measure_patched(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tenso
     for start in range(0, len(configs), PATCHED_GROUP):
         fitted = [(removal, method, fit(removal, method))
                   for removal, method in configs[start : start + PATCHED_GROUP]]
-        shared = [f for f in fitted if not touches_embeddings(model, f[2])]
+        alone = [touches_embeddings(model, patch) for _, _, patch in fitted]
+        shared = [f for f, own in zip(fitted, alone) if not own]
         if shared:
             results, work = run_pass(model, ids, [r for r, _, _ in shared], w.max_length, w.stride, w.batch_size,
                                      progress=settings.progress, desc="patched pass", protocol=w.protocol,
@@ -497,7 +497,7 @@ def measure_patched(model: nn.Module, ids: torch.Tensor, prompt_ids: torch.Tenso
                 with applied(model, patch):
                     yield finish(model, prompt_ids, removal, result, settings, work), method
                 work = None  # a pass's cost is carried by its first measurement
-        for removal, method, patch in fitted:
-            if touches_embeddings(model, patch):
+        for (removal, method, patch), own in zip(fitted, alone):
+            if own:
                 with applied(model, patch):
                     yield measure(model, ids, prompt_ids, removal, settings), method

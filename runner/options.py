@@ -420,6 +420,9 @@ def mode_checks(mode: Mode, set_: dict[str, Any], v: dict[str, Any]) -> tuple[li
 def _choose_patched(mode, set_, v):
     if v["select.choose_patched"] and v["select.patch"] == "none":
         return "--choose-patched needs --patch METHOD (lstsq, cosine, magnitude)"
+    if v["select.choose_patched"] and mode.name == "importance" and RULES[v["select.rule"]].one_pass:
+        return (f"--choose-patched changes only choices scored by perplexity, and --metric {v['select.rule']} reads "
+                "one pass of the unpruned model: use --metric ppl, or --mode greedy, beam or evolve")
 
 
 def _one_budget(mode, set_, v):

@@ -507,6 +507,10 @@ def test_greedy_chooses_patched_through_the_command_line(files, capsys):
         main.main(argv)
     assert stopped.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --choose-patched needs --patch METHOD (lstsq, cosine, magnitude)"
+    with pytest.raises(SystemExit):  # bi reads one pass of the unpruned model: nothing to choose patched
+        main.main([*argv[:4], "--mode", "importance", "--metric", "bi", "--num-remove", "1", "--patch", "magnitude",
+                   "--choose-patched"])
+    assert "--metric bi reads one pass of the unpruned model" in capsys.readouterr().err
 
 
 def test_a_map_fitted_on_few_tokens_per_dimension_is_warned_about_once(trained, corpus, caplog):
@@ -520,3 +524,24 @@ def test_a_map_fitted_on_few_tokens_per_dimension_is_warned_about_once(trained, 
     assert warned == ["--patch lstsq fits a 32 x 32 map on 100 calibration tokens, fewer than 4 per dimension: it "
                       "can fit the calibration text and not other text (docs/compensation.md); give --calib-tokens "
                       "128 or more, or use --patch magnitude"]
+
+
+@pytest.mark.parametrize("method", ["lstsq", "magnitude"])
+def test_the_fit_cost_the_kit_reports_is_the_blocks_the_fit_runs(method, trained, corpus):
+    """fit_cost (what --choose-patched adds to a search's block evaluations) against the block calls counted
+    by hooks while fitting two runs, on non-overlapping windows."""
+    from pruning.compensation import fit_cost
+
+    _, train_ids, _ = corpus
+    calls = []
+    handles = [b.register_forward_hook(lambda *_: calls.append(1)) for b in get_blocks(trained)]
+    try:
+        fit_patch(trained, (1, 3), method, train_ids[:300], WINDOW, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    cost = fit_cost(4, (1, 3), method, 300, WINDOW)
+    # 5 windows: run 1..1 is one pass through blocks 0-1; run 3..3 a pass through block 0 and 2 (the pruned
+    # model up to block 2) and one through blocks 0-3 (the unpruned target)
+    assert cost.block_evals == len(calls) == 5 * (2 + 2 + 4)
+    assert cost.tokens == 3 * 300
