@@ -64,7 +64,7 @@ def check_patchable(model: nn.Module, removal: Sequence, maps: bool = True) -> l
     otherwise."""
     if not is_whole_blocks(removal):
         parts = ", ".join(u for u in unit_names(removal) if not u.startswith("block"))
-        raise KitError(f"--patch fits maps for removed whole blocks; this configuration removes sublayers ({parts}): "
+        raise KitError(f"--patch compensates removed whole blocks; this configuration removes sublayers ({parts}): "
                        "use --patch none, or remove whole blocks")
     family = family_of(model)
     if family.model_type == "opt" and getattr(model.config, "do_layer_norm_before", True) is False:

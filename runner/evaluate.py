@@ -105,17 +105,17 @@ def check_outputs(config: RunConfig) -> None:
 
 
 def check_patch_options(config: RunConfig) -> None:
-    """--patch fits maps for removed whole blocks: a mode that removes none or picks sublayers cannot use it."""
+    """--patch compensates removed whole blocks: a mode that removes none or picks sublayers cannot use it."""
     select = config.select
     if select.patch == NONE:
         return
     if not MODES[config.mode].removes:
         raise KitError(f"--patch compensates removed blocks; --mode {config.mode} removes none")
     if select.unit != "block":
-        raise KitError(f"--patch fits maps for removed whole blocks; --unit {select.unit} removes sublayers: use "
+        raise KitError(f"--patch compensates removed whole blocks; --unit {select.unit} removes sublayers: use "
                        "--patch none, or --unit block")
     if config.mode == "compare" and (select.target_params is not None or select.target_speedup is not None):
-        raise KitError("--patch fits maps for removed whole blocks; --mode compare with a budget sets whole blocks "
+        raise KitError("--patch compensates removed whole blocks; --mode compare with a budget sets whole blocks "
                        "against sublayers: drop --patch or the budget")
 
 
